@@ -1,0 +1,30 @@
+"""Names of the tensors that flow through mlpot, with their shapes and units.
+
+Every model, the trainer and every interface use these keys; no other names for the same data.
+N: atoms in the batch, B: structures in the batch, P: neighbor pairs in the batch.
+Conventions: cells are rows (``cell[b, k]`` is lattice vector k); the vector of a pair is
+``positions[j] - positions[i] + S @ cell`` (ASE's convention); stress = -virial / volume
+(ASE's sign, positive under tension).
+"""
+
+POSITIONS = "positions"          # [N, 3] float, Angstrom
+ATOMIC_NUMBERS = "atomic_numbers"  # [N] int64
+ATOM_TYPES = "atom_types"        # [N] int64, index into the type map
+CELL = "cell"                    # [B, 3, 3] float, Angstrom, rows are lattice vectors
+PBC = "pbc"                      # [B, 3] bool
+BATCH = "batch"                  # [N] int64, structure index of each atom
+PTR = "ptr"                      # [B + 1] int64, atoms of structure b are ptr[b]:ptr[b+1]
+NUM_ATOMS = "num_atoms"          # [B] int64
+EDGE_INDEX = "edge_index"        # [2, P] int64: row 0 is i (centre), row 1 is j (neighbor)
+EDGE_SHIFTS = "edge_cell_shift"  # [P, 3] int64, integer cell shifts S
+EDGE_VECTORS = "edge_vectors"    # [P, 3] float, Angstrom, x_j - x_i + S @ cell
+EDGE_LENGTHS = "edge_lengths"    # [P] float, Angstrom
+
+# Targets (labels) and model outputs
+ENERGY = "energy"                # [B] float64, eV, total energy
+ATOMIC_ENERGIES = "atomic_energies"  # [N] float64, eV
+FORCES = "forces"                # [N, 3] float, eV/Angstrom
+VIRIAL = "virial"                # [B, 3, 3] float, eV
+STRESS = "stress"                # [B, 3, 3] float, eV/Angstrom^3, = -virial / volume
+
+TARGETS = (ENERGY, FORCES, STRESS, VIRIAL)
