@@ -1,0 +1,156 @@
+"""Potential: what every mlpot model is from the outside.
+
+A network maps atom types and pair vectors to per-atom energies; ``Potential`` wraps it with
+everything the physics needs, in one place for all models:
+
+    E_b = sum_{i in b} [ scale * net_i + E0[type_i] ]      (summed in float64)
+    F_i = -dE/dx_i                                           (autograd)
+    W_b = -dE/d(eps_b),  stress_b = -W_b / V_b               (displacement trick: x -> x (1 + eps),
+                                                              cell -> cell (1 + eps), eps symmetric)
+
+Networks run in float32 or float64 (``dtype``); reference energies E0, the scale and the totals
+are always float64 (float32 totals lose meV on large systems). Forces and the virial come out in
+the dtype of the input positions. With ``training`` set, the force graph is kept (create_graph) so
+that force losses can be trained.
+
+A network is an ``nn.Module`` with
+    forward(atom_types [N] int64, edge_index [2, P] int64, edge_vectors [P, 3]) -> [N] energies
+and, optionally, ``fit_statistics(samples)`` (a plain Python method; samples are a list of
+(atom_types, edge_index, edge_vectors) of training structures) for data-dependent normalisation.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .. import keys as K
+from ..neighbors.module import NeighborList
+
+
+class Potential(nn.Module):
+    __jit_unused_properties__ = ["config"]
+
+    def __init__(self, net: nn.Module, type_map: List[str], cutoff: float, config: Dict,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.net = net.to(dtype)
+        self.type_map = list(type_map)
+        self.cutoff = float(cutoff)
+        self.neighbor_list = NeighborList(self.cutoff)
+        self.register_buffer("reference_energies", torch.zeros(len(type_map), dtype=torch.float64))
+        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+        self.config_json = json.dumps(config, sort_keys=True)
+        self.model_dtype = dtype
+
+    @property
+    def config(self) -> Dict:
+        return json.loads(self.config_json)
+
+    def forward(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
+                compute_stress: bool = False) -> Dict[str, torch.Tensor]:
+        pos = data[K.POSITIONS]
+        cell = data[K.CELL]
+        types = data[K.ATOM_TYPES]
+        n_atoms = pos.shape[0]
+        n_struct = cell.shape[0]
+        if K.BATCH in data:
+            batch = data[K.BATCH]
+        else:
+            batch = torch.zeros(n_atoms, dtype=torch.long, device=pos.device)
+        if K.EDGE_INDEX in data:
+            i, j = data[K.EDGE_INDEX][0], data[K.EDGE_INDEX][1]
+            shifts = data[K.EDGE_SHIFTS]
+        else:
+            if K.PTR in data:
+                ptr = data[K.PTR]
+            else:
+                ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
+            i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
+
+        grad_inputs: List[torch.Tensor] = []
+        if compute_forces and not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        if compute_forces:
+            grad_inputs.append(pos)
+        strain = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device)
+        if compute_stress:
+            strain.requires_grad_(True)
+            grad_inputs.append(strain)
+            sym = 0.5 * (strain + strain.transpose(1, 2))  # [B, 3, 3]
+            pos = pos + torch.bmm(pos.unsqueeze(1), sym.index_select(0, batch)).squeeze(1)
+            cell = cell + torch.bmm(cell, sym)
+
+        pair_cells = cell.index_select(0, batch.index_select(0, i))  # [P, 3, 3]
+        shift_vec = torch.bmm(shifts.to(pos.dtype).unsqueeze(1), pair_cells).squeeze(1)
+        vectors = pos.index_select(0, j) - pos.index_select(0, i) + shift_vec  # [P, 3]
+        edge_index = torch.stack([i, j])
+        atomic = self.net(types, edge_index, vectors.to(self.model_dtype))  # [N]
+        atomic = atomic.to(torch.float64) * self.energy_scale \
+            + self.reference_energies.index_select(0, types)
+        energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
+        energy = energy.index_add(0, batch, atomic)  # [B]
+        out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
+        if len(grad_inputs) > 0:
+            grads = torch.autograd.grad([energy.sum()], grad_inputs, create_graph=self.training,
+                                        allow_unused=True)
+            k = 0
+            if compute_forces:
+                g = grads[0]
+                out[K.FORCES] = -g if g is not None else torch.zeros_like(pos)
+                k = 1
+            if compute_stress:
+                g = grads[k]
+                de_deps = g if g is not None else torch.zeros_like(strain)
+                volume = torch.linalg.det(data[K.CELL]).abs()  # [B]
+                out[K.VIRIAL] = -de_deps
+                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                stress = de_deps / safe.view(-1, 1, 1)
+                out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress,
+                                            torch.zeros_like(stress))
+        return out
+
+    # ------------------------------------------------------------------ python-side helpers
+    @torch.jit.unused
+    def fit_statistics(self, structures) -> None:
+        """Data-dependent normalisation of the network (e.g. Deep Potential environment
+        statistics) from training structures with neighbors (``AtomicData``)."""
+        fit = getattr(self.net, "fit_statistics", None)
+        if fit is None:
+            return
+        samples = []
+        for s in structures:
+            s = s if s.edge_index is not None and s.cutoff == self.cutoff \
+                else s.with_neighbors(self.cutoff)
+            samples.append((s.atom_types, s.edge_index, s.edge_vectors().to(self.model_dtype)))
+        with torch.no_grad():
+            fit(samples)
+
+    @torch.jit.unused
+    def set_reference_energies(self, energies: torch.Tensor) -> None:
+        self.reference_energies.copy_(torch.as_tensor(energies, dtype=torch.float64))
+
+    @torch.jit.unused
+    def compute(self, data, compute_forces: bool = True, compute_stress: bool = False
+                ) -> Dict[str, torch.Tensor]:
+        """``forward`` on an ``AtomicData`` (typed, with or without neighbors)."""
+        if data.atom_types is None:
+            from ..data import TypeMap
+
+            data.atom_types = TypeMap(self.type_map).types(data.atomic_numbers.numpy())
+        d = data.as_dict()
+        if data.cutoff is not None and data.cutoff != self.cutoff:
+            d.pop(K.EDGE_INDEX)
+            d.pop(K.EDGE_SHIFTS)
+        return self.forward(d, compute_forces, compute_stress)
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """TorchScript-compile a Potential (with e3nn's scripting for e3nn parts)."""
+    try:
+        from e3nn.util.jit import script as e3nn_script
+    except ImportError:  # pragma: no cover - e3nn is a dependency
+        return torch.jit.script(model)
+    return e3nn_script(model)

@@ -1,0 +1,36 @@
+"""Statistics of the training data that models are initialised with."""
+from __future__ import annotations
+
+import torch
+
+
+def fit_reference_energies(structures, num_types: int, ridge: float = 1e-8) -> torch.Tensor:
+    """Per-element reference energies E0 by least squares: E_b ~ sum_t count_bt E0_t  # [T]
+
+    Structures without an energy label are skipped. A small ridge keeps elements whose counts
+    never vary (e.g. always 64 O : 128 H in water) determined; least squares then spreads the
+    energy over them by the minimum-norm solution.
+    """
+    rows, targets = [], []
+    for s in structures:
+        if s.energy is None or not torch.isfinite(s.energy).all():
+            continue
+        rows.append(torch.bincount(s.atom_types, minlength=num_types).to(torch.float64))
+        targets.append(s.energy.to(torch.float64).reshape(()))
+    if not rows:
+        return torch.zeros(num_types, dtype=torch.float64)
+    a = torch.stack(rows)  # [S, T]
+    y = torch.stack(targets)  # [S]
+    lhs = a.T @ a + ridge * torch.eye(num_types, dtype=torch.float64) * a.shape[0]
+    return torch.linalg.solve(lhs, a.T @ y)
+
+
+def force_rms(structures) -> float:
+    """Root mean square of the force components over labelled structures (eV/A), or 1.0."""
+    total, count = 0.0, 0
+    for s in structures:
+        if s.forces is None or not torch.isfinite(s.forces).all():
+            continue
+        total += float((s.forces.double() ** 2).sum())
+        count += s.forces.numel()
+    return (total / count) ** 0.5 if count else 1.0

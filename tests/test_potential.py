@@ -1,0 +1,117 @@
+"""The Potential wrapper (forces, stress, precision, scripting) on a small pairwise network, and the
+physics checks of mlpot.testing themselves (they must fail on a broken model)."""
+import pytest
+import torch
+from torch import nn
+
+from mlpot import keys as K
+from mlpot import testing as T
+from mlpot.models import Potential, fit_reference_energies
+from mlpot.nn import BesselBasis, MLP, polynomial_cutoff, scatter_sum
+
+
+class PairNet(nn.Module):
+    """E_i = sum_j MLP([bessel(r_ij), onehot(t_i), onehot(t_j)]) * u(r_ij)."""
+
+    def __init__(self, num_types: int, cutoff: float, broken: bool = False):
+        super().__init__()
+        self.cutoff = cutoff
+        self.num_types = num_types
+        self.basis = BesselBasis(cutoff, 6)
+        self.mlp = MLP([6 + 2 * num_types, 16, 1])
+        self.broken = broken
+
+    def forward(self, atom_types, edge_index, edge_vectors):
+        r = torch.linalg.norm(edge_vectors, dim=1)
+        oh = nn.functional.one_hot(atom_types, self.num_types).to(r.dtype)
+        x = torch.cat([self.basis(r), oh[edge_index[0]], oh[edge_index[1]]], dim=1)
+        e = self.mlp(x).squeeze(1)
+        if not self.broken:
+            e = e * polynomial_cutoff(r, self.cutoff)
+        return scatter_sum(e, edge_index[0], atom_types.shape[0])
+
+
+def make(dtype=torch.float64, broken=False, cutoff=3.5):
+    torch.manual_seed(0)
+    return Potential(PairNet(2, cutoff, broken), ["O", "H"], cutoff,
+                     {"model": "pair"}, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make()
+
+
+def test_physics_checks_pass(model):
+    periodic = T.to_data(T.random_periodic(n_atoms=10, seed=1), model)
+    mol = T.to_data(T.small_molecule("H2O"), model)
+    for d in (periodic, mol):
+        T.assert_invariance(model, d)
+        T.assert_forces_are_gradients(model, d)
+    T.assert_stress_is_strain_derivative(model, periodic)
+    T.assert_extensive(model, T.random_periodic(n_atoms=8, seed=2))
+    T.assert_smooth_at_cutoff(model)
+    T.assert_batch_equals_single(model, [periodic, T.to_data(T.random_periodic(n_atoms=7, seed=3), model)])
+    T.assert_script_equals_eager(model, periodic)
+
+
+def test_a_model_without_envelope_fails_the_cutoff_check():
+    with pytest.raises(AssertionError, match="across the cutoff"):
+        T.assert_smooth_at_cutoff(make(broken=True))
+
+
+def test_wrong_forces_fail_the_gradient_check(model):
+    class Liar(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.type_map = inner.type_map
+
+        def forward(self, data, compute_forces: bool = True, compute_stress: bool = False):
+            out = dict(self.inner(data, compute_forces, compute_stress))
+            out[K.FORCES] = out[K.FORCES] * 1.01
+            return out
+
+    d = T.to_data(T.small_molecule("H2O"), model)
+    with pytest.raises(AssertionError, match="finite differences"):
+        T.assert_forces_are_gradients(Liar(model), d)
+
+
+def test_energies_are_float64_sums_even_for_float32_networks():
+    m32 = make(torch.float32)
+    m32.set_reference_energies(torch.tensor([-2000.123456789, -13.5]))
+    d = T.to_data(T.random_periodic(n_atoms=30, seed=4), m32)
+    out = {k: v.detach() for k, v in m32(d.as_dict()).items()}
+    assert out[K.ENERGY].dtype == torch.float64
+    n_o = int((d.atom_types == 0).sum())
+    n_h = 30 - n_o
+    net_part = float(out[K.ENERGY][0]) - (n_o * -2000.123456789 + n_h * -13.5)
+    # the reference part is carried to float64 precision, not float32's ~1e-4 eV at 3e4 eV
+    assert abs(net_part) < 50 and abs(net_part - float(out[K.ATOMIC_ENERGIES].sum()
+                                                       - (n_o * -2000.123456789 + n_h * -13.5))) < 1e-9
+
+
+def test_training_mode_keeps_the_force_graph(model):
+    d = T.to_data(T.small_molecule("H2O"), model)
+    model.train()
+    try:
+        f = model(d.as_dict())[K.FORCES]
+        loss = (f ** 2).sum()
+        loss.backward()
+        assert model.net.mlp.net[0].weight.grad is not None
+    finally:
+        model.eval()
+        model.zero_grad()
+
+
+def test_reference_energies_least_squares():
+    from mlpot.data import AtomicData
+
+    items = []
+    for n_o, n_h, e in ((1, 2, -10.0), (2, 4, -20.0), (1, 0, -6.0), (0, 2, -4.0)):
+        d = AtomicData.from_arrays([[0, 0, k] for k in range(n_o + n_h)], [8] * n_o + [1] * n_h,
+                                   energy=e)
+        d.atom_types = torch.tensor([0] * n_o + [1] * n_h)
+        items.append(d)
+    e0 = fit_reference_energies(items, 2)
+    assert torch.allclose(e0, torch.tensor([-6.0, -2.0], dtype=torch.float64), atol=1e-6)
