@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
 
@@ -12,20 +13,75 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(cutoff=args.cutoff, size=args.size)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+
+    cfg = load_config(args.config)
+    if args.out_dir:
+        cfg.training.out_dir = args.out_dir
+    results = train(cfg, resume=args.resume)
+    from .train.evaluate import format_table
+
+    for split in ("validation", "test"):
+        if split in results:
+            print(f"\n{split}:\n{format_table(results[split])}")
+    print(f"\noutputs in {cfg.training.out_dir}/ (best.pt, last.pt, log.csv, metrics.json, "
+          "parity.png, learning_curve.png)")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_file, format_table
+
+    kwargs = {}
+    for key in ("energy_key", "forces_key"):
+        if getattr(args, key):
+            kwargs[key] = getattr(args, key)
+    metrics = evaluate_file(args.model, args.data, out_dir=args.out, device=args.device, **kwargs)
+    print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))
+    if args.out:
+        print(f"wrote {args.out}/test_metrics.json and {args.out}/parity.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlpot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlpot", description="Machine-learned interatomic "
+                                     "potentials: train, test, export, run MD.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="end-to-end check of the installation: builds the "
-                       "neighbor-list op, reads data, compares neighbors with ASE")
+
+    p = sub.add_parser("check", help="end-to-end check of the installation")
     p.add_argument("--cutoff", type=float, default=6.0, help="Angstrom (default 6)")
     p.add_argument("--size", type=int, default=8, help="water box of size^3 molecules (default 8)")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("train", help="train a potential from a YAML config")
+    p.add_argument("config", help="YAML file (see examples/train_config.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    p.add_argument("--out-dir", help="override training.out_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("test", help="metrics and parity plots of a model on labelled data")
+    p.add_argument("model", help="training checkpoint (best.pt) or exported model file")
+    p.add_argument("--data", required=True, help="labelled data (extxyz, any ASE format, DeePMD)")
+    p.add_argument("--out", help="folder for test_metrics.json and parity.png")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--energy-key", dest="energy_key")
+    p.add_argument("--forces-key", dest="forces_key")
+    p.set_defaults(func=_test)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .data import DataError
+    from .train import ConfigError
+
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, FileNotFoundError) as err:
+        print(f"mlpot {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

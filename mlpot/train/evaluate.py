@@ -1,0 +1,65 @@
+"""``mlpot test MODEL --data FILE``: metrics of a trained model on labelled data, as a table, as
+JSON, and as parity plots."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..data import AtomicDataset, TypeMap, read
+from .metrics import MetricAccumulator
+
+
+def load_model_for_eval(path: str, device: str = "cpu") -> Tuple[torch.nn.Module, TypeMap, float]:
+    """A model from a training checkpoint (EMA weights preferred) or an exported file."""
+    from ..models import from_config
+    from .checkpoint import load_trainer_checkpoint
+
+    try:
+        state = load_trainer_checkpoint(path)
+    except ValueError:
+        state = None
+    if state is not None:
+        model = from_config(state["config"])
+        model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+        return model.to(device).eval(), TypeMap(model.type_map), model.cutoff
+    from ..export import load  # an exported TorchScript file
+
+    model = load(path, device=device)
+    return model, TypeMap(model.type_map), float(model.cutoff)
+
+
+def evaluate_file(model_path: str, data_path: str, out_dir: Optional[str] = None,
+                  batch_size: int = 8, device: str = "cpu", **read_kwargs) -> Dict[str, float]:
+    model, type_map, cutoff = load_model_for_eval(model_path, device)
+    frames = read(data_path, type_map=type_map, **read_kwargs)
+    dataset = AtomicDataset(frames, type_map, cutoff, name=data_path)
+    acc = MetricAccumulator()
+    for batch in dataset.loader(batch_size):
+        batch = batch.to(device)
+        stress = batch.stress is not None and bool(batch.pbc.all())
+        pred = model(batch.as_dict(), compute_forces=True, compute_stress=stress)
+        acc.add(pred, batch)
+    metrics = acc.result()
+    if out_dir:
+        from .plots import parity_from_arrays
+
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
+            json.dump({"model": model_path, "data": data_path, **metrics}, f, indent=1)
+        parity_from_arrays(acc.parity(), metrics, os.path.join(out_dir, "parity.png"),
+                           title=os.path.basename(data_path))
+    return metrics
+
+
+def format_table(metrics: Dict[str, float]) -> str:
+    rows = [("frames", "frames", "{:.0f}"),
+            ("energy MAE", "energy_mae_meV_per_atom", "{:.3f} meV/atom"),
+            ("energy RMSE", "energy_rmse_meV_per_atom", "{:.3f} meV/atom"),
+            ("force MAE", "forces_mae_meV_per_A", "{:.2f} meV/A"),
+            ("force RMSE", "forces_rmse_meV_per_A", "{:.2f} meV/A"),
+            ("stress RMSE", "stress_rmse_meV_per_A3", "{:.3f} meV/A^3")]
+    lines = [f"{name:<12} {fmt.format(metrics[key])}" for name, key, fmt in rows if key in metrics]
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Training: config checks, data checks before training, outputs, exact resume, atomic
+checkpoints, the CLI."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import write
+
+from mlpot.cli import main as cli
+from mlpot.data import DataError
+from mlpot.train import ConfigError, Trainer, config_from_dict, load_config
+from mlpot.train import checkpoint as ckpt
+from mlpot.train import train
+
+TINY = {"name": "egnn", "cutoff": 3.6, "hparams": {"hidden": 16, "num_layers": 2}}
+
+
+def cu_frames(n=12):
+    frames = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))
+        a.rattle(0.08, seed=k)
+        a.calc = EMT()
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        a.info["REF_stress"] = a.get_stress()
+        a.calc = None
+        frames.append(a)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cu.xyz"
+    write(path, cu_frames(), format="extxyz")
+    return str(path)
+
+
+def cfg_dict(data_file, out_dir, epochs=3, **over):
+    d = {"data": {"train": data_file, "validation_fraction": 0.25},
+         "model": dict(TINY),
+         "loss": {"energy": 1.0, "forces": 10.0, "stress": 1.0},
+         "optim": {"lr": 5e-3},
+         "training": {"batch_size": 3, "max_epochs": epochs, "out_dir": str(out_dir),
+                      "progress": False, "seed": 3}}
+    for section, values in over.items():
+        d[section].update(values)
+    return d
+
+
+def test_unknown_keys_name_the_closest_valid_one(data_file):
+    with pytest.raises(ConfigError, match="unknown key 'batchsize'.*Did you mean 'batch_size'"):
+        config_from_dict({"data": {"train": data_file}, "training": {"batchsize": 2}})
+    with pytest.raises(ConfigError, match="unknown key 'modle'.*Did you mean 'model'"):
+        config_from_dict({"data": {"train": data_file}, "modle": {}})
+    with pytest.raises(ConfigError, match="'egn' is not one of.*Did you mean 'egnn'"):
+        config_from_dict({"data": {"train": data_file}, "model": {"name": "egn"}})
+    with pytest.raises(ConfigError, match="no hyperparameter 'hiden'.*Did you mean 'hidden'"):
+        config_from_dict({"data": {"train": data_file}, "model": {"name": "egnn",
+                                                                  "hparams": {"hiden": 3}}})
+    with pytest.raises(ConfigError, match="data.train is required"):
+        config_from_dict({"model": {"name": "egnn"}})
+    with pytest.raises(ConfigError, match="all weights are zero"):
+        config_from_dict({"data": {"train": data_file},
+                          "loss": {"energy": 0, "forces": 0, "stress": 0}})
+
+
+def test_bad_data_stops_before_training(tmp_path, data_file):
+    frames = cu_frames(4)
+    frames[2].arrays["REF_forces"][0, 0] = np.nan
+    bad = tmp_path / "bad.xyz"
+    write(bad, frames, format="extxyz")
+    with pytest.raises(DataError, match="bad.xyz:frame 2: forces contain NaN"):
+        Trainer(config_from_dict(cfg_dict(str(bad), tmp_path / "r")))
+    with pytest.raises(DataError, match=r"element\(s\) \['Cu'\] not in the type map"):
+        Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "r", data={"type_map": ["Al"]})))
+    one = tmp_path / "one.xyz"
+    write(one, frames[:1], format="extxyz")
+    with pytest.raises(DataError, match="split is empty"):
+        Trainer(config_from_dict(cfg_dict(str(one), tmp_path / "r")))
+    del frames[1].info["REF_energy"]
+    write(bad, frames, format="extxyz")
+    with pytest.raises(DataError, match="frame 1: no energy found"):
+        Trainer(config_from_dict(cfg_dict(str(bad), tmp_path / "r")))
+
+
+def test_training_writes_outputs_and_learns(tmp_path, data_file):
+    cfg = config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=6))
+    results = train(cfg)
+    out = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "log.csv", "metrics.json", "parity.png",
+                 "learning_curve.png", "config.yaml"):
+        assert (out / name).exists(), name
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    first, best = float(rows[0]["val_forces_rmse_meV_per_A"]), min(
+        float(r["val_forces_rmse_meV_per_A"]) for r in rows)
+    assert best < first  # it learns
+    m = json.load(open(out / "metrics.json"))
+    assert np.isfinite(m["validation"]["forces_rmse_meV_per_A"])
+    assert results["validation"]["frames"] == 3
+    # the written config reloads to the same run
+    assert load_config(str(out / "config.yaml")).model.name == "egnn"
+    # a second run into the same folder is refused (no silent overwrite)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+
+
+def test_resume_continues_exactly(tmp_path, data_file):
+    full = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "full", epochs=4)))
+    full.fit()
+    part = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "part", epochs=4)))
+    part.done = lambda: part.epoch >= 2  # the run is killed after its second checkpoint
+    part.fit()
+    resumed = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "part", epochs=4)))
+    resumed.fit(resume=True)
+    assert resumed.epoch == 4
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(full.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows_full = list(csv.DictReader(open(tmp_path / "full" / "log.csv")))
+    rows_res = list(csv.DictReader(open(tmp_path / "part" / "log.csv")))
+    assert [r["val_loss"] for r in rows_full] == [r["val_loss"] for r in rows_res]
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    ckpt.atomic_save({"config": {"a": 1}, "model": {}}, path)
+
+    def dies_halfway(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({"config": {"a": 2}, "model": {}}, path)
+    monkeypatch.undo()
+    assert ckpt.load_trainer_checkpoint(path)["config"] == {"a": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable mlpot checkpoint"):
+        ckpt.load_trainer_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_cli_train_and_test(tmp_path, data_file, capsys):
+    import yaml
+
+    cfg = cfg_dict(data_file, tmp_path / "cli", epochs=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli(["train", str(tmp_path / "c.yaml")]) == 0
+    assert cli(["test", str(tmp_path / "cli" / "best.pt"), "--data", data_file, "--json",
+                "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert metrics["frames"] == 12 and np.isfinite(metrics["forces_rmse_meV_per_A"])
+    assert (tmp_path / "t" / "parity.png").exists()
+    (tmp_path / "typo.yaml").write_text("data:\n  train: x.xyz\ntraining:\n  epochs: 3\n")
+    assert cli(["train", str(tmp_path / "typo.yaml")]) == 2
+    assert "unknown key 'epochs'" in capsys.readouterr().err
