@@ -38,9 +38,9 @@ def _select_backend() -> str:
     if os.environ.get("MLPOT_NO_EXTENSION", "") not in ("", "0"):
         _STATE.update(backend="torch", reason="MLPOT_NO_EXTENSION is set")
         return "torch"
-    from . import _extension
-
     try:
+        from . import _extension
+
         _STATE["library"] = _extension.load_library()
         _STATE["backend"] = "cpp"
     except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
