@@ -1,0 +1,188 @@
+"""EGNN (mlpot.models.egnn): the physics checks of mlpot.testing, precision, scripting, config
+round trip, statistics, the atom-level message Linear, and a short fit to EMT data."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlpot import keys as K
+from mlpot import testing as T
+from mlpot.data import AtomicData
+from mlpot.models import build_model, fit_reference_energies, force_rms, from_config
+from mlpot.models.egnn import EGNN
+from mlpot.nn import polynomial_cutoff
+
+TYPES = ["H", "C", "O"]
+SMALL = {"hidden": 16, "edge_hidden": 24, "num_layers": 3, "readout_hidden": 8}
+
+
+def make(dtype="float64", seed=0, **hp):
+    torch.manual_seed(seed)
+    model = build_model("egnn", TYPES, 3.5, dtype, **{**SMALL, **hp}).eval()
+    with torch.no_grad():  # a non-trivial normalisation, as after fit_statistics
+        model.net.message_scale.fill_(1 / 6)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make()
+
+
+@pytest.fixture(scope="module")
+def periodic(model):
+    return T.to_data(T.random_periodic(("O", "H", "C"), n_atoms=12, seed=1), model)
+
+
+@pytest.fixture(scope="module")
+def mol(model):
+    return T.to_data(T.small_molecule("CH3CH2OH"), model)
+
+
+def test_invariance_and_forces(model, periodic, mol):
+    for d in (periodic, mol):
+        T.assert_invariance(model, d)
+        T.assert_forces_are_gradients(model, d)
+
+
+def test_stress_extensivity_smoothness(model, periodic):
+    T.assert_stress_is_strain_derivative(model, periodic)
+    T.assert_extensive(model, T.random_periodic(("O", "H", "C"), n_atoms=8, seed=2))
+    T.assert_smooth_at_cutoff(model, ("O", "H"))
+    T.assert_smooth_at_cutoff(model, ("C", "C"))
+
+
+def test_batch_and_script(model, periodic, mol):
+    other = T.to_data(T.random_periodic(("O", "H"), n_atoms=7, seed=3), model)
+    T.assert_batch_equals_single(model, [periodic, other])
+    T.assert_batch_equals_single(model, [mol, T.to_data(T.small_molecule("H2O"), model)])
+    T.assert_script_equals_eager(model, periodic)
+
+
+def test_attention_variant_is_smooth_and_conservative(periodic):
+    m = make(attention=True)
+    T.assert_smooth_at_cutoff(m)
+    T.assert_forces_are_gradients(m, periodic)
+    T.assert_invariance(m, periodic)
+    T.assert_script_equals_eager(m, periodic)
+
+
+def test_float32_close_to_float64(model, periodic):
+    m32 = make("float32")
+    m32.load_state_dict(model.state_dict())
+    d32 = periodic.to(dtype=torch.float32)
+    out32 = m32(d32.as_dict(), compute_stress=True)
+    out64 = model(periodic.as_dict(), compute_stress=True)
+    assert out32[K.ENERGY].dtype == torch.float64 and out32[K.FORCES].dtype == torch.float32
+    for key in (K.ENERGY, K.FORCES, K.STRESS):
+        a, b = out32[key].detach().double(), out64[key].detach()
+        assert (a - b).abs().max() <= 1e-4 * (1 + b.abs().max()), key
+
+
+def test_config_round_trip(model, periodic):
+    config = json.loads(json.dumps(model.config))
+    assert config["hparams"] == {**EGNN.DEFAULTS, **SMALL}
+    again = from_config(config).eval()
+    again.load_state_dict(model.state_dict())
+    a, b = again(periodic.as_dict()), model(periodic.as_dict())
+    assert torch.equal(a[K.ENERGY], b[K.ENERGY]) and torch.equal(a[K.FORCES], b[K.FORCES])
+    assert build_model("egnn", TYPES).cutoff == EGNN.DEFAULT_CUTOFF == 5.0
+    with pytest.raises(ValueError, match="num_layers"):
+        build_model("egnn", TYPES, num_layer=2)
+    with pytest.raises(ValueError, match="avg_num_neighbors"):
+        build_model("egnn", TYPES, avg_num_neighbors=0.0)
+
+
+def test_fit_statistics_sets_the_neighbor_normalisation(periodic, mol):
+    m = build_model("egnn", TYPES, 3.5, "float64", **SMALL)
+    structures = [periodic.with_neighbors(3.5), mol]
+    m.fit_statistics(structures)
+    d = [s.with_neighbors(3.5) for s in structures]
+    n_edges = sum(s.edge_index.shape[1] for s in d)
+    n_atoms = sum(s.positions.shape[0] for s in d)
+    assert abs(float(m.net.message_scale) - n_atoms / n_edges) < 1e-12
+    assert "net.message_scale" in m.state_dict()
+    fixed = build_model("egnn", TYPES, 3.5, "float64", avg_num_neighbors=20.0, **SMALL)
+    fixed.fit_statistics(structures)
+    assert float(fixed.net.message_scale) == pytest.approx(1 / 20)
+
+
+def test_atom_level_message_linear_equals_edge_level_messages(model, periodic):
+    """sum_j w_ij (W_2 s_ij + b_2) computed per edge equals the layer's atom-level form."""
+    d = periodic.with_neighbors(model.cutoff)
+    net = model.net
+    vec = d.edge_vectors()
+    i, j = d.edge_index
+    r = vec.norm(dim=1)
+    feats = torch.cat([net.basis(r), (r * r / net.cutoff ** 2).unsqueeze(1)], dim=1)
+    env = polynomial_cutoff(r, net.cutoff, net.envelope_p).unsqueeze(1)
+    env_sum = torch.zeros(len(d.positions), 1, dtype=r.dtype).index_add(0, i, env)
+    h = net.embedding(d.atom_types)
+    with torch.no_grad():
+        for layer in net.layers:
+            a, b = layer.node_proj(h).split(layer.edge_hidden, dim=1)
+            s = torch.nn.functional.silu(a[i] + b[j] + layer.radial(feats))
+            msg = layer.message_out(s) * env  # phi_e(h_i, h_j, e_ij) u_ij, per edge
+            m = torch.zeros_like(h).index_add(0, i, msg) * net.message_scale
+            ref = h + layer.update(torch.cat([h, m], dim=1))
+            got = layer(h, i, j, feats, env, env_sum, net.message_scale)
+            assert torch.allclose(got, ref, atol=1e-12)
+            h = got
+
+
+def _emt_frames(n_frames=20, seed=0):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n_frames):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+        atoms.symbols[[1, 6]] = "Au"
+        atoms.positions += rng.normal(0, 0.12, atoms.positions.shape)
+        atoms.calc = EMT()
+        frames.append(AtomicData.from_ase(atoms, energy=atoms.get_potential_energy(),
+                                          forces=atoms.get_forces()))
+    return frames
+
+
+def test_learns_emt_forces():
+    torch.manual_seed(0)
+    model = build_model("egnn", ["Cu", "Au"], 4.0, "float32", hidden=32, edge_hidden=32,
+                        num_layers=2, readout_hidden=16)
+    frames = _emt_frames()
+    for f in frames:
+        f.atom_types = (f.atomic_numbers == 79).long()
+    model.set_reference_energies(fit_reference_energies(frames, 2))
+    model.energy_scale.fill_(force_rms(frames))
+    model.fit_statistics(frames)
+    batch = AtomicData.collate(frames).with_neighbors(4.0).to(dtype=torch.float32)
+    data = batch.as_dict()
+    n_atoms = batch.num_atoms.double()
+
+    def losses():
+        out = model(data)
+        f_rmse = ((out[K.FORCES] - batch.forces) ** 2).mean().sqrt()
+        e_rmse = (((out[K.ENERGY] - batch.energy) / n_atoms) ** 2).mean().sqrt()
+        return f_rmse, e_rmse
+
+    model.eval()
+    start = float(losses()[0].detach())
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
+    try:
+        for _ in range(200):
+            f_rmse, e_rmse = losses()
+            loss = f_rmse ** 2 + e_rmse.float() ** 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    end = float(losses()[0].detach())
+    print(f"force RMSE {start:.3f} -> {end:.3f} eV/A")
+    assert end < 0.15 * start, f"force RMSE {start:.3f} -> {end:.3f} eV/A"
