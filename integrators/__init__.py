@@ -1,0 +1,56 @@
+"""mlpot's molecular dynamics: integrators that run a model directly on torch tensors.
+
+R replicas of a system are advanced together (CPU or CUDA, float32 or float64). Units: fs, eV,
+Angstrom, amu, K, bar (converted in ``mlpot.units``).
+
+    from integrators import Langevin, LennardJones, ThermoCSV, simulate, state_from_ase
+    state = initialize_velocities(state_from_ase(atoms, replicas=4), temperature_K=300)
+    state = simulate(state, Langevin(timestep_fs=2.0, temperature_K=300), LennardJones(), 1000,
+                     reporters=[ThermoCSV("thermo.csv", 10)])
+
+Each integrator has ``init(state, forces)`` and ``step(state, forces)``; the equations are in
+the docstring of its module, with references.
+"""
+from .base import ForceProvider, Integrator, MDError
+from .bussi import Bussi
+from .checkpoint import load_checkpoint, save_checkpoint
+from .forces import Harmonic, IdealGas, LennardJones, MLPotForces
+from .langevin import Langevin
+from .nose_hoover import NoseHooverChain
+from .npt import StochasticCellRescaling
+from .nve import VelocityVerlet
+from .reporters import ProgressBar, Reporter, ThermoCSV, TrajectoryReporter, thermo
+from .runner import check_forces, simulate
+from .state import (MDState, initialize_velocities, kinetic_energy, make_state, pressure_bar,
+                    state_from_ase, temperature_K)
+
+__all__ = [
+    "Bussi",
+    "ForceProvider",
+    "Harmonic",
+    "IdealGas",
+    "Integrator",
+    "Langevin",
+    "LennardJones",
+    "MDError",
+    "MDState",
+    "MLPotForces",
+    "NoseHooverChain",
+    "ProgressBar",
+    "Reporter",
+    "StochasticCellRescaling",
+    "ThermoCSV",
+    "TrajectoryReporter",
+    "VelocityVerlet",
+    "check_forces",
+    "initialize_velocities",
+    "kinetic_energy",
+    "load_checkpoint",
+    "make_state",
+    "pressure_bar",
+    "save_checkpoint",
+    "simulate",
+    "state_from_ase",
+    "temperature_K",
+    "thermo",
+]

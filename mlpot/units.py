@@ -29,3 +29,10 @@ BOLTZMANN_EV_PER_K = _ase.kB
 BAR_TO_EV_PER_A3 = _ase.bar
 GPA_TO_EV_PER_A3 = _ase.GPa
 EV_PER_A3_TO_GPA = 1.0 / _ase.GPa
+
+# Molecular dynamics (mlpot's integrators: velocities in A/fs, masses in amu, energies in eV).
+# ASE's time unit is A*sqrt(amu/eV) and 1 fs = _ase.fs of it, so amu*A^2/fs^2 = eV / _ase.fs^2.
+AMU_A2_PER_FS2_TO_EV = 1.0 / _ase.fs**2  # kinetic energy: 0.5 * m[amu] * v[A/fs]^2 * this -> eV
+EV_PER_AMU_TO_A2_PER_FS2 = _ase.fs**2  # kT/m [eV/amu] -> (A/fs)^2; F/m [eV/(A amu)] -> A/fs^2
+A_PER_FS_TO_ASE_VELOCITY = 1.0 / _ase.fs  # v[A/fs] * this -> ASE velocity (A per ASE time unit)
+EV_PER_A3_TO_BAR = 1.0 / _ase.bar  # pressure/stress eV/A^3 -> bar

@@ -1,0 +1,210 @@
+"""``mlpot md MODEL STRUCTURE``: molecular dynamics from the command line.
+
+MODEL is a model file written by ``mlpot export`` or the name of a built-in analytic potential
+(``lj``: Lennard-Jones, parameters --lj-epsilon/--lj-sigma/--lj-cutoff). STRUCTURE is any file
+``ase.io.read`` reads (extxyz, POSCAR, CIF, PDB...). Units: fs, K, bar, eV, Angstrom.
+
+    mlpot md model.pt water.xyz --ensemble npt --temperature 300 --pressure 1 \\
+        --timestep 0.5 --steps 20000 --thermo thermo.csv --traj traj.dcd
+
+``add_md_parser(subparsers)`` adds the command to an argparse parser; ``run_md(args)`` runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .base import Integrator, MDError
+from .bussi import Bussi
+from .checkpoint import load_checkpoint
+from .forces import LennardJones, MLPotForces
+from .langevin import Langevin
+from .nose_hoover import NoseHooverChain
+from .npt import StochasticCellRescaling
+from .nve import VelocityVerlet
+from .reporters import ProgressBar, ThermoCSV, TrajectoryReporter
+from .runner import DEFAULT_MAX_FORCE, simulate
+from .state import MDState, initialize_velocities, state_from_ase
+
+ENSEMBLES = ("nve", "langevin", "nose-hoover", "bussi", "npt")
+BUILTIN = ("lj",)
+
+
+def add_md_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``md`` to the subparsers of the ``mlpot`` command."""
+    p = subparsers.add_parser(
+        "md", help="run molecular dynamics with an mlpot model (NVE, NVT, NPT)",
+        description=__doc__.split("\n\n")[0] + " Units: fs, K, bar, eV, Angstrom.")
+    p.add_argument("model", help="model file from `mlpot export`, or a built-in potential: lj")
+    p.add_argument("structure", help="starting structure (any file ase.io.read reads)")
+    p.add_argument("--frame", type=int, default=-1, help="frame of STRUCTURE to start from "
+                   "(default: the last)")
+    _ensemble_args(p.add_argument_group("ensemble"))
+    _output_args(p.add_argument_group("output"))
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    r.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="working precision (default: the model's; float64 for lj)")
+    r.add_argument("--max-force", type=float, default=DEFAULT_MAX_FORCE,
+                   help="eV/A; larger forces stop the run (default %(default)g)")
+    b = p.add_argument_group("built-in lj potential")
+    b.add_argument("--lj-epsilon", type=float, default=0.0104, help="eV (default argon)")
+    b.add_argument("--lj-sigma", type=float, default=3.4, help="Angstrom (default argon)")
+    b.add_argument("--lj-cutoff", type=float, default=8.5, help="Angstrom")
+    p.set_defaults(func=run_md)
+    return p
+
+
+def _ensemble_args(e) -> None:
+    e.add_argument("--ensemble", choices=ENSEMBLES, default="langevin",
+                   help="nve (velocity Verlet), langevin (BAOAB), nose-hoover (chains), bussi "
+                        "(stochastic velocity rescaling), npt (stochastic cell rescaling + bussi)")
+    e.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
+    e.add_argument("--pressure", type=float, default=1.0, help="bar, for npt (default 1)")
+    e.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
+    e.add_argument("--steps", type=int, default=1000, help="total number of steps (default 1000)")
+    e.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    e.add_argument("--tau-t", type=float, default=100.0, help="thermostat time, fs (default 100)")
+    e.add_argument("--tau-p", type=float, default=1000.0, help="barostat time, fs (default 1000)")
+    e.add_argument("--compressibility", type=float, default=4.5e-5,
+                   help="barostat compressibility estimate, 1/bar (default 4.5e-5, water)")
+    e.add_argument("--coupling", choices=("iso", "aniso", "tri"), default="iso",
+                   help="npt cell coupling (default iso)")
+    e.add_argument("--npt-thermostat", choices=("bussi", "langevin"), default="bussi",
+                   help="thermostat of npt (default bussi; langevin uses --friction)")
+    e.add_argument("--replicas", type=int, default=1, help="independent replicas run together")
+    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    e.add_argument("--init-temperature", type=float, default=None,
+                   help="K, draw starting velocities at this temperature (default --temperature; "
+                        "velocities in STRUCTURE are kept when present and this is not given)")
+
+
+def _output_args(o) -> None:
+    o.add_argument("--thermo", default="md_thermo.csv", help="thermo CSV (default md_thermo.csv)")
+    o.add_argument("--thermo-every", type=int, default=100, help="steps between thermo rows")
+    o.add_argument("--traj", default=None,
+                   help="trajectory: .dcd, .xtc, .h5 (mdtraj) or .traj (ASE)")
+    o.add_argument("--traj-every", type=int, default=100, help="steps between frames")
+    o.add_argument("--checkpoint", default=None, help="checkpoint file, written every "
+                   "--checkpoint-every steps and at the end")
+    o.add_argument("--checkpoint-every", type=int, default=1000)
+    o.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint up to --steps (integrator from the checkpoint)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_model(path: str, device: str):
+    """mlpot's exported-model loader, imported only when needed."""
+    import mlpot
+
+    loader = getattr(mlpot, "load", None)
+    if loader is None:
+        try:
+            from mlpot.export import load as loader
+        except ImportError as err:
+            raise RuntimeError("this mlpot has no model loader (mlpot.load) yet: use a built-in "
+                               f"potential ({', '.join(BUILTIN)}) for now") from err
+    return loader(path, device=device)
+
+
+def _forces(args, atoms, device: str):
+    """(force provider, default dtype) for MODEL."""
+    if args.model.lower() in BUILTIN:
+        lj = LennardJones(args.lj_epsilon, args.lj_sigma, args.lj_cutoff, pbc=tuple(atoms.pbc))
+        return lj, torch.float64
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"no model file {args.model!r} (and not a built-in potential: "
+                                f"{', '.join(BUILTIN)})")
+    model = _load_model(args.model, device)
+    from mlpot.data import TypeMap
+
+    types = TypeMap(list(model.type_map)).types(atoms.numbers, where=args.structure)
+    provider = MLPotForces(model, types, pbc=tuple(atoms.pbc), atomic_numbers=atoms.numbers)
+    return provider, getattr(model, "dtype", torch.float32)
+
+
+def _integrator(args, periodic: bool) -> Integrator:
+    dt, t = args.timestep, args.temperature
+    stress = periodic  # the pressure column
+    if args.ensemble == "nve":
+        return VelocityVerlet(dt, compute_stress=stress)
+    if args.ensemble == "langevin":
+        return Langevin(dt, t, args.friction, compute_stress=stress)
+    if args.ensemble == "nose-hoover":
+        return NoseHooverChain(dt, t, args.tau_t, compute_stress=stress)
+    if args.ensemble == "bussi":
+        return Bussi(dt, t, args.tau_t, compute_stress=stress)
+    return StochasticCellRescaling(dt, t, args.pressure, args.tau_t, args.tau_p,
+                                   args.compressibility, args.coupling, args.npt_thermostat,
+                                   args.friction)
+
+
+def _start(args, atoms, dtype) -> MDState:
+    state = state_from_ase(atoms, replicas=args.replicas, seed=args.seed, device=args.device,
+                           dtype=dtype)
+    has_v = bool(state.velocities.abs().sum() > 0)
+    if args.init_temperature is not None or not has_v:
+        t0 = args.temperature if args.init_temperature is None else args.init_temperature
+        state = initialize_velocities(state, t0, remove_com=True)
+    return state
+
+
+def _prepare(args):
+    """(state, integrator, forces, steps to run) from the arguments."""
+    from ase.io import read
+
+    atoms = read(args.structure, index=args.frame)
+    forces, model_dtype = _forces(args, atoms, args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype, model_dtype)
+    if args.resume:
+        if not args.checkpoint or not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(
+                f"--resume needs an existing --checkpoint, got {args.checkpoint!r}")
+        state, integrator = load_checkpoint(args.checkpoint, device=args.device)
+        if args.dtype is not None:
+            state = state.to(args.device, dtype)
+        print(f"resuming from step {state.step} of {args.checkpoint} "
+              f"({type(integrator).__name__})", file=sys.stderr)
+    else:
+        state = _start(args, atoms, dtype)
+        integrator = _integrator(args, bool(atoms.pbc.all()))
+    return state, integrator, forces, max(0, args.steps - state.step)
+
+
+def run_md(args: argparse.Namespace) -> int:
+    """Run ``mlpot md``; returns the exit status (0, or 1 with a message on stderr)."""
+    try:
+        state, integrator, forces, n = _prepare(args)
+        reporters = [ThermoCSV(args.thermo, args.thermo_every)]
+        if args.traj:
+            reporters.append(TrajectoryReporter(args.traj, args.traj_every, replica=None
+                                                if args.replicas > 1 else 0))
+        if not args.no_progress:
+            reporters.append(ProgressBar(n, max(1, min(100, n // 100 or 1))))
+        last_good = os.path.splitext(args.thermo)[0] + "_last_good.xyz"
+        state = simulate(state, integrator, forces, n, reporters, checkpoint_path=args.checkpoint,
+                         checkpoint_interval=args.checkpoint_every, max_force=args.max_force,
+                         last_good_path=last_good)
+    except (MDError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"mlpot md: {err}", file=sys.stderr)
+        return 1
+    print(f"mlpot md: {state.step} steps ({state.time_fs / 1000:g} ps) done; thermo in "
+          f"{args.thermo}" + (f", trajectory in {args.traj}" if args.traj else ""), file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Stand-alone entry (``python -m integrators.cli``) until ``mlpot md`` is hooked in."""
+    parser = argparse.ArgumentParser(prog="mlpot")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_md_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

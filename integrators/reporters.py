@@ -1,0 +1,297 @@
+"""Reporters: what a run writes every ``interval`` steps.
+
+- ``ThermoCSV``: step, time, kinetic/potential/conserved energy, temperature, pressure, volume per
+  replica, one CSV row per replica and report.
+- ``ProgressBar``: a one-line progress bar on stderr (steps, steps/s, time left, mean T).
+- ``TrajectoryReporter``: frames through mdtraj (.dcd, .xtc, .h5 with a topology) or ASE (.traj,
+  with velocities, energy, forces and stress).
+
+Each reporter has ``open(state, integrator)``, ``report(state, integrator)`` and ``close()``.
+When a run is resumed (``state.step > 0`` and the file exists), files are cut back to what was
+written up to that step and continued, so a resumed run leaves the same files as an
+uninterrupted one (trajectories: the resumed run must use the same interval).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mlpot import units
+
+from .base import Integrator
+from .state import MDState, kinetic_energy, pressure_bar, temperature_K
+
+THERMO_COLUMNS = ("step", "time_fs", "replica", "kinetic_eV", "potential_eV", "conserved_eV",
+                  "temperature_K", "pressure_bar", "volume_A3")
+
+
+def thermo(state: MDState, integrator: Integrator) -> Dict[str, torch.Tensor]:
+    """The thermodynamic quantities of each replica  # each [R] float64
+
+    The pressure is NaN when the state has no stress (see ``Integrator.compute_stress``).
+    """
+    return {
+        "kinetic_eV": kinetic_energy(state.velocities, state.masses),
+        "potential_eV": state.energy,
+        "conserved_eV": integrator.conserved_energy(state),
+        "temperature_K": temperature_K(state),
+        "pressure_bar": pressure_bar(state),
+        "volume_A3": state.volume(),
+    }
+
+
+class Reporter:
+    """Base class: report every ``interval`` steps."""
+
+    def __init__(self, interval: int):
+        if int(interval) < 1:
+            raise ValueError(f"a reporter interval must be >= 1 step, got {interval}")
+        self.interval = int(interval)
+
+    def open(self, state: MDState, integrator: Integrator) -> None:
+        pass
+
+    def report(self, state: MDState, integrator: Integrator) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ThermoCSV(Reporter):
+    """Thermodynamic log as CSV (columns ``THERMO_COLUMNS``; energies eV, T in K, P in bar)."""
+
+    def __init__(self, path: str, interval: int = 100):
+        super().__init__(interval)
+        self.path = path
+        self._fh = None
+        self._writer = None
+
+    def open(self, state: MDState, integrator: Integrator) -> None:
+        keep: List[List[str]] = []
+        if state.step > 0 and os.path.exists(self.path):
+            with open(self.path, newline="") as fh:
+                rows = list(csv.reader(fh))[1:]
+            keep = [r for r in rows if r and int(r[0]) <= state.step]
+        self._fh = open(self.path, "w", newline="")
+        self._writer = csv.writer(self._fh)
+        self._writer.writerow(THERMO_COLUMNS)
+        self._writer.writerows(keep)
+
+    def report(self, state: MDState, integrator: Integrator) -> None:
+        q = {k: v.detach().cpu().tolist() for k, v in thermo(state, integrator).items()}
+        for r in range(state.n_replicas):
+            self._writer.writerow([state.step, f"{state.time_fs:.6g}", r]
+                                  + [f"{q[c][r]:.10g}" for c in THERMO_COLUMNS[3:]])
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class ProgressBar(Reporter):
+    """``step 500/1000 [#####     ] 50% 123.4 steps/s, 4 s left, T 301.2 K`` on one line."""
+
+    def __init__(self, total_steps: int, interval: int = 10, stream=None, width: int = 30):
+        super().__init__(interval)
+        self.total, self.width = int(total_steps), width
+        self.stream = stream if stream is not None else sys.stderr
+        self._t0 = self._s0 = None
+
+    def open(self, state: MDState, integrator: Integrator) -> None:
+        self._t0, self._s0 = time.perf_counter(), state.step
+        self.end = state.step + self.total if self.total else state.step
+
+    def report(self, state: MDState, integrator: Integrator) -> None:
+        done = state.step - self._s0
+        frac = min(1.0, done / max(self.total, 1))
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        left = (self.end - state.step) / rate if rate > 0 else float("inf")
+        bar = "#" * int(frac * self.width)
+        t = float(temperature_K(state).mean())
+        self.stream.write(f"\rstep {state.step}/{self.end} [{bar:<{self.width}}] "
+                          f"{100 * frac:3.0f}% {rate:.1f} steps/s, {left:.0f} s left, T {t:.1f} K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+# ------------------------------------------------------------------------------ trajectories
+def cell_lengths_angles(cell: np.ndarray):
+    """(a, b, c) and (alpha, beta, gamma) in degrees of [F, 3, 3] cells (rows)."""
+    lengths = np.linalg.norm(cell, axis=-1)
+
+    def angle(i, j):
+        c = (cell[:, i] * cell[:, j]).sum(-1) / np.maximum(lengths[:, i] * lengths[:, j], 1e-12)
+        return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+    return lengths, np.stack([angle(1, 2), angle(0, 2), angle(0, 1)], -1)
+
+
+def mdtraj_topology(atomic_numbers):
+    """An mdtraj Topology with one residue per atom (named after its element)."""
+    import mdtraj
+
+    top = mdtraj.Topology()
+    chain = top.add_chain()
+    for z in np.asarray(atomic_numbers).tolist():
+        el = mdtraj.element.Element.getByAtomicNumber(int(z)) if z > 0 else mdtraj.element.virtual
+        top.add_atom(el.symbol, el, top.add_residue(el.symbol, chain))
+    return top
+
+
+class _MDTrajWriter:
+    """One replica's frames in a DCD, XTC or HDF5 file (units converted here: A -> nm, fs -> ps)."""
+
+    def __init__(self, path: str, kind: str, topology):
+        self.path, self.kind, self.topology = path, kind, topology
+        self._fh = None
+
+    def open(self, keep_frames: Optional[int]) -> None:
+        old = None
+        if keep_frames is not None and os.path.exists(self.path):
+            old = self._read(keep_frames)
+        import mdtraj
+
+        cls = {"dcd": mdtraj.formats.DCDTrajectoryFile, "xtc": mdtraj.formats.XTCTrajectoryFile,
+               "h5": mdtraj.formats.HDF5TrajectoryFile}[self.kind]
+        self._fh = cls(self.path, "w", force_overwrite=True)
+        if self.kind == "h5":
+            self._fh.topology = self.topology
+        if old is not None and len(old.xyz):
+            self._write(old.xyz * 10.0, old.unitcell_vectors * 10.0, old.time * 1e3)
+
+    def _read(self, keep: int):
+        import mdtraj
+
+        t = mdtraj.load(self.path, top=self.topology)
+        return t[:keep]
+
+    def write(self, x: np.ndarray, cell: np.ndarray, time_fs: float) -> None:
+        self._write(x[None], cell[None], np.array([time_fs]))
+
+    def _write(self, x: np.ndarray, cell: np.ndarray, time_fs: np.ndarray) -> None:
+        lengths, angles = cell_lengths_angles(cell)
+        nm = units.ANGSTROM_TO_NM
+        if self.kind == "dcd":
+            self._fh.write(x.astype(np.float32), lengths.astype(np.float32),
+                           angles.astype(np.float32))
+        elif self.kind == "xtc":
+            steps = np.zeros(len(x), dtype=np.int32)
+            self._fh.write((x * nm).astype(np.float32), time=(time_fs * units.FS_TO_PS).astype(
+                np.float32), step=steps, box=(cell * nm).astype(np.float32))
+        else:
+            self._fh.write(coordinates=(x * nm).astype(np.float32), time=time_fs * units.FS_TO_PS,
+                           cell_lengths=lengths * nm, cell_angles=angles)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class _ASEWriter:
+    """One replica's frames in an ASE trajectory, with momenta, energy, forces and stress."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._traj = None
+
+    def open(self, keep_frames: Optional[int]) -> None:
+        from ase.io.trajectory import Trajectory
+
+        old = []
+        if keep_frames is not None and os.path.exists(self.path):
+            old = [a for a in Trajectory(self.path, "r")][:keep_frames]
+        self._traj = Trajectory(self.path, "w")
+        for atoms in old:
+            self._traj.write(atoms)
+
+    def write(self, state: MDState, r: int) -> None:
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+        from ase.stress import full_3x3_to_voigt_6_stress
+
+        masses = state.masses.double().cpu().numpy()
+        atoms = Atoms(numbers=state.atomic_numbers.cpu().numpy(),
+                      positions=state.positions[r].double().cpu().numpy(),
+                      cell=state.cell[r].double().cpu().numpy(), pbc=state.pbc.cpu().numpy(),
+                      masses=masses)
+        v = state.velocities[r].double().cpu().numpy() * units.A_PER_FS_TO_ASE_VELOCITY
+        atoms.set_velocities(v)
+        atoms.info.update(step=int(state.step), time_fs=float(state.time_fs))
+        res = {"energy": float(state.energy[r]), "forces": state.forces[r].double().cpu().numpy()}
+        if state.stress is not None:
+            res["stress"] = full_3x3_to_voigt_6_stress(state.stress[r].double().cpu().numpy())
+        atoms.calc = SinglePointCalculator(atoms, **res)
+        self._traj.write(atoms)
+
+    def close(self) -> None:
+        if self._traj is not None:
+            self._traj.close()
+            self._traj = None
+
+
+class TrajectoryReporter(Reporter):
+    """Frames every ``interval`` steps; the format follows the extension.
+
+    ``.dcd`` (Angstrom), ``.xtc`` (nm, ps), ``.h5``/``.hdf5`` (mdtraj HDF5, nm, ps, with a
+    topology; needs PyTables) through mdtraj; ``.traj`` through ASE (velocities, energy, forces,
+    stress). ``replica``: which replica to write, or None for all of them, each in its own file
+    ``NAME.rK.EXT``. ``topology``: an mdtraj Topology (default: one residue per atom).
+    """
+
+    def __init__(self, path: str, interval: int = 100, replica: Optional[int] = 0, topology=None):
+        super().__init__(interval)
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        self.kind = {"hdf5": "h5"}.get(ext, ext)
+        if self.kind not in ("dcd", "xtc", "h5", "traj"):
+            raise ValueError(f"unknown trajectory format {ext!r} in {path}: "
+                             "use .dcd, .xtc, .h5 or .traj")
+        self.path, self.replica, self.topology = path, replica, topology
+        self._writers: Dict[int, object] = {}
+
+    def _paths(self, n_replicas: int) -> Dict[int, str]:
+        if self.replica is not None:
+            if not 0 <= self.replica < n_replicas:
+                raise ValueError(f"replica {self.replica} out of range ({n_replicas} replicas)")
+            return {self.replica: self.path}
+        stem, ext = os.path.splitext(self.path)
+        return {r: f"{stem}.r{r}{ext}" for r in range(n_replicas)}
+
+    def open(self, state: MDState, integrator: Integrator) -> None:
+        keep = state.step // self.interval + 1 if state.step > 0 else None
+        top = self.topology
+        if self.kind == "h5" and top is None:
+            top = mdtraj_topology(state.atomic_numbers.cpu().numpy())
+        elif self.kind in ("dcd", "xtc") and top is None and keep is not None:
+            top = mdtraj_topology(state.atomic_numbers.cpu().numpy())  # needed to read back
+        for r, path in self._paths(state.n_replicas).items():
+            w = _ASEWriter(path) if self.kind == "traj" else _MDTrajWriter(path, self.kind, top)
+            w.open(keep)
+            self._writers[r] = w
+
+    def report(self, state: MDState, integrator: Integrator) -> None:
+        if self.kind == "traj":
+            for r, w in self._writers.items():
+                w.write(state, r)
+            return
+        x = state.positions.detach().double().cpu().numpy()
+        cell = state.cell.detach().double().cpu().numpy()
+        for r, w in self._writers.items():
+            w.write(x[r], cell[r], state.time_fs)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}

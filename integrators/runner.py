@@ -1,0 +1,126 @@
+"""``simulate``: the MD loop with reporters, checkpoints and the safety checks.
+
+Safety: after every force call the forces must be finite and no larger than ``max_force``
+(eV/A); otherwise the run stops with ``MDError`` naming the step, replica and atom, after writing
+the last good frame (the state before the failing step, all replicas) to an extxyz file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from mlpot import units
+
+from .base import ForceProvider, Integrator, MDError
+from .checkpoint import save_checkpoint
+from .reporters import Reporter
+from .state import MDState
+
+DEFAULT_MAX_FORCE = 1.0e3  # eV/A: far beyond any physical force, well before an overflow
+
+
+def check_forces(state: MDState, max_force: float = DEFAULT_MAX_FORCE) -> Optional[str]:
+    """None when all forces and energies are finite and |F| <= max_force, else what is wrong."""
+    f = state.forces
+    fmax = f.detach().abs().amax()
+    ok = torch.isfinite(f).all() & torch.isfinite(state.energy).all() & (fmax <= max_force)
+    if bool(ok):  # the one host-device synchronization per step
+        return None
+    per_atom = f.detach().norm(dim=-1)  # [R, N]
+    bad = ~torch.isfinite(per_atom) | (per_atom > max_force)
+    if bad.any():
+        r, i = (int(k) for k in bad.nonzero()[0])
+        return (f"replica {r}, atom {i}: force {per_atom[r, i].item():.4g} eV/A "
+                f"(limit {max_force:g} eV/A)")
+    r = int((~torch.isfinite(state.energy)).nonzero()[0])
+    return f"replica {r}: energy {state.energy[r].item()}"
+
+
+def write_frame(path: str, state: MDState) -> None:
+    """All replicas of a state as extxyz frames (positions, velocities in ASE units, cell)."""
+    from ase import Atoms
+    from ase.io import write
+
+    frames = []
+    for r in range(state.n_replicas):
+        atoms = Atoms(numbers=state.atomic_numbers.cpu().numpy(),
+                      positions=state.positions[r].detach().double().cpu().numpy(),
+                      cell=state.cell[r].detach().double().cpu().numpy(),
+                      pbc=state.pbc.cpu().numpy(), masses=state.masses.double().cpu().numpy())
+        atoms.set_velocities(state.velocities[r].detach().double().cpu().numpy()
+                             * units.A_PER_FS_TO_ASE_VELOCITY)
+        atoms.info.update(step=int(state.step), time_fs=float(state.time_fs), replica=r)
+        frames.append(atoms)
+    write(path, frames, format="extxyz")
+
+
+def _fail(state: MDState, last_good: MDState, what: str, path: Optional[str]) -> MDError:
+    saved = ""
+    if path:
+        try:
+            write_frame(path, last_good)
+            saved = f"; the last good frame (step {last_good.step}) was written to {path}"
+        except Exception as err:  # noqa: BLE001 - the MD error matters more than this one
+            saved = f"; writing the last good frame to {path} failed: {err}"
+    return MDError(f"MD stopped at step {state.step} (t = {state.time_fs:g} fs): non-finite or "
+                   f"exploding forces, {what}{saved}. Try a smaller timestep, check the starting "
+                   "structure for overlapping atoms, or the model for this configuration.")
+
+
+def simulate(
+    state: MDState,
+    integrator: Integrator,
+    forces: ForceProvider,
+    n_steps: int,
+    reporters: Sequence[Reporter] = (),
+    checkpoint_path: Optional[str] = None,
+    checkpoint_interval: int = 0,
+    max_force: float = DEFAULT_MAX_FORCE,
+    last_good_path: Optional[str] = "md_last_good.xyz",
+) -> MDState:
+    """Run ``n_steps`` steps from ``state`` and return the final state.
+
+    The tensors of ``state`` are not modified, but its random stream advances (use
+    ``state.copy()`` to start two runs with the same random numbers).
+
+    Reporters report at every multiple of their interval (and at step 0 of a fresh run). A
+    checkpoint is written every ``checkpoint_interval`` steps and at the end when
+    ``checkpoint_path`` is given; ``load_checkpoint`` then resumes exactly.
+    """
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    if not max_force > 0 or math.isnan(max_force):
+        raise ValueError(f"max_force must be > 0 eV/A, got {max_force}")
+    state = integrator.init(state, forces)
+    problem = check_forces(state, max_force)
+    if problem:
+        raise MDError(f"the starting structure already has non-finite or exploding forces: "
+                      f"{problem}")
+    fresh = state.step == 0
+    opened = []
+    try:
+        for rep in reporters:
+            rep.open(state, integrator)
+            opened.append(rep)
+            if fresh:
+                rep.report(state, integrator)
+        for _ in range(int(n_steps)):
+            new = integrator.step(state, forces)
+            problem = check_forces(new, max_force)
+            if problem:
+                raise _fail(new, state, problem, last_good_path)
+            state = new
+            for rep in reporters:
+                if state.step % rep.interval == 0:
+                    rep.report(state, integrator)
+            if checkpoint_path and checkpoint_interval and state.step % checkpoint_interval == 0:
+                save_checkpoint(checkpoint_path, state, integrator)
+        if checkpoint_path:
+            save_checkpoint(checkpoint_path, state, integrator)
+    finally:
+        for rep in opened:
+            rep.close()
+    return state
+
