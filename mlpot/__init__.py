@@ -6,5 +6,8 @@ Internal units: eV, Angstrom, fs, amu (see ``mlpot.units``).
 __version__ = "0.1.0"
 
 from .neighbors import neighbor_list, neighbor_list_batch, pair_vectors  # noqa: E402
+from . import export  # noqa: E402  (the module is callable: mlpot.export(model, "model.pt"))
+from .export import load  # noqa: E402
 
-__all__ = ["__version__", "neighbor_list", "neighbor_list_batch", "pair_vectors"]
+__all__ = ["__version__", "neighbor_list", "neighbor_list_batch", "pair_vectors", "export",
+           "load"]

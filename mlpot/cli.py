@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-key", dest="energy_key")
     p.add_argument("--forces-key", dest="forces_key")
     p.set_defaults(func=_test)
+
+    from .doctor import add_doctor_parser
+    from .export import add_export_parser
+
+    add_export_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 

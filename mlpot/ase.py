@@ -1,0 +1,105 @@
+"""An ASE calculator for mlpot models.
+
+>>> from mlpot.ase import MLPotCalculator
+>>> atoms.calc = MLPotCalculator("model.pt", device="cpu")
+>>> atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+
+Units are ASE's and mlpot's (eV, Angstrom, eV/Angstrom^3), so nothing is converted. Energy and
+forces are computed together (MD and optimizers ask for both of the same positions); the stress
+only when asked for, and only for fully periodic cells. ASE's caching means nothing is recomputed
+while the atoms are unchanged; the atom types and cell tensors are rebuilt only when the atomic
+numbers or the cell change.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+from ase.calculators.calculator import (Calculator, PropertyNotImplementedError,
+                                        all_changes)
+
+from . import keys as K
+from .data import TypeMap
+from .export import as_exported
+
+__all__ = ["MLPotCalculator"]
+
+# Voigt order used by ASE: xx, yy, zz, yz, xz, xy
+_VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
+
+
+class MLPotCalculator(Calculator):
+    """ASE calculator for an exported mlpot model (a path), an ``ExportedModel`` or a
+    ``Potential`` (scripted on the fly).
+
+    Args:
+        model: path of a file written by ``mlpot export``, or a loaded/in-memory model.
+        device: torch device to run on ('cpu', 'cuda', 'cuda:1').
+    Properties: energy, free_energy (= energy), forces, stress (periodic cells), energies
+    (per-atom energies, summing to the energy).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model, device: str = "cpu", **kwargs):
+        super().__init__(**kwargs)
+        self.model = as_exported(model, device)
+        self.device = torch.device(device)
+        self.dtype = self.model.dtype
+        self.type_map = TypeMap(self.model.type_map)
+        self._numbers: Optional[np.ndarray] = None
+        self._types: Optional[torch.Tensor] = None
+        self._cell_key: Optional[tuple] = None
+        self._cell: Optional[torch.Tensor] = None
+        self._pbc: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ inputs
+    def _atom_types(self, numbers: np.ndarray) -> torch.Tensor:
+        if self._numbers is None or not np.array_equal(numbers, self._numbers):
+            types_ = self.type_map.types(numbers, where="MLPotCalculator")
+            self._types = types_.to(self.device)
+            self._numbers = numbers.copy()
+        return self._types
+
+    def _cell_tensors(self, atoms):
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        key = (cell.tobytes(), tuple(bool(p) for p in atoms.pbc))
+        if key != self._cell_key:
+            self._cell = torch.as_tensor(cell, dtype=self.dtype, device=self.device)[None]
+            self._pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool),
+                                        device=self.device)[None]
+            self._cell_key = key
+        return self._cell, self._pbc
+
+    # ------------------------------------------------------------------ ASE API
+    def calculate(self, atoms=None, properties: Optional[List[str]] = None,
+                  system_changes=all_changes):
+        properties = properties or ["energy"]
+        old = self.results if not system_changes else {}
+        Calculator.calculate(self, atoms, properties, system_changes)
+        self.results = dict(old)
+        want_stress = "stress" in properties and "stress" not in self.results
+        need_energy = "energy" not in self.results
+        if not (want_stress or need_energy):
+            return
+        if want_stress and not self.atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                "MLPotCalculator: stress needs a cell periodic in all three directions")
+        cell, pbc = self._cell_tensors(self.atoms)
+        data = {
+            K.POSITIONS: torch.as_tensor(self.atoms.positions, dtype=self.dtype,
+                                         device=self.device),
+            K.ATOM_TYPES: self._atom_types(self.atoms.numbers),
+            K.CELL: cell,
+            K.PBC: pbc,
+        }
+        out = self.model(data, True, want_stress)
+        energy = float(out[K.ENERGY].detach()[0])
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out[K.ATOMIC_ENERGIES].detach().cpu().numpy()
+        self.results["forces"] = out[K.FORCES].detach().cpu().numpy().astype(np.float64)
+        if want_stress:
+            s = out[K.STRESS].detach()[0].cpu().numpy().astype(np.float64)
+            self.results["stress"] = s[_VOIGT[0], _VOIGT[1]]

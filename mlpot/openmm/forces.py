@@ -1,0 +1,213 @@
+"""One function that builds the OpenMM force of an mlpot model with either backend.
+
+* ``"torch"``: openmm-torch's ``TorchForce`` running the scripted ``OpenMMWrapper`` in C++ (no
+  Python in the MD loop; the model follows the platform's device, e.g. CUDA).
+* ``"python"``: OpenMM's ``PythonForce`` (OpenMM >= 8.5) calling the same wrapper from Python on
+  the device you choose; works whatever torch version is installed.
+
+``backend="auto"`` takes TorchForce where openmm-torch can run (it imports, and torch < 2.10: the
+openmm-torch 1.5 wheels are built against torch 2.9 and crash with later ones), else PythonForce,
+and says so once.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..export import ExportedModel, as_exported, load_library
+from .wrapper import OpenMMWrapper
+
+__all__ = ["create_force", "backend_status", "select_backend", "repair_torch_plugins", "BACKENDS"]
+
+BACKENDS = ("torch", "python")
+_ALIASES = {"torch": "torch", "torchforce": "torch", "openmmtorch": "torch",
+            "python": "python", "pythonforce": "python"}
+_WARNED = set()
+
+
+# ---------------------------------------------------------------------------- availability
+def _torch_too_new() -> bool:
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 10)
+
+
+def backend_status(backend: str) -> Tuple[bool, str]:
+    """(usable, reason if not) for 'torch' or 'python'; imports only, no calculation (``mlpot
+    doctor`` runs real ones)."""
+    backend = _ALIASES.get(backend.lower(), backend)
+    if backend == "torch":
+        if _torch_too_new():
+            return False, (f"torch {torch.__version__} >= 2.10: the openmm-torch 1.5 wheels are "
+                           "built against torch 2.9 and crash with it (install torch 2.9.x)")
+        try:
+            import openmmtorch  # noqa: F401 - torch is imported first (it loads CUDA libraries)
+        except Exception as err:  # noqa: BLE001
+            return False, f"openmmtorch cannot be imported ({type(err).__name__}: {err})"
+        return True, ""
+    if backend == "python":
+        import openmm
+
+        if not hasattr(openmm, "PythonForce"):
+            return False, f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)"
+        return True, ""
+    raise ValueError(f"unknown backend '{backend}'; choose one of {BACKENDS} or 'auto'")
+
+
+def select_backend(backend: str = "auto") -> str:
+    """The backend to use: ``backend`` itself (checked), or for 'auto' TorchForce where it works
+    and PythonForce otherwise (with one warning saying why)."""
+    name = _ALIASES.get(backend.lower(), backend.lower())
+    if name != "auto":
+        ok, why = backend_status(name)
+        if not ok:
+            raise RuntimeError(f"mlpot.openmm: the '{name}' backend is not usable: {why}. "
+                               "Run `mlpot doctor` for a diagnosis")
+        return name
+    ok, why = backend_status("torch")
+    if ok:
+        return "torch"
+    ok_py, why_py = backend_status("python")
+    if not ok_py:
+        raise RuntimeError(f"mlpot.openmm: no OpenMM backend is usable: TorchForce: {why}; "
+                           f"PythonForce: {why_py}. Run `mlpot doctor` for a diagnosis")
+    if "fallback" not in _WARNED:
+        _WARNED.add("fallback")
+        warnings.warn(f"mlpot.openmm: using OpenMM's PythonForce because TorchForce is not "
+                      f"usable: {why}", RuntimeWarning, stacklevel=3)
+    return "python"
+
+
+# ---------------------------------------------------------------------------- PythonForce
+class PythonComputation:
+    """The function a PythonForce calls: State -> (energy kJ/mol, forces kJ/mol/nm).
+
+    Picklable (the scripted wrapper travels as bytes), so a System holding it can be saved with
+    ``XmlSerializer``.
+    """
+
+    def __init__(self, wrapper: torch.jit.ScriptModule, periodic: bool, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.wrapper = wrapper.to(self.device)
+        self.periodic = periodic
+
+    def __call__(self, state):
+        from openmm import unit
+
+        pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        pos = torch.from_numpy(np.ascontiguousarray(pos)).to(self.device)
+        box = None
+        if self.periodic:
+            box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
+            box = torch.from_numpy(np.ascontiguousarray(box)).to(self.device)
+        with torch.jit.optimized_execution(False):  # as ExportedModel (and openmm-torch) do
+            energy, forces = self.wrapper(pos, box)
+        return float(energy.detach()), forces.detach().cpu().numpy()
+
+    def __getstate__(self) -> Dict:
+        buffer = io.BytesIO()
+        torch.jit.save(self.wrapper.cpu(), buffer)
+        self.wrapper.to(self.device)
+        return {"wrapper": buffer.getvalue(), "periodic": self.periodic,
+                "device": str(self.device)}
+
+    def __setstate__(self, state: Dict) -> None:
+        load_library()
+        wrapper = torch.jit.load(io.BytesIO(state["wrapper"]), map_location="cpu")
+        self.__init__(wrapper, state["periodic"], state["device"])
+
+
+# ---------------------------------------------------------------------------- the builder
+def atom_types_of(model: ExportedModel, atomic_numbers: Sequence[int],
+                  where: str = "mlpot.openmm") -> torch.Tensor:
+    """Type indices of atoms given by atomic number (a clear error for unknown elements)."""
+    from ..data import TypeMap
+
+    return TypeMap(model.type_map).types(np.asarray(atomic_numbers, dtype=np.int64), where=where)
+
+
+def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[int]] = None,
+                 periodic: bool = False, backend: str = "auto", device: str = "cpu",
+                 force_group: int = 0):
+    """An OpenMM ``Force`` computing the model's energy on (a subset of) a System's atoms.
+
+    Args:
+        model: an exported model file, an ``ExportedModel`` or a ``Potential``.
+        atomic_numbers: atomic number of every particle of the System (or of the ML atoms
+            only, when ``atoms`` is given and has the same length).
+        atoms: indices of the ML atoms; None for all.
+        periodic: pass the box vectors to the model (periodic System).
+        backend: 'torch' (TorchForce), 'python' (PythonForce) or 'auto'.
+        device: torch device for the PythonForce backend (TorchForce follows the platform).
+        force_group: the OpenMM force group of the new force.
+    """
+    name = select_backend(backend)
+    model = as_exported(model)
+    numbers = np.asarray(atomic_numbers, dtype=np.int64)
+    subset = None if atoms is None else np.asarray(list(atoms), dtype=np.int64)
+    if subset is not None:
+        if len(set(subset.tolist())) != len(subset):
+            raise ValueError("mlpot.openmm: the ML atom indices contain duplicates")
+        if len(numbers) != len(subset):
+            numbers = numbers[subset]
+    types_ = atom_types_of(model, numbers)
+    if name == "torch":
+        indices = None if subset is None else torch.from_numpy(subset)
+        wrapper = torch.jit.script(
+            OpenMMWrapper(model.module, types_, indices, periodic, model.dtype))
+        return _torch_force(wrapper, periodic, force_group)
+    wrapper = torch.jit.script(OpenMMWrapper(model.module, types_, None, periodic, model.dtype))
+    return _python_force(wrapper, subset, periodic, device, force_group)
+
+
+def repair_torch_plugins() -> list:
+    """Load openmm-torch's OpenMM plugins that failed to load because ``openmm`` was imported
+    before ``torch`` (they need the CUDA libraries torch brings, e.g. libnvrtc). Returns the
+    libraries loaded now."""
+    import re
+
+    import openmm
+
+    repaired = []
+    for failure in openmm.Platform.getPluginLoadFailures():
+        m = re.match(r"Error loading library (\S+): (.*)", failure)
+        if not m or "Torch" not in m.group(1) or m.group(1) in _REPAIRED:
+            continue
+        try:
+            openmm.Platform.loadPluginLibrary(m.group(1))
+        except Exception:  # noqa: BLE001 - e.g. OpenCL plugin without libOpenCL: not ours
+            continue
+        _REPAIRED.add(m.group(1))
+        repaired.append(m.group(1))
+    return repaired
+
+
+_REPAIRED = set()
+
+
+def _torch_force(wrapper, periodic: bool, force_group: int):
+    import openmmtorch
+
+    repair_torch_plugins()
+    load_library()  # openmm-torch loads the module in C++: the op must be registered here
+    force = openmmtorch.TorchForce(wrapper)
+    force.setOutputsForces(True)
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setForceGroup(force_group)
+    force.setName("mlpot")
+    return force
+
+
+def _python_force(wrapper, subset, periodic: bool, device: str, force_group: int):
+    import openmm
+
+    force = openmm.PythonForce(PythonComputation(wrapper, periodic, device))
+    if subset is not None:
+        force.setParticles([int(i) for i in subset])
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setForceGroup(force_group)
+    force.setName("mlpot")
+    return force
