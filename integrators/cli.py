@@ -98,17 +98,10 @@ def _output_args(o) -> None:
 
 
 def _load_model(path: str, device: str):
-    """mlpot's exported-model loader, imported only when needed."""
-    import mlpot
+    """An exported mlpot model (imported only when needed)."""
+    from mlpot.export import load
 
-    loader = getattr(mlpot, "load", None)
-    if loader is None:
-        try:
-            from mlpot.export import load as loader
-        except ImportError as err:
-            raise RuntimeError("this mlpot has no model loader (mlpot.load) yet: use a built-in "
-                               f"potential ({', '.join(BUILTIN)}) for now") from err
-    return loader(path, device=device)
+    return load(path, device=device)
 
 
 def _forces(args, atoms, device: str):

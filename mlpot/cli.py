@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .doctor import add_doctor_parser
     from .export import add_export_parser
 
+    from integrators.cli import add_md_parser
+
     add_export_parser(sub)
     add_doctor_parser(sub)
+    add_md_parser(sub)
     return parser
 
 
