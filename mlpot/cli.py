@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from integrators.cli import add_md_parser
 
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
     add_export_parser(sub)
     add_doctor_parser(sub)
     add_md_parser(sub)

@@ -1,0 +1,205 @@
+"""``mlpot demo``: the whole workflow on the embedded silicon DFT data, in about five minutes.
+
+Train a Deep Potential on 85 % of the embedded mlearn Si frames (Zuo et al. 2020; see
+mlpot/demo_data/README.md), test it on the held-out rest, export it, and run short molecular
+dynamics of a 64-atom diamond-silicon cell at 1200 K in ASE, in OpenMM (TorchForce, or
+PythonForce where openmm-torch cannot load) and with mlpot's integrators. Everything lands in
+``--out``: model.pt, metrics.json, parity and learning-curve plots, trajectories and an RDF plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+from typing import Dict
+
+import numpy as np
+
+DEMO_MODEL = {"name": "dp_se_e2_a", "cutoff": 5.0, "dtype": "float32",
+              "hparams": {"embedding": [16, 32, 64], "axis_neuron": 8, "fitting": [64, 64, 64]}}
+
+
+def demo_data_path() -> str:
+    return str(resources.files("mlpot.demo_data").joinpath("si_mlearn.xyz"))
+
+
+def _config(out: str, minutes: float, max_frames, seed: int):
+    from .train import config_from_dict
+
+    return config_from_dict({
+        "data": {"train": demo_data_path(), "validation_fraction": 0.15, "type_map": ["Si"],
+                 "max_frames": max_frames},
+        "model": DEMO_MODEL,
+        "loss": {"energy": 1.0, "forces": 1.0, "energy_start": 0.02, "forces_start": 100.0,
+                 "stress": 0.0},
+        "optim": {"lr": 3e-3, "lr_final": 1e-5, "ema_decay": 0.99},
+        "training": {"batch_size": 2, "max_epochs": 10000, "max_time_min": minutes,
+                     "seed": seed, "out_dir": os.path.join(out, "training")},
+    })
+
+
+def _diamond_si(repeat: int = 2):
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((repeat,) * 3)
+    atoms.rattle(0.02, seed=1)
+    return atoms
+
+
+def _md_ase(model_path: str, out: str, steps: int) -> Dict[str, float]:
+    from ase import units
+    from ase.io import Trajectory
+    from ase.md.langevin import Langevin
+
+    from .ase import MLPotCalculator
+
+    atoms = _diamond_si()
+    atoms.calc = MLPotCalculator(model_path)
+    dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=1200, friction=0.02, fixcm=False)
+    traj = Trajectory(os.path.join(out, "md_ase.traj"), "w", atoms)
+    dyn.attach(traj.write, interval=10)
+    t0 = time.perf_counter()
+    dyn.run(steps)
+    traj.close()
+    return {"steps": steps, "ms_per_step": 1e3 * (time.perf_counter() - t0) / max(steps, 1),
+            "final_temperature_K": float(atoms.get_temperature())}
+
+
+def _md_openmm(model_path: str, out: str, steps: int) -> Dict[str, float]:
+    import torch  # noqa: F401  (first: openmm-torch needs the CUDA libraries torch loads)
+    import openmm
+    from openmm import app, unit
+
+    from . import units
+    from .openmm import create_system, select_backend, topology_from_ase
+
+    atoms = _diamond_si()
+    topology = topology_from_ase(atoms)
+    backend = select_backend("auto")
+    system = create_system(model_path, topology, backend=backend)
+    integrator = openmm.LangevinMiddleIntegrator(1200 * unit.kelvin, 1 / unit.picosecond,
+                                                 1.0 * unit.femtosecond)
+    sim = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName("CPU"))
+    sim.context.setPositions(atoms.positions * units.ANGSTROM_TO_NM)
+    sim.context.setVelocitiesToTemperature(1200 * unit.kelvin, 1)
+    sim.reporters.append(app.DCDReporter(os.path.join(out, "md_openmm.dcd"), 10))
+    t0 = time.perf_counter()
+    sim.step(steps)
+    elapsed = time.perf_counter() - t0
+    energy = sim.context.getState(getEnergy=True).getPotentialEnergy()
+    return {"steps": steps, "backend": backend, "ms_per_step": 1e3 * elapsed / max(steps, 1),
+            "final_potential_eV": energy.value_in_unit(unit.kilojoule_per_mole)
+            * units.KJ_PER_MOL_TO_EV}
+
+
+def _md_integrators(model_path: str, out: str, steps: int) -> Dict[str, float]:
+    import integrators as md
+
+    from .data import TypeMap
+    from .export import load
+
+    atoms = _diamond_si()
+    model = load(model_path)
+    types = TypeMap(model.type_map).types(atoms.numbers)
+    forces = md.MLPotForces(model, types, pbc=(True, True, True), atomic_numbers=atoms.numbers)
+    state = md.state_from_ase(atoms, dtype=torch_dtype(model))
+    state = md.initialize_velocities(state, 1200.0)
+    thermo = os.path.join(out, "md_integrators.csv")
+    traj = os.path.join(out, "md_integrators.dcd")
+    reporters = [md.ThermoCSV(thermo, 10), md.TrajectoryReporter(traj, 10)]
+    t0 = time.perf_counter()
+    final = md.simulate(state, md.Langevin(timestep_fs=1.0, temperature_K=1200.0,
+                                           friction_per_fs=0.02),
+                        forces, steps, reporters, last_good_path=os.path.join(out, "last_good.xyz"))
+    return {"steps": steps, "ms_per_step": 1e3 * (time.perf_counter() - t0) / max(steps, 1),
+            "final_temperature_K": float(md.temperature_K(final)[0]), "trajectory": traj}
+
+
+def torch_dtype(model):
+    import torch
+
+    return torch.float64 if "64" in str(model.dtype) else torch.float32
+
+
+def rdf_plot(traj_path: str, topology_atoms, path: str, r_max: float = 5.0) -> Dict[str, float]:
+    """g(r) of the trajectory (mdtraj reads it), plotted to ``path``; returns the first peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mdtraj
+
+    from integrators.reporters import mdtraj_topology
+
+    traj = mdtraj.load(traj_path, top=mdtraj_topology(topology_atoms.numbers))
+    pairs = traj.topology.select_pairs("all", "all")
+    r, g = mdtraj.compute_rdf(traj, pairs, r_range=(0.15, r_max / 10), n_bins=120)
+    r = r * 10  # nm -> A
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(r, g)
+    ax.set_xlabel("r (A)")
+    ax.set_ylabel("g(r)")
+    ax.set_title(f"Si at 1200 K, mlpot integrators ({traj.n_frames} frames)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"frames": int(traj.n_frames), "first_peak_A": float(r[int(np.argmax(g))])}
+
+
+def run_demo(out: str = "mlpot-demo", minutes: float = 4.0, md_steps: int = 200,
+             max_frames=None, seed: int = 0) -> Dict:
+    from .export import export
+    from .train import Trainer
+    from .train.trainer import finalize
+
+    os.makedirs(out, exist_ok=True)
+    print(f"[1/5] training a Deep Potential on the embedded Si data for {minutes:g} min "
+          f"(data: {demo_data_path()})")
+    trainer = Trainer(_config(out, minutes, max_frames, seed))
+    trainer.fit(resume=os.path.exists(os.path.join(out, "training", "last.pt")))
+    results = finalize(trainer)
+    print("[2/5] exporting model.pt")
+    model_path = export(os.path.join(out, "training", "best.pt"), os.path.join(out, "model.pt"),
+                        training_data_hash=trainer.data.data_hash)
+    print(f"[3/5] {md_steps} steps of MD in ASE (Langevin, 1200 K)")
+    md = {"ase": _md_ase(model_path, out, md_steps)}
+    print(f"[4/5] {md_steps} steps of MD in OpenMM")
+    md["openmm"] = _md_openmm(model_path, out, md_steps)
+    print(f"[5/5] {md_steps} steps of MD with mlpot's integrators, and the RDF")
+    md["integrators"] = _md_integrators(model_path, out, md_steps)
+    md["rdf"] = rdf_plot(md["integrators"]["trajectory"], _diamond_si(),
+                         os.path.join(out, "rdf.png"))
+    summary = {"data": demo_data_path(), "model": DEMO_MODEL, "validation": results["validation"],
+               "train_time_s": results["train_time_s"], "epochs": results["epochs"], "md": md}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    for name in ("parity.png", "learning_curve.png"):
+        src = os.path.join(out, "training", name)
+        if os.path.exists(src):
+            os.replace(src, os.path.join(out, name))
+    _print_summary(out, summary)
+    return summary
+
+
+def _print_summary(out: str, s: Dict) -> None:
+    v = s["validation"]
+    print("\nmlpot demo: done")
+    print(f"  held-out frames: {v.get('frames', 0):.0f}; energy RMSE "
+          f"{v.get('energy_rmse_meV_per_atom', float('nan')):.2f} meV/atom, force RMSE "
+          f"{v.get('forces_rmse_meV_per_A', float('nan')):.1f} meV/A")
+    for k in ("ase", "openmm", "integrators"):
+        print(f"  MD {k:<12} {s['md'][k]['ms_per_step']:.1f} ms/step")
+    print(f"  RDF first peak at {s['md']['rdf']['first_peak_A']:.2f} A (diamond Si: 2.35 A)")
+    print(f"  files in {out}/: model.pt, metrics.json, parity.png, learning_curve.png, rdf.png, "
+          "md_ase.traj, md_openmm.dcd, md_integrators.dcd, md_integrators.csv, training/")
+
+
+def add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="train, test, export and run MD on the embedded Si "
+                              "DFT data (about 5 minutes)")
+    p.add_argument("--out", default="mlpot-demo", help="report folder (default mlpot-demo)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget (default 4)")
+    p.add_argument("--md-steps", type=int, default=200, help="steps of each MD run")
+    p.add_argument("--max-frames", type=int, default=None, help="use only the first frames")
+    p.set_defaults(func=lambda a: (run_demo(a.out, a.minutes, a.md_steps, a.max_frames), 0)[1])

@@ -1,0 +1,1 @@
+"""Embedded demo data (see README.md here)."""
