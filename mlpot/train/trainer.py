@@ -169,16 +169,16 @@ class Trainer:
             raise ConfigError(f"{self.out_dir} already holds a run (last.pt); use --resume to "
                               "continue it, or choose another training.out_dir")
         self._write_config()
-        bar = _progress_bar(self.cfg, self.epoch)
+        bar = _progress_bar(self.cfg, self.progress())
         metrics: Dict[str, float] = {}
         while not self.done():
             train_metrics = self.train_epoch()
             self.epoch += 1
             if self.epoch % self.cfg.training.eval_every == 0 or self.done():
                 metrics = self.after_validation(train_metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(_short(metrics))
+            if bar is not None:  # progress in % of the run (epochs or wall time), with ETA
+                bar.n = round(100 * self.progress(), 1)
+                bar.set_postfix_str(f"epoch {self.epoch} " + _short(metrics))
         if bar is not None:
             bar.close()
         return metrics
@@ -308,13 +308,13 @@ def _set_rng_state(state: Dict, generator: torch.Generator) -> None:
     generator.set_state(state["loader"])
 
 
-def _progress_bar(cfg: Config, start: int):
+def _progress_bar(cfg: Config, start: float):
     if not cfg.training.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.training.max_epochs, initial=start, unit="epoch", desc="training",
-                dynamic_ncols=True)
+    return tqdm(total=100, initial=round(100 * start, 1), unit="%", desc="training",
+                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
 
 
 def _short(m: Dict[str, float]) -> str:

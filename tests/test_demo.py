@@ -1,0 +1,42 @@
+"""The main job, `mlpot demo`, with a reduced budget: outputs exist, metrics are finite and beat a
+model that predicts the mean, and the trajectory is readable by mdtraj."""
+import json
+
+import mdtraj
+import numpy as np
+import pytest
+from ase.io import read
+
+from mlpot.cli import main as cli
+from mlpot.demo import _diamond_si, demo_data_path
+from integrators.reporters import mdtraj_topology
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli(["demo", "--out", str(out), "--minutes", "0.6", "--md-steps", "20",
+                "--max-frames", "40"]) == 0
+    return out
+
+
+def test_demo_writes_the_report(demo):
+    for name in ("model.pt", "metrics.json", "parity.png", "learning_curve.png", "rdf.png",
+                 "md_ase.traj", "md_openmm.dcd", "md_integrators.dcd", "md_integrators.csv"):
+        assert (demo / name).exists(), name
+    traj = mdtraj.load(str(demo / "md_integrators.dcd"), top=mdtraj_topology(_diamond_si().numbers))
+    assert traj.n_frames == 3 and traj.n_atoms == 64
+
+
+def test_demo_metrics_beat_predicting_the_mean(demo):
+    m = json.load(open(demo / "metrics.json"))
+    v = m["validation"]
+    assert np.isfinite(v["energy_rmse_meV_per_atom"]) and np.isfinite(v["forces_rmse_meV_per_A"])
+    frames = read(demo_data_path(), ":40")
+    forces = np.concatenate([a.arrays["REF_forces"].ravel() for a in frames])
+    per_atom = np.array([a.info["REF_energy"] / len(a) for a in frames])
+    assert v["forces_rmse_meV_per_A"] < 1e3 * np.sqrt((forces ** 2).mean())
+    assert v["energy_rmse_meV_per_atom"] < 1e3 * per_atom.std()
+    for engine in ("ase", "openmm", "integrators"):
+        assert m["md"][engine]["steps"] == 20
+    assert np.isfinite(m["md"]["openmm"]["final_potential_eV"])
