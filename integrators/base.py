@@ -83,12 +83,17 @@ class Integrator:
     def with_stress(self) -> bool:
         return bool(self.compute_stress or self.needs_stress)
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if not name.startswith("_"):  # a parameter changed (e.g. to anneal): forget constants
+            self.__dict__.pop("_cache", None)
+
     def _cached(self, name: str, state: MDState, make: Callable[[], Tensor], *key) -> Tensor:
         """A per-step constant (k_B T, noise amplitudes...) computed once per parameters, shape,
-        device and dtype (parameters may be changed between runs, e.g. to anneal)."""
+        device and dtype."""
         cache = self.__dict__.setdefault("_cache", {})
-        full = (name, repr(self.params()), state.n_replicas, state.n_atoms, state.dof,
-                str(state.device), state.dtype) + key
+        full = (name, state.n_replicas, state.n_atoms, state.dof, state.device,
+                state.dtype) + key
         if full not in cache:
             if len(cache) > 64:
                 cache.clear()
