@@ -83,7 +83,6 @@ class TrainingConfig:
     out_dir: str = "mlpot-run"
     eval_every: int = 1                         # epochs between validations
     progress: bool = True
-    tensorboard: bool = False
 
 
 @dataclass
