@@ -1,0 +1,199 @@
+"""NequIP: an E(3)-equivariant message-passing potential, with MACE's higher body-order messages
+as an option.
+
+Batzner et al., "E(3)-equivariant graph neural networks for data-efficient and accurate
+interatomic potentials", Nat. Commun. 13, 2453 (2022); product basis: Batatia et al., "MACE:
+Higher order equivariant message passing neural networks for fast and accurate force fields",
+NeurIPS 2022. Clebsch-Gordan coefficients and spherical harmonics come from e3nn
+(Geiger & Smidt, arXiv:2207.09453).
+
+Symbols (code names in brackets), for a pair i <- j with vector r_ij = x_j - x_i + S cell:
+
+    Y_ij   = Y^{l}(r_ij / |r_ij|) u(|r_ij|) / n_avg,  l = 0..l_max   [y]  (component-normalised
+             real spherical harmonics; u the polynomial envelope with p = cutoff_p; n_avg the
+             average neighbor count, so the sums below are means)
+    e_ij   = Bessel basis sin(n pi r / r_c) / r, n = 1..num_basis        [basis]
+    h_i^0  = W_emb onehot(t_i)  (C scalars, 0e)                          [h]
+  each layer k (NequIP's interaction block):
+    x_i    = W_pre h_i  (per irrep, a channel mixing)
+    A_i^{path} = sum_j R^k_{path}(e_ij) (x_j (x) Y_ij)^{path}           PathConvolution
+             paths (l1 p1) x (l2 (-1)^l2) -> (l3 p3), R^k an MLP per layer (radial_mlp widths)
+    [correlation > 1: MACE's product basis on the mixed A of natural parity, l <= l_max:
+     B_i = sum_{nu <= correlation} W^nu_{t_i} U^nu (A_i)^(x)nu   SymmetricContraction]
+    h_i^{k+1} = Gate( W_post A_i (or B_i) + S_{t_i} h_i^k )           (self-connection S per type)
+  E_i = MLP(h_i^{L, 0e})  [readout]
+
+Feature irreps: l = 0..feature_l_max (default l_max), with both parities when ``parity``
+(NequIP's O(3) features, e.g. 0e+0o+1o+1e+2e+2o) or the natural one only ((-1)^l: 0e+1o+2e, only
+paths with l1+l2+l3 even). The last layer computes only what the energy needs (0e). Every
+message carries u(r), which vanishes with two derivatives at r_c: energies and forces are
+continuous as atoms cross the cutoff.
+
+Defaults: 32 channels, l_max 2, 3 layers, 8 trainable Bessel functions, radial MLP 64-64,
+p = 6 (NequIP's published settings, with 3 layers for speed); correlation 1 (NequIP). MACE-like:
+``feature_l_max=0, l_max=3, correlation=3, num_layers=2, num_features=64, radial_mlp=[64,64,64],
+cutoff_p=5``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..nn import MLP, BesselBasis, polynomial_cutoff
+from ..nn.equivariant import (Gate, Irrep, IrrepsLinear, PathConvolution, SymmetricContraction,
+                              gate_widths, irreps_up_to)
+
+
+class _Skip(nn.Module):
+    """Stands in for a missing ``IrrepsLinear`` (returns x)."""
+
+    def forward(self, x: List[torch.Tensor], h: List[torch.Tensor], onehot: torch.Tensor
+                ) -> List[torch.Tensor]:
+        return x
+
+
+class _NoProduct(nn.Module):
+    """Stands in for the product basis when correlation is 1 (returns a)."""
+
+    def forward(self, a: List[torch.Tensor], atom_types: torch.Tensor) -> List[torch.Tensor]:
+        return a
+
+
+class InteractionLayer(nn.Module):
+    """One NequIP interaction block (with MACE's product basis when correlation > 1)."""
+
+    def __init__(self, irreps_in: List[Irrep], targets: List[Irrep], l_max: int, channels: int,
+                 num_types: int, radial_widths: List[int], correlation: int, first: bool):
+        super().__init__()
+        c = channels
+        n_in = len(irreps_in)
+        self.pre = _Skip() if first else IrrepsLinear(irreps_in, [c] * n_in, [c] * n_in, [], c,
+                                                     num_types)
+        self.mix_a: nn.Module = _Skip()
+        self.product: nn.Module = _NoProduct()
+        if correlation == 1:
+            self.conv = PathConvolution(irreps_in, l_max, targets)
+            irreps_out = self.conv.irreps_out
+            fan_in = [c * n for n in self.conv.paths_per_output]
+        else:
+            self.conv = PathConvolution(irreps_in, l_max, irreps_up_to(l_max, False))
+            a_irreps = self.conv.irreps_out
+            self.mix_a = IrrepsLinear(a_irreps, [c * n for n in self.conv.paths_per_output],
+                                      [c] * len(a_irreps), [], c, num_types)
+            self.product = SymmetricContraction(a_irreps, targets, correlation, c, num_types)
+            irreps_out = self.product.irreps_out
+            fan_in = [c] * len(irreps_out)
+        self.irreps_out = irreps_out
+        self.num_paths = self.conv.num_paths
+        self.channels = c
+        self.radial = MLP(list(radial_widths) + [self.num_paths * c])
+        self.post = IrrepsLinear(irreps_out, fan_in, gate_widths(irreps_out, c), irreps_in, c,
+                                 num_types)
+        self.gate = Gate(irreps_out, c)
+
+    def forward(self, h: List[torch.Tensor], y: torch.Tensor, basis: torch.Tensor,
+                centre: torch.Tensor, neighbor: torch.Tensor, onehot: torch.Tensor,
+                atom_types: torch.Tensor) -> List[torch.Tensor]:
+        x = self.pre(h, h, onehot)
+        w = self.radial(basis).view(basis.shape[0], self.num_paths, self.channels)  # [P, paths, C]
+        a = self.conv(x, y, w, centre, neighbor)  # [N, 2l+1, paths(o) * C] per output irrep
+        a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
+        return self.gate(self.post(a, h, onehot))
+
+
+class NequIP(nn.Module):
+    """Per-atom energies of an equivariant interatomic potential (see the module docstring)."""
+
+    DEFAULTS: Dict = {
+        "num_features": 32,        # channels C of every irrep
+        "l_max": 2,                # spherical harmonics / messages up to l_max
+        "feature_l_max": None,     # hidden features up to this l (None: l_max)
+        "parity": True,            # both parities in the hidden features (O(3) as NequIP)
+        "num_layers": 3,
+        "num_basis": 8,            # Bessel functions
+        "trainable_basis": True,   # Bessel frequencies trained (NequIP)
+        "radial_mlp": [64, 64],    # hidden widths of each layer's radial MLP
+        "cutoff_p": 6.0,           # polynomial envelope exponent
+        "correlation": 1,          # 1: NequIP; 2 or 3: MACE product basis (body order + 1)
+        "avg_num_neighbors": None,  # None: fitted by fit_statistics (estimate until then)
+        "readout_hidden": 16,
+    }
+    DEFAULT_CUTOFF = 5.0
+
+    def __init__(self, num_types: int, cutoff: float, **hparams):
+        super().__init__()
+        hp = dict(self.DEFAULTS)
+        hp.update(hparams)
+        c, l_max = int(hp["num_features"]), int(hp["l_max"])
+        f_l_max = l_max if hp["feature_l_max"] is None else int(hp["feature_l_max"])
+        if l_max < 0 or f_l_max < 0 or hp["num_layers"] < 1:
+            raise ValueError("l_max, feature_l_max must be >= 0 and num_layers >= 1")
+        if hp["correlation"] not in (1, 2, 3):
+            raise ValueError(f"correlation must be 1, 2 or 3, got {hp['correlation']}")
+        self.num_types = num_types
+        self.cutoff = float(cutoff)
+        self.cutoff_p = float(hp["cutoff_p"])
+        self.l_max = l_max
+        self.basis = BesselBasis(self.cutoff, int(hp["num_basis"]), bool(hp["trainable_basis"]))
+        self.embedding = nn.Parameter(torch.randn(num_types, c))
+        hidden = irreps_up_to(f_l_max, bool(hp["parity"]))
+        irreps: List[Irrep] = [(0, 1)]
+        layers = []
+        self.layer_irreps: List[List[Irrep]] = []
+        for k in range(int(hp["num_layers"])):
+            last = k == int(hp["num_layers"]) - 1
+            layer = InteractionLayer(irreps, [(0, 1)] if last else hidden, l_max, c, num_types,
+                                     [int(hp["num_basis"])] + list(hp["radial_mlp"]),
+                                     int(hp["correlation"]), k == 0)
+            layers.append(layer)
+            irreps = layer.irreps_out
+            self.layer_irreps.append(irreps)
+        self.layers = nn.ModuleList(layers)
+        self.readout = MLP([c, int(hp["readout_hidden"]), 1])
+        self.fixed_avg = hp["avg_num_neighbors"] is not None
+        avg = float(hp["avg_num_neighbors"]) if self.fixed_avg \
+            else 0.1 * 4.0 / 3.0 * math.pi * self.cutoff ** 3  # ~condensed matter, 0.1 atoms/A^3
+        self.register_buffer("avg_num_neighbors", torch.tensor(avg))
+        from e3nn import o3
+
+        self.sh = o3.SphericalHarmonics(list(range(l_max + 1)), normalize=False,
+                                        normalization="component")
+
+    def edge_terms(self, edge_vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Y u / n_avg [P, (l_max+1)^2], Bessel basis [P, num_basis])."""
+        r = torch.linalg.norm(edge_vectors, dim=1)  # [P]
+        y = self.sh(edge_vectors / r.unsqueeze(1))  # [P, (l_max+1)^2]
+        envelope = polynomial_cutoff(r, self.cutoff, self.cutoff_p) / self.avg_num_neighbors
+        return y * envelope.unsqueeze(1), self.basis(r)
+
+    def features(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
+                 edge_vectors: torch.Tensor) -> List[List[torch.Tensor]]:
+        """The features after each layer: per layer a list over ``layer_irreps[k]`` of
+        [N, 2l+1, C] tensors."""
+        centre, neighbor = edge_index[0], edge_index[1]
+        y, basis = self.edge_terms(edge_vectors)
+        onehot = nn.functional.one_hot(atom_types, self.num_types).to(y.dtype)  # [N, T]
+        h = [torch.matmul(onehot, self.embedding).unsqueeze(1)]  # [N, 1, C]
+        out: List[List[torch.Tensor]] = []
+        for layer in self.layers:
+            h = layer(h, y, basis, centre, neighbor, onehot, atom_types)
+            out.append(h)
+        return out
+
+    def forward(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
+                edge_vectors: torch.Tensor) -> torch.Tensor:
+        h = self.features(atom_types, edge_index, edge_vectors)[-1][0]  # [N, 1, C]
+        return self.readout(h.squeeze(1)).squeeze(1)  # [N]
+
+    @torch.jit.unused
+    def fit_statistics(self, samples) -> None:
+        """n_avg = mean number of neighbors per atom over the training structures (unless the
+        hyperparameter fixes it)."""
+        if self.fixed_avg or not samples:
+            return
+        pairs = sum(int(s[1].shape[1]) for s in samples)
+        atoms = sum(int(s[0].shape[0]) for s in samples)
+        self.avg_num_neighbors.fill_(max(pairs / max(atoms, 1), 1.0))
