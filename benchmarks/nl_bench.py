@@ -67,6 +67,16 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 
 from common import dump, machine_info, timeit, wait_quiet, water_box  # noqa: E402
 
+try:
+    from common import _TICK, _cpu_jiffies  # noqa: E402  (machine-wide busy/steal jiffies)
+except ImportError:  # an older common.py: read /proc/stat here
+    _TICK = os.sysconf("SC_CLK_TCK")
+
+    def _cpu_jiffies():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[0] + v[1] + v[2] + v[5] + v[6], v[7]
+
 SIZES = [7, 15, 32]  # water_box(n): 3 n^3 atoms -> 1029, 10125, 98304
 CUTOFFS = [5.0, 6.0]
 SLOW_TOOLS_MAX_N = 11000  # ase and the pure-PyTorch fallback only up to ~10k atoms
@@ -203,7 +213,8 @@ def time_interleaved(tools, min_rounds, max_rounds, target_s):
 
     One untimed warm-up call per tool (its result is kept for the pair check), then rounds of one
     timed call per tool, alternating forward and reverse order. Each call is timed with the shared
-    ``timeit`` (repeat=1). Returns (per-tool timing summaries, per-tool list of call times,
+    ``timeit`` (repeat=1); ``other_load`` (cores used by other processes) is that of the whole
+    block, the same for every tool in it. Returns (per-tool timing summaries, per-tool list of call times,
     results).
     """
     names = list(tools)
@@ -214,9 +225,17 @@ def time_interleaved(tools, min_rounds, max_rounds, target_s):
         first[name] = time.perf_counter() - t0
     rounds = int(np.clip(np.ceil(target_s / max(max(first.values()), 1e-6)), min_rounds, max_rounds))
     calls = {name: [] for name in names}
+    # Contention is measured over the whole block: per call it would be swamped by the 10 ms
+    # granularity of /proc/stat for the millisecond-scale calls.
+    b0, s0 = _cpu_jiffies()
+    c0, w0 = time.process_time(), time.perf_counter()
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             calls[name].append(timeit(tools[name], warmup=0, repeat=1))
+    b1, s1 = _cpu_jiffies()
+    cpu, wall_block = time.process_time() - c0, time.perf_counter() - w0
+    other = round(max(0.0, (b1 - b0) / _TICK - cpu) / wall_block, 2)
+    steal = round((s1 - s0) / _TICK / wall_block, 2)
     summary = {}
     for name, cs in calls.items():
         ts = [c["median_s"] for c in cs]
@@ -224,8 +243,7 @@ def time_interleaved(tools, min_rounds, max_rounds, target_s):
         summary[name] = {
             "median_s": statistics.median(ts), "min_s": min(ts), "n": len(ts),
             "cpu_ratio": sum(c["cpu_ratio"] * t for c, t in zip(cs, ts)) / wall,
-            "other_load": round(sum(c["other_load"] * t for c, t in zip(cs, ts)) / wall, 2),
-            "steal": round(sum(c["steal"] * t for c, t in zip(cs, ts)) / wall, 2),
+            "other_load": other, "steal": steal,  # of the whole interleaved block
         }
     return summary, {n: [c["median_s"] for c in cs] for n, cs in calls.items()}, results
 
