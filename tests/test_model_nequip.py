@@ -120,7 +120,7 @@ def test_convolution_equals_e3nn_tensor_product():
     centre, neighbor = torch.randint(0, n, (n_pairs,)), torch.randint(0, n, (n_pairs,))
     y = o3.spherical_harmonics([0, 1, 2], torch.randn(n_pairs, 3, dtype=torch.float64), True)
     w = torch.randn(n_pairs, conv.num_paths, c, dtype=torch.float64)
-    got = conv(h, y, w, centre, neighbor)
+    got = conv(h, y, list(w.split(conv.group_paths, dim=1)), centre, neighbor)
 
     ir1 = o3.Irreps("+".join(f"{c}x{irrep_name(ir)}" for ir in irreps_in))
     ir_out = o3.Irreps("+".join(f"{c}x{irrep_name(conv.irreps_out[k])}"

@@ -89,7 +89,11 @@ class InteractionLayer(nn.Module):
         self.irreps_out = irreps_out
         self.num_paths = self.conv.num_paths
         self.channels = c
-        self.radial = MLP(list(radial_widths) + [self.num_paths * c])
+        # the radial MLP R^k: hidden layers, then its last Linear split by path group
+        self.radial_hidden = MLP(list(radial_widths)) if len(radial_widths) > 1 else nn.Identity()
+        self.radial_act = nn.SiLU() if len(radial_widths) > 1 else nn.Identity()
+        self.radial_out = nn.ModuleList([nn.Linear(radial_widths[-1], n * c)
+                                         for n in self.conv.group_paths])
         self.post = IrrepsLinear(irreps_out, fan_in, gate_widths(irreps_out, c), irreps_in, c,
                                  num_types)
         self.gate = Gate(irreps_out, c)
@@ -98,7 +102,8 @@ class InteractionLayer(nn.Module):
                 centre: torch.Tensor, neighbor: torch.Tensor, onehot: torch.Tensor,
                 atom_types: torch.Tensor) -> List[torch.Tensor]:
         x = self.pre(h, h, onehot)
-        w = self.radial(basis).view(basis.shape[0], self.num_paths, self.channels)  # [P, paths, C]
+        r = self.radial_act(self.radial_hidden(basis))  # [P, H]
+        w = [lin(r) for lin in self.radial_out]  # [P, n_p * C] per path group
         a = self.conv(x, y, w, centre, neighbor)  # [N, 2l+1, paths(o) * C] per output irrep
         a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
         return self.gate(self.post(a, h, onehot))

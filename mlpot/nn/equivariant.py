@@ -100,8 +100,12 @@ class PathConvolution(nn.Module):
     ``bmm`` in blocks small enough (output < 3 kB per edge) for the BLAS fast path for small
     matrices: there, larger per-edge matrices ran 5-15 times slower (torch 2.9, x86).
 
-    forward(h: list [N, 2l1+1, C], y [P, (l_max+1)^2], weights [P, num_paths, C], centre, neighbor)
+    forward(h: list [N, 2l1+1, C], y [P, (l_max+1)^2], weights: list over groups [P, n_p, C]
+    (``group_paths`` paths each, in the order of ``paths``), centre [P], neighbor [P])
       -> list over ``irreps_out`` of [N, 2l3+1, n_paths(o) * C].
+    Weights come per group so that no edge tensor is larger than needed: on CPUs, blocks above
+    glibc's 32 MB mmap threshold are fresh pages at every call, and page faults cost more than
+    the arithmetic.
     """
 
     def __init__(self, irreps_in: List[Irrep], sh_l_max: int, targets: List[Irrep]):
@@ -126,6 +130,7 @@ class PathConvolution(nn.Module):
         self.g_d1 = [2 * irreps_in[i][0] + 1 for _, i in groups]
         self.g_d3 = [2 * l3 + 1 for l3, _ in groups]
         self.g_paths = [sum(1 for i, _, k in self.paths if (out[k][0], i) == g) for g in groups]
+        self.group_paths = self.g_paths
         cgs = []
         for (l3, i), n_p in zip(groups, self.g_paths):
             l1 = irreps_in[i][0]
@@ -148,12 +153,11 @@ class PathConvolution(nn.Module):
                for q, (_, _, k) in enumerate(self.paths) if k == o]
         self.register_buffer("picks", torch.tensor(pos, dtype=torch.long))
 
-    def forward(self, h: List[torch.Tensor], y: torch.Tensor, weights: torch.Tensor,
+    def forward(self, h: List[torch.Tensor], y: torch.Tensor, weights: List[torch.Tensor],
                 centre: torch.Tensor, neighbor: torch.Tensor) -> List[torch.Tensor]:
         n_atoms, n_pairs, c = h[0].shape[0], y.shape[0], h[0].shape[2]
         zs = torch.matmul(y, self.cg).split(
             [a * b * d for a, b, d in zip(self.g_d3, self.g_paths, self.g_d1)], dim=1)
-        ws = weights.split(self.g_paths, dim=1)  # [P, n_p, C] per group
         # 2-D index_select / index_add_ (rows of contiguous memory) are the fast paths
         x_j = [h[i].reshape(n_atoms, -1).index_select(0, neighbor)
                .view(n_pairs, h[i].shape[1], c) for i in self.used_inputs]  # [P, d1, C]
@@ -162,7 +166,7 @@ class PathConvolution(nn.Module):
         node: List[torch.Tensor] = []
         for g in range(len(self.g_in)):
             n_p, d3, d1 = self.g_paths[g], self.g_d3[g], self.g_d1[g]
-            w = ws[g].unsqueeze(1)  # [P, 1, n_p, C]
+            w = weights[g].view(n_pairs, 1, n_p, c)  # [P, 1, n_p, C]
             x = x_j[self.g_in[g]]  # [P, d1, C]
             z = zs[g].view(n_pairs, d3 * n_p, d1)  # [P, (m3, path), d1]
             parts: List[torch.Tensor] = []
