@@ -343,7 +343,8 @@ class SymmetricContraction(nn.Module):
 
     evaluated as a Horner scheme (highest order first, one index contracted per step):
         X = (U^corr W^corr_{t_i}) . A,   X = (X + U^{nu} W^{nu}_{t_i}) . A  for nu = corr-1 .. 1.
-    The first step depends on the species through a full tensor; it runs as one bmm per species.
+    Each species' atoms go through the scheme together (the first step is one bmm), so the
+    [C, d_out D^(corr-1), N] intermediates are never gathered per atom.
 
     forward(a: list over input irreps [N, 2l+1, C], atom_types [N]) -> list over outputs
     [N, 2L+1, C]. ``irreps_out`` keeps only outputs with a nonzero basis.
@@ -386,30 +387,30 @@ class SymmetricContraction(nn.Module):
             off += u.shape[1]
         return torch.cat(blocks).flatten(1)
 
-    def _weighted(self, nu: int) -> torch.Tensor:
-        """U^nu W^nu as [C, T, d_out * D**nu]."""
+    def _weighted(self, nu: int, t: int) -> torch.Tensor:
+        """sum_k W^nu_{t,k,c} U^nu_k for species t: [C, d_out * D**nu]."""
         u, w = (self.u1, self.w1) if nu == 1 else (self.u2, self.w2) if nu == 2 \
             else (self.u3, self.w3)
-        tw = torch.matmul(u.t(), w.transpose(0, 1).reshape(u.shape[0], -1))  # [Q, T*C]
-        return tw.view(u.shape[1], self.num_types, -1).permute(2, 1, 0)  # [C, T, Q]
+        return torch.matmul(w[t].t(), u)  # [C, K] @ [K, Q]
 
     def forward(self, a: List[torch.Tensor], atom_types: torch.Tensor) -> List[torch.Tensor]:
         n = atom_types.shape[0]
-        a_c = torch.cat(a, dim=1).permute(2, 1, 0).contiguous()  # [C, D, N]
+        a_c = torch.cat(a, dim=1).permute(2, 1, 0)  # [C, D, N]
         c, d = a_c.shape[0], self.dim
-        top = self._weighted(self.correlation)  # [C, T, d_out * D**corr]
-        q = top.shape[2] // d
-        x = torch.zeros(c, q, n, dtype=a_c.dtype, device=a_c.device)
-        for t in range(self.num_types):
+        b = torch.zeros(c, self.d_out, n, dtype=a_c.dtype, device=a_c.device)
+        for t in range(self.num_types):  # the Horner scheme on the atoms of each species
             idx = (atom_types == t).nonzero().squeeze(1)
-            xt = torch.bmm(top[:, t].reshape(c, q, d), a_c.index_select(2, idx))  # [C, Q, N_t]
-            x = x.index_copy(2, idx, xt)
-        for nu in range(self.correlation - 1, 0, -1):
-            x = x + self._weighted(nu).index_select(1, atom_types).transpose(1, 2)  # [C, Q, N]
-            q = x.shape[1] // d
-            x = (x.view(c, q, d, n) * a_c.unsqueeze(1)).sum(2)  # [C, Q / D, N]
-        b = x.permute(2, 1, 0)  # [N, d_out, C]
-        return list(b.split(self.out_dims, dim=1))
+            if idx.shape[0] == 0:
+                continue
+            a_t = a_c.index_select(2, idx)  # [C, D, N_t]
+            top = self._weighted(self.correlation, t)  # [C, Q * D]
+            x = torch.bmm(top.view(c, top.shape[1] // d, d), a_t)  # [C, Q, N_t]
+            for nu in range(self.correlation - 1, 0, -1):
+                x = x + self._weighted(nu, t).unsqueeze(2)  # [C, Q, N_t]
+                x = (x.view(c, x.shape[1] // d, d, idx.shape[0])
+                     * a_t.unsqueeze(1)).sum(2)  # [C, Q/D, N_t]
+            b = b.index_copy(2, idx, x)  # [C, d_out, N]
+        return list(b.permute(2, 1, 0).split(self.out_dims, dim=1))  # [N, 2L+1, C] each
 
 
 def rotate_features(h: List[torch.Tensor], irreps: List[Irrep], rotation: torch.Tensor
