@@ -19,7 +19,7 @@ Tools (names as in the table):
 Set-up and run (from the repository root):
   bash /work/shared/bench/setup_venv.sh                  # makes /tmp/peers (~3 min)
   /tmp/peers/bin/pip install --no-deps -e .              # mlpot into the peer venv
-  /tmp/peers/bin/python benchmarks/nl_bench.py [--quick] [--rounds R] [--tools mlpot,vesin,...]
+  /tmp/peers/bin/python benchmarks/nl_bench.py [--quick] [--rounds R] [--max-wait S] [--tools ...]
 
 --quick: ~1k and ~10k atoms only (JSON goes to results/nl_bench_quick.json).
 Timing: the machine is shared, so the fast tools (mlpot, vesin, vesin.torch, matscipy) are
