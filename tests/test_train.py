@@ -163,3 +163,29 @@ def test_cli_train_and_test(tmp_path, data_file, capsys):
     (tmp_path / "typo.yaml").write_text("data:\n  train: x.xyz\ntraining:\n  epochs: 3\n")
     assert cli(["train", str(tmp_path / "typo.yaml")]) == 2
     assert "unknown key 'epochs'" in capsys.readouterr().err
+
+
+SMALL_MODELS = {
+    "dp_se_e2_a": {"cutoff": 3.6, "hparams": {"embedding": [4, 8], "axis_neuron": 2,
+                                              "fitting": [8]}},
+    "egnn": {"cutoff": 3.6, "hparams": {"hidden": 8, "num_layers": 1}},
+    "nequip": {"cutoff": 3.6, "hparams": {"num_features": 4, "l_max": 2, "feature_l_max": 1,
+                                          "correlation": 3, "num_layers": 1}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODELS))
+def test_every_model_family_trains_with_ema(data_file, tmp_path, name):
+    """The weight EMA copies the model (e3nn's spherical harmonics cannot be deep-copied as they
+    are), and the EMA copy predicts what the trained weights it holds predict."""
+    cfg = config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=1,
+                                    model={"name": name, **SMALL_MODELS[name]},
+                                    optim={"lr": 5e-3, "ema_decay": 0.9}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    copy_ = __import__("copy").deepcopy(trainer.ema.module)
+    batch = next(iter(trainer.val_set.loader(2))).as_dict()
+    a = trainer.ema.module.eval()(dict(batch))
+    b = copy_.eval()(dict(batch))
+    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
+    assert np.isfinite(trainer.history[-1]["val_loss"])

@@ -49,6 +49,18 @@ class Potential(nn.Module):
     def config(self) -> Dict:
         return json.loads(self.config_json)
 
+    def __deepcopy__(self, memo):
+        """A copy rebuilt from the config (e3nn keeps TorchScript functions, which cannot be
+        deep-copied), with this model's weights, buffers and train/eval mode."""
+        from . import from_config
+
+        new = from_config(self.config)
+        new.load_state_dict(self.state_dict())
+        for p_new, p_old in zip(new.parameters(), self.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        memo[id(self)] = new
+        return new.to(self.reference_energies.device).train(self.training)
+
     def forward(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                 compute_stress: bool = False) -> Dict[str, torch.Tensor]:
         pos = data[K.POSITIONS]
