@@ -134,7 +134,13 @@ class Trainer:
             for k, v in parts.items():
                 sums["mse_" + k] = sums.get("mse_" + k, 0.0) + v
             self.elapsed_s += time.perf_counter() - t0
+            if self.time_is_up():  # stop within a step of the limit, not at the epoch's end
+                break
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def time_is_up(self) -> bool:
+        t = self.cfg.training.max_time_min
+        return bool(t) and self.elapsed_s >= 60.0 * t
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -187,7 +193,7 @@ class Trainer:
         t = self.cfg.training
         if self.epoch >= t.max_epochs:
             return True
-        if t.max_time_min and self.elapsed_s >= 60.0 * t.max_time_min:
+        if self.time_is_up():
             return True
         return bool(t.early_stopping_patience) and self.epochs_since_best >= t.early_stopping_patience
 

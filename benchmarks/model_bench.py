@@ -1,0 +1,189 @@
+"""Energy+forces time per call of mlpot's models beside DeePMD-kit se_e2_a and MACE, in one run.
+
+Each case runs in its own process (so its peak RSS is its own), mlpot and peer cases interleaved,
+after waiting for the machine to go quiet. The peers are timed by ../shared/bench/model_worker.py
+in the peer venv (/tmp/peers, made by ../shared/bench/setup_venv.sh), mlpot by this file's worker
+mode, on the same structures (``common.water_box``: 192 and 1,536 atoms of liquid water) with the
+same timing rules (``common.timeit``: warm-ups, then the median of 5 calls, fewer for slow calls).
+
+Pairs compared (untrained models, equal hyperparameters):
+  dp_se_e2_a (DeePMD-kit's water example: rcut 6, embedding [25, 50, 100], axis 16, fitting
+      [240, 240, 240])                      vs DeePMD-kit se_e2_a raw model call (its own NL)
+  nequip at MACE "small" settings (64 channels of l=0 features, spherical harmonics to l=3,
+      correlation 3, 2 layers, r_max 5, radial MLP [64, 64, 64])   vs MACE small raw call
+mlpot's time includes its neighbor list (MACE's raw call does not: a handicap for mlpot).
+EGNN has no peer here; it is timed for the scaling table. The scaling cases time mlpot alone from
+192 to 12,288 atoms (time per atom should stay constant).
+
+    python benchmarks/model_bench.py                 # all cases (about 15 minutes)
+    python benchmarks/model_bench.py --quick         # 192 atoms only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parents[1] / "shared" / "bench"
+PEER_PY = os.environ.get("PEER_PY", "/tmp/peers/bin/python")
+SIZES = {"water192": 4, "water1536": 8, "water12288": 16}
+
+MLPOT = {
+    "dp_se_e2_a": {"cutoff": 6.0, "hparams": {}},
+    "nequip-mace-small": {"cutoff": 5.0, "hparams": {
+        "num_features": 64, "l_max": 3, "feature_l_max": 0, "correlation": 3, "num_layers": 2,
+        "radial_mlp": [64, 64, 64], "avg_num_neighbors": 40.0, "cutoff_p": 5.0}},
+    "egnn": {"cutoff": 5.0, "hparams": {}},
+}
+PEER_OF = {"dp_se_e2_a": "dp-se_e2_a", "nequip-mace-small": "mace-small"}
+
+
+# ------------------------------------------------------------------ worker (one case, own process)
+def worker(model: str, dtype: str, system: str, threads: int) -> dict:
+    sys.path.insert(0, str(BENCH))
+    import torch
+
+    torch.set_num_threads(threads)
+    from common import peak_rss_mb, reset_peak_rss, timeit, water_box  # type: ignore
+
+    from mlpot.data import AtomicData, TypeMap
+    from mlpot.models import build_model
+
+    atoms = water_box(SIZES[system])
+    spec = MLPOT[model]
+    name = "nequip" if model.startswith("nequip") else model
+    torch.manual_seed(0)
+    m = build_model(name, ["O", "H"], cutoff=spec["cutoff"], dtype=dtype, **spec["hparams"])
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    d = AtomicData.from_ase(atoms, dtype=getattr(torch, dtype))
+    d.atom_types = TypeMap(["O", "H"]).types(d.atomic_numbers.numpy())
+    inp = d.as_dict()
+
+    def call():
+        out = m(dict(inp), compute_forces=True)
+        out["forces"].sum().item()
+
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    if first < 2:
+        t = timeit(call, warmup=1, repeat=5)
+    elif first < 10:
+        t = timeit(call, warmup=0, repeat=3)
+    else:
+        t = timeit(call, warmup=0, repeat=1)
+    return {"tool": "mlpot", "model": model, "dtype": dtype, "system": system, "N": len(atoms),
+            "threads": threads, "ms": 1e3 * t["median_s"], "ms_min": 1e3 * t["min_s"],
+            "n": t["n"], "peak_rss_mb": round(peak_rss_mb()), "other_load": t["other_load"],
+            "params": sum(p.numel() for p in m.parameters())}
+
+
+# ------------------------------------------------------------------ driver
+def run_case(cmd, cwd=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
+                         env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        print("FAILED", " ".join(cmd), out.stderr[-1500:], flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def mlpot_case(model, dtype, system, threads):
+    return run_case([sys.executable, str(Path(__file__)), "--worker", model, dtype, system,
+                     str(threads)], cwd=str(HERE.parent))
+
+
+def peer_case(model, dtype, system, threads):
+    r = run_case([PEER_PY, "model_worker.py", PEER_OF[model], dtype, system, str(threads), "raw"],
+                 cwd=str(BENCH))
+    if r is None:
+        return None
+    raw = r["raw"]
+    return {"tool": "peer", "model": PEER_OF[model], "dtype": dtype, "system": system,
+            "N": r["N"], "threads": threads, "ms": raw["ms"], "ms_min": raw["ms_min"],
+            "n": raw["n"], "peak_rss_mb": raw["peak_rss_mb"], "other_load": raw["other_load"],
+            "params": r.get("params")}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", nargs=4, metavar=("MODEL", "DTYPE", "SYSTEM", "THREADS"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=str(HERE / "results" / "model_bench.json"))
+    args = p.parse_args()
+    if args.worker:
+        m, d, s, t = args.worker
+        print(json.dumps(worker(m, d, s, int(t))), flush=True)
+        return
+    sys.path.insert(0, str(BENCH))
+    from common import machine_info, wait_quiet  # type: ignore
+
+    systems = ["water192"] if args.quick else ["water192", "water1536"]
+    pairs = []
+    for model in PEER_OF:
+        for dtype in ("float32", "float64"):
+            for system in systems:
+                for threads in (2, 1):
+                    if threads == 1 and system != "water192":
+                        continue
+                    pairs.append((model, dtype, system, threads))
+    rows, compare = [], []
+    for case in pairs:
+        res = {}
+        for tool, fn in (("mlpot", mlpot_case), ("peer", peer_case)):
+            wait_quiet(limit=0.3, max_wait=300)
+            res[tool] = fn(*case)
+        rows += [r for r in res.values() if r]
+        if res["mlpot"] and res["peer"]:
+            c = {"model": case[0], "peer": PEER_OF[case[0]], "dtype": case[1],
+                 "system": case[2], "threads": case[3], "mlpot_ms": round(res["mlpot"]["ms"], 1),
+                 "peer_ms": round(res["peer"]["ms"], 1),
+                 "ratio": round(res["mlpot"]["ms"] / res["peer"]["ms"], 3),
+                 "mlpot_peak_mb": res["mlpot"]["peak_rss_mb"],
+                 "peer_peak_mb": res["peer"]["peak_rss_mb"]}
+            compare.append(c)
+            print(json.dumps(c), flush=True)
+    scaling = []
+    if not args.quick:
+        for model in MLPOT:
+            for system in SIZES:
+                wait_quiet(limit=0.3, max_wait=300)
+                r = mlpot_case(model, "float32", system, 2)
+                if r:
+                    r["us_per_atom"] = round(1e3 * r["ms"] / r["N"], 2)
+                    scaling.append(r)
+                    print(json.dumps({k: r[k] for k in ("model", "N", "ms", "us_per_atom",
+                                                        "peak_rss_mb")}), flush=True)
+    out = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "compare": compare, "scaling": scaling, "rows": rows}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(table(out))
+
+
+def table(out) -> str:
+    lines = ["| mlpot model | peer | dtype | atoms | threads | mlpot ms | peer ms | ratio | "
+             "peak MB mlpot / peer |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in out["compare"]:
+        lines.append(f"| {c['model']} | {c['peer']} | {c['dtype']} | {c['system'][5:]} | "
+                     f"{c['threads']} | {c['mlpot_ms']} | {c['peer_ms']} | {c['ratio']:.2f} | "
+                     f"{c['mlpot_peak_mb']} / {c['peer_peak_mb']} |")
+    if out["scaling"]:
+        lines += ["", "| model (float32, 2 threads) | atoms | ms | us/atom | peak MB |",
+                  "|---|---|---|---|---|"]
+        for r in out["scaling"]:
+            lines.append(f"| {r['model']} | {r['N']} | {r['ms']:.0f} | {r['us_per_atom']} | "
+                         f"{r['peak_rss_mb']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
