@@ -408,3 +408,28 @@ def test_doctor_advice_for_the_usual_failures():
     assert "pip install 'torch==2.9.*'" in advice_for("undefined symbol: _ZN3c10")
     assert "OpenMM >= 8.5" in advice_for("OpenMM 8.4 has no PythonForce")
     assert advice_for("something else entirely") == ""
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="openmm-torch cannot run here")
+@pytest.mark.parametrize("jit_optimize", [False, True])
+def test_torchforce_with_and_without_the_optimizing_executor(model_file, jit_optimize):
+    """TorchForce runs in the thread that steps OpenMM; by default mlpot switches TorchScript's
+    optimizing executor off there (faster on CPU). Either way: the same energy and forces, also
+    for a model that mlpot.load already ran (its classes must survive into openmm-torch's copy)."""
+    model, path = model_file
+    atoms = structures()["periodic water"]
+    ref = model(T.to_data(atoms, model).as_dict())
+    exported = load(path)
+    exported(T.to_data(atoms, model).as_dict())  # run once by the unoptimized executor
+    before = torch._C._get_graph_executor_optimize()
+    torch._C._set_graph_executor_optimize(True)
+    try:
+        system = mo.create_system(exported, mo.topology_from_ase(atoms), backend="torch",
+                                  jit_optimize=jit_optimize)
+        assert torch._C._get_graph_executor_optimize() == jit_optimize
+        for platform in PLATFORMS:
+            e, f = evaluate(system, atoms.positions, platform)
+            assert e == pytest.approx(float(ref[K.ENERGY][0]), abs=1e-8)
+            np.testing.assert_allclose(f, ref[K.FORCES].detach().numpy(), atol=1e-8)
+    finally:
+        torch._C._set_graph_executor_optimize(before)

@@ -12,6 +12,9 @@ and says so once.
 from __future__ import annotations
 
 import io
+import logging
+import os
+import tempfile
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -27,6 +30,7 @@ BACKENDS = ("torch", "python")
 _ALIASES = {"torch": "torch", "torchforce": "torch", "openmmtorch": "torch",
             "python": "python", "pythonforce": "python"}
 _WARNED = set()
+logger = logging.getLogger("mlpot")
 
 
 # ---------------------------------------------------------------------------- availability
@@ -131,7 +135,7 @@ def atom_types_of(model: ExportedModel, atomic_numbers: Sequence[int],
 
 def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[int]] = None,
                  periodic: bool = False, backend: str = "auto", device: str = "cpu",
-                 force_group: int = 0):
+                 force_group: int = 0, jit_optimize: bool = False):
     """An OpenMM ``Force`` computing the model's energy on (a subset of) a System's atoms.
 
     Args:
@@ -143,6 +147,12 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
         backend: 'torch' (TorchForce), 'python' (PythonForce) or 'auto'.
         device: torch device for the PythonForce backend (TorchForce follows the platform).
         force_group: the OpenMM force group of the new force.
+        jit_optimize: TorchForce only. openmm-torch calls the model in the thread that steps
+            the integrator, under TorchScript's optimizing executor, whose differentiable
+            subgraphs make these models 1.2-1.5x slower on CPU. With False (default) mlpot
+            switches that executor off for the calling thread (TorchScript modules called from
+            this thread then run unoptimized, as ``mlpot.load``'s calls always do); True
+            leaves the thread as it is.
     """
     name = select_backend(backend)
     model = as_exported(model)
@@ -156,11 +166,28 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
     types_ = atom_types_of(model, numbers)
     if name == "torch":
         indices = None if subset is None else torch.from_numpy(subset)
-        wrapper = torch.jit.script(
-            OpenMMWrapper(model.module, types_, indices, periodic, model.dtype))
-        return _torch_force(wrapper, periodic, force_group)
+        # a fresh copy of the model, wrapped and saved with the optimizer on: a module already
+        # run by the unoptimized executor (mlpot.load's calls), or scripted under it, leaves
+        # openmm-torch's copy without its submodules' methods
+        with torch.jit.optimized_execution(True):
+            buffer = io.BytesIO()
+            torch.jit.save(model.module, buffer)
+            buffer.seek(0)
+            wrapper = torch.jit.script(OpenMMWrapper(torch.jit.load(buffer), types_, indices,
+                                                     periodic, model.dtype))
+            force = _torch_force(wrapper, periodic, force_group)
+        if not jit_optimize:
+            _no_jit_optimization_in_this_thread()
+        return force
     wrapper = torch.jit.script(OpenMMWrapper(model.module, types_, None, periodic, model.dtype))
     return _python_force(wrapper, subset, periodic, device, force_group)
+
+
+def _no_jit_optimization_in_this_thread() -> None:
+    if torch._C._get_graph_executor_optimize():
+        torch._C._set_graph_executor_optimize(False)
+        logger.info("mlpot.openmm: TorchScript's optimizing executor switched off in this thread "
+                    "(faster TorchForce on CPU; create_force(..., jit_optimize=True) keeps it)")
 
 
 def repair_torch_plugins() -> list:
@@ -193,7 +220,15 @@ def _torch_force(wrapper, periodic: bool, force_group: int):
 
     repair_torch_plugins()
     load_library()  # openmm-torch loads the module in C++: the op must be registered here
-    force = openmmtorch.TorchForce(wrapper)
+    # Submodule calls inlined into forward, and the force made from a file (and, in create_force,
+    # scripted with the optimizer on): without any one of the three, openmm-torch's module fails
+    # under the unoptimized executor ("Couldn't find method: 'forward' on class ...
+    # NeighborListOp"). Parameters stay attributes, so .to(device) still moves them.
+    torch._C._jit_pass_inline(wrapper.graph)
+    with tempfile.TemporaryDirectory(prefix="mlpot-torchforce-") as tmp:
+        path = os.path.join(tmp, "wrapper.pt")
+        wrapper.save(path)
+        force = openmmtorch.TorchForce(path)
     force.setOutputsForces(True)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setForceGroup(force_group)

@@ -55,7 +55,8 @@ def atomic_numbers_of(topology: app.Topology) -> List[int]:
 
 
 def create_system(model, topology: app.Topology, backend: str = "auto", device: str = "cpu",
-                  remove_cm_motion: bool = True, force_group: int = 0) -> openmm.System:
+                  remove_cm_motion: bool = True, force_group: int = 0,
+                  jit_optimize: bool = False) -> openmm.System:
     """An all-ML System for ``topology``: masses from the elements, the topology's box (periodic
     when it has one) and one mlpot force.
 
@@ -64,6 +65,8 @@ def create_system(model, topology: app.Topology, backend: str = "auto", device: 
         backend: 'torch' (TorchForce), 'python' (PythonForce) or 'auto'.
         device: torch device for the PythonForce backend.
         remove_cm_motion: add a ``CMMotionRemover``.
+        jit_optimize: TorchForce only; see ``create_force`` (False switches TorchScript's
+            optimizing executor off in this thread: faster on CPU).
     """
     numbers = atomic_numbers_of(topology)
     system = openmm.System()
@@ -73,7 +76,8 @@ def create_system(model, topology: app.Topology, backend: str = "auto", device: 
     for atom in topology.atoms():
         system.addParticle(atom.element.mass)
     system.addForce(create_force(model, numbers, periodic=box is not None, backend=backend,
-                                 device=device, force_group=force_group))
+                                 device=device, force_group=force_group,
+                                 jit_optimize=jit_optimize))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system
@@ -121,7 +125,7 @@ def _warn_about_cut_bonds(topology: app.Topology, ml: Set[int]) -> None:
 def create_mixed_system(model, topology: app.Topology, mm_system: openmm.System,
                         ml_atoms: Iterable[int], remove_constraints: bool = True,
                         backend: str = "auto", device: str = "cpu",
-                        force_group: int = 0) -> openmm.System:
+                        force_group: int = 0, jit_optimize: bool = False) -> openmm.System:
     """An ML/MM System: the ML atoms' internal interactions from the model, everything else
     (MM-MM and ML-MM) from ``mm_system`` (mechanical embedding; see the module docstring).
 
@@ -131,7 +135,7 @@ def create_mixed_system(model, topology: app.Topology, mm_system: openmm.System,
         mm_system: the all-MM System (not modified).
         ml_atoms: indices of the atoms the model treats.
         remove_constraints: remove constraints between two ML atoms.
-        backend, device: as for ``create_system``.
+        backend, device, jit_optimize: as for ``create_system``.
         force_group: the force group of the ML force (e.g. to read its energy separately).
     """
     ml_list = sorted({int(i) for i in ml_atoms})
@@ -165,7 +169,7 @@ def create_mixed_system(model, topology: app.Topology, mm_system: openmm.System,
     numbers = atomic_numbers_of(topology)
     system.addForce(create_force(model, [numbers[i] for i in ml_list], atoms=ml_list,
                                  periodic=periodic, backend=backend, device=device,
-                                 force_group=force_group))
+                                 force_group=force_group, jit_optimize=jit_optimize))
     return system
 
 
