@@ -34,9 +34,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 namespace mlpot_nl {
@@ -135,6 +137,76 @@ void return_buffers(std::vector<std::unique_ptr<RecordBuffer>>& bufs) {
     }
   }
   bufs.clear();
+}
+
+// Output blocks are recycled as well. A list of 100k atoms is hundreds of MB; fresh memory for it
+// costs one page fault (and a zeroed page) per 4 KiB on every call, which made the time per atom
+// grow with N once the outputs outgrew glibc's reuse threshold (32 MB). Outputs of 1 MiB or more
+// are therefore tensors over blocks from this cache: when torch frees such a tensor its block comes
+// back here, and the next call of about the same size (the next MD step) reuses mapped pages.
+// At most kOutCacheBytes are kept; mlpot::empty_cache() gives them back to the system.
+constexpr size_t kOutMinBytes = size_t(1) << 20;
+constexpr size_t kOutCacheBytes = size_t(1) << 30;
+constexpr size_t kOutAlign = size_t(2) << 20;
+std::mutex g_out_mutex;
+std::multimap<size_t, void*> g_out_free;           // capacity -> free block
+std::unordered_map<void*, size_t> g_out_capacity;  // every block (live or free) -> capacity
+size_t g_out_free_bytes = 0;
+
+void out_free_block_locked(std::multimap<size_t, void*>::iterator it) {
+  g_out_free_bytes -= it->first;
+  g_out_capacity.erase(it->second);
+  std::free(it->second);
+  g_out_free.erase(it);
+}
+
+void out_release(void* p) {
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  const size_t cap = g_out_capacity.at(p);
+  auto it = g_out_free.emplace(cap, p);
+  g_out_free_bytes += cap;
+  if (cap > kOutCacheBytes) {
+    out_free_block_locked(it);
+    return;
+  }
+  while (g_out_free_bytes > kOutCacheBytes) out_free_block_locked(g_out_free.begin());
+}
+
+void* out_acquire(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(g_out_mutex);
+    auto it = g_out_free.lower_bound(bytes);
+    if (it != g_out_free.end() && it->first <= bytes + bytes / 4) {  // at most 25 % unused
+      void* p = it->second;
+      g_out_free_bytes -= it->first;
+      g_out_free.erase(it);
+      return p;
+    }
+  }
+  // a little headroom, so that the next MD step's slightly longer list fits the same block
+  size_t cap = bytes + bytes / 16;
+  cap = (cap + kOutAlign - 1) / kOutAlign * kOutAlign;
+  void* p = std::aligned_alloc(kOutAlign, cap);
+  if (p == nullptr) throw std::bad_alloc();
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  g_out_capacity[p] = cap;
+  return p;
+}
+
+at::Tensor empty_long(at::IntArrayRef sizes) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
+  int64_t n = 1;
+  for (int64_t d : sizes) n *= d;
+  const size_t bytes = static_cast<size_t>(n) * sizeof(int64_t);
+  if (bytes < kOutMinBytes) return at::empty(sizes, opts);
+  return at::from_blob(out_acquire(bytes), sizes, [](void* p) { out_release(p); }, opts);
+}
+
+void empty_cache() {
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  while (!g_out_free.empty()) out_free_block_locked(g_out_free.begin());
+  std::lock_guard<std::mutex> lock2(g_pool_mutex);
+  g_pool.clear();
 }
 
 struct BufferLease {
@@ -725,9 +797,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(const at::Tenso
   std::vector<int64_t> chunk_offset(static_cast<size_t>(n_chunks + 1), 0);
   for (int64_t ch = 0; ch < n_chunks; ++ch) chunk_offset[ch + 1] = chunk_offset[ch] + chunk_count[ch];
   const int64_t P = chunk_offset[n_chunks];
-  at::Tensor out_i = at::empty({P}, long_opts);
-  at::Tensor out_j = at::empty({P}, long_opts);
-  at::Tensor out_s = at::empty({P, 3}, long_opts);
+  at::Tensor out_i = empty_long({P});
+  at::Tensor out_j = empty_long({P});
+  at::Tensor out_s = empty_long({P, 3});
   int64_t* pi = out_i.data_ptr<int64_t>();
   int64_t* pj = out_j.data_ptr<int64_t>();
   int64_t* ps = out_s.data_ptr<int64_t>();
@@ -755,12 +827,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(const at::Tenso
   return {out_i, out_j, out_s};
 }
 
+void empty_cache_op() { empty_cache(); }
+
 }  // namespace mlpot_nl
 
 TORCH_LIBRARY(mlpot, m) {
   m.def(
       "neighbor_list(Tensor positions, Tensor cells, Tensor pbc, Tensor ptr, float cutoff) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def("empty_cache() -> ()", &mlpot_nl::empty_cache_op);
 }
 
 TORCH_LIBRARY_IMPL(mlpot, CPU, m) { m.impl("neighbor_list", &mlpot_nl::neighbor_list_cpu); }

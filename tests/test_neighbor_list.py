@@ -509,3 +509,29 @@ def test_public_api_errors():
 
 def test_exported_in_package():
     assert mlpot.neighbors.neighbor_list_torch is neighbor_list_torch
+
+
+@pytest.mark.skipif(neighbors.backend() != "cpp", reason="the compiled op is not in use")
+def test_large_outputs_reuse_memory_without_aliasing_live_tensors():
+    """Outputs of 1 MiB or more come from blocks the op recycles: a list still held must not be
+    overwritten by the next call, and a recycled block must give the same list again."""
+    rng = np.random.default_rng(5)
+    cell = np.eye(3) * 24.0
+    pos = torch.tensor(rng.uniform(0, 24.0, (2800, 3)))  # ~290k pairs at 5 A
+    args = (pos, torch.tensor(cell), torch.ones(3, dtype=torch.bool), 5.0)
+    first = neighbor_list(*args)
+    assert first[0].numel() * 8 >= 2**20, "the case must exceed the recycling threshold"
+    kept = [t.clone() for t in first]
+    moved = (pos + 0.3) % 24.0  # a different list of about the same size
+    second = neighbor_list(moved, *args[1:])
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+    del first, second
+    third = neighbor_list(*args)  # may reuse the freed blocks
+    for a, b in zip(third, kept):
+        assert torch.equal(a, b)
+    i, j, S = third
+    d = (pos[j] - pos[i] + S.double() @ torch.tensor(cell)).norm(dim=1)
+    assert float(d.max()) < 5.0
+    neighbors.empty_cache()
+    assert torch.equal(third[0], kept[0])  # live tensors are untouched by empty_cache

@@ -26,6 +26,7 @@ __all__ = [
     "backend",
     "library_path",
     "neighbor_list_torch",
+    "empty_cache",
 ]
 
 _STATE = {"backend": None, "library": None, "reason": ""}
@@ -64,6 +65,14 @@ def library_path() -> Optional[str]:
     """Path of the compiled op library (for ``torch.ops.load_library`` in another process)."""
     _select_backend()
     return _STATE["library"]
+
+
+def empty_cache() -> None:
+    """Give back the memory the C++ op keeps for reuse between calls: its work buffers and the
+    blocks of freed output tensors (up to 1 GiB; reusing them spares large lists a page fault per
+    4 KiB on every call). Tensors still in use are not touched."""
+    if _select_backend() == "cpp":
+        torch.ops.mlpot.empty_cache()
 
 
 def _cuda_kernel_available() -> bool:
