@@ -146,7 +146,7 @@ void return_buffers(std::vector<std::unique_ptr<RecordBuffer>>& bufs) {
 // back here, and the next call of about the same size (the next MD step) reuses mapped pages.
 // At most kOutCacheBytes are kept; mlpot::empty_cache() gives them back to the system.
 constexpr size_t kOutMinBytes = size_t(1) << 20;
-constexpr size_t kOutCacheBytes = size_t(1) << 30;
+constexpr size_t kOutCacheBytes = size_t(4) << 30;
 constexpr size_t kOutAlign = size_t(2) << 20;
 std::mutex g_out_mutex;
 std::multimap<size_t, void*> g_out_free;           // capacity -> free block

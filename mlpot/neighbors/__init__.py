@@ -69,7 +69,7 @@ def library_path() -> Optional[str]:
 
 def empty_cache() -> None:
     """Give back the memory the C++ op keeps for reuse between calls: its work buffers and the
-    blocks of freed output tensors (up to 1 GiB; reusing them spares large lists a page fault per
+    blocks of freed output tensors (up to 4 GiB; reusing them spares large lists a page fault per
     4 KiB on every call). Tensors still in use are not touched."""
     if _select_backend() == "cpp":
         torch.ops.mlpot.empty_cache()
