@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+# ../shared beside the repository (or $MLPOT_SHARED, or /work/shared)
+SHARED = next((Path(p) for p in (os.environ.get("MLPOT_SHARED", ""), HERE.parents[1] / "shared",
+                                 "/work/shared") if p and (Path(p) / "bench" / "train").is_dir()),
+              HERE.parents[1] / "shared")
 DATA = SHARED / "data"
 PEERS = SHARED / "bench" / "train"
 
@@ -112,6 +115,12 @@ def run(args) -> dict:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "mlpot.cli", "train", str(cfg_path)], check=True, env=env)
     wall = time.time() - t0
+    (out / "train_command_wall_s.txt").write_text(f"{wall:.1f}\n")
+    return evaluate(args, cfg, out, test, wall)
+
+
+def evaluate(args, cfg, out: Path, test: str, wall: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run([sys.executable, "-m", "mlpot.cli", "test", str(out / "best.pt"),
                           "--data", test, "--json", "--out", str(out / "test")],
                          check=True, env=env, capture_output=True, text=True)
@@ -177,8 +186,23 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(HERE / "runs"))
     p.add_argument("--force-cost", action="store_true")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="test the finished run in --work again (wall time from its record or "
+                        "--wall-s)")
+    p.add_argument("--wall-s", type=float, help="with --evaluate-only: the measured wall time")
     args = p.parse_args()
-    force_cost(args) if args.force_cost else run(args)
+    if args.force_cost:
+        force_cost(args)
+    elif args.evaluate_only:  # a finished run: test its best.pt again
+        import yaml
+        work = Path(args.work)
+        out = work / f"{args.task}_{args.model}"
+        cfg = yaml.safe_load((work / f"{args.task}_{args.model}.yaml").read_text())
+        wall_file = out / "train_command_wall_s.txt"
+        wall = float(wall_file.read_text()) if wall_file.exists() else args.wall_s
+        evaluate(args, cfg, out, prepare(args.task, work)[1], wall)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
