@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from mlpot.atomic import atomic_save
 
 from .base import Integrator
 from .bussi import Bussi
@@ -83,19 +84,7 @@ def save_checkpoint(path: str, state: MDState, integrator: Integrator) -> None:
     """Write state and integrator to ``path`` atomically (temporary file + os.replace)."""
     payload = {"format": FORMAT, "version": VERSION, "state": state_to_dict(state),
                "integrator": {"name": type(integrator).__name__, "params": integrator.params()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(payload, path)
 
 
 def load_checkpoint(path: str, device=None) -> Tuple[MDState, Integrator]:

@@ -24,12 +24,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import types
 import zipfile
 from typing import Dict, Iterable, Optional, Union
 
 import torch
+
+from .atomic import atomic_write
 
 __all__ = ["export", "load", "read_metadata", "save_checkpoint", "load_checkpoint",
            "hash_files", "ExportedModel", "ExportError", "FORMAT_VERSION", "METADATA_NAME"]
@@ -44,22 +45,6 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def hash_files(paths: Iterable[str]) -> str:
     """sha256 over the contents of the given files (sorted by name): a training-data hash."""
     digest = hashlib.sha256()
@@ -97,7 +82,7 @@ def save_checkpoint(potential, path: str, ema_state: Optional[Dict] = None,
     if training_data_hash is not None:
         ckpt["data_hash"] = training_data_hash
     ckpt.update(extra)
-    _atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     return os.fspath(path)
 
 
@@ -234,7 +219,7 @@ def export(model, path: str, dtype: Optional[str] = None,
         "user": metadata or {},
     }
     text = json.dumps(info, sort_keys=True, indent=1)
-    _atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
+    atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
                                                    _extra_files={METADATA_NAME: text}))
     return os.fspath(path)
 

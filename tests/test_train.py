@@ -134,7 +134,8 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     ckpt.atomic_save({"config": {"a": 1}, "model": {}}, path)
 
     def dies_halfway(obj, f, *a, **k):
-        f.write(b"partial garbage")
+        with open(f, "wb") as fh:
+            fh.write(b"partial garbage")
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(torch, "save", dies_halfway)

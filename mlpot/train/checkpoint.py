@@ -2,27 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict
 
 import torch
 
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from ..atomic import atomic_save  # noqa: F401 - re-exported for the trainer
 
 
 def load_trainer_checkpoint(path: str) -> Dict:
