@@ -3,17 +3,17 @@ equivariance of the intermediate features, the e3nn blocks against e3nn's own te
 the product basis, precision, scripting, config round trip, statistics and a short fit to EMT."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from mlpot import keys as K
 from mlpot import testing as T
-from mlpot.data import AtomicData
-from mlpot.models import build_model, fit_reference_energies, force_rms, from_config
+from mlpot.models import build_model, from_config
 from mlpot.models.nequip import NequIP
 from mlpot.nn.equivariant import (PathConvolution, SymmetricContraction, irrep_name,
                                   irreps_up_to, rotate_features, symmetric_basis)
+
+from _fitting import fit_emt_forces
 
 TYPES = ["H", "C", "O"]
 CUTOFF = 4.0
@@ -211,53 +211,9 @@ def test_fit_statistics_sets_the_average_neighbor_count(periodic, mol):
     assert float(fixed.net.avg_num_neighbors) == 8.0
 
 
-def _emt_frames(n_frames=20, seed=0):
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(n_frames):
-        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
-        atoms.symbols[[1, 6]] = "Au"
-        atoms.positions += rng.normal(0, 0.12, atoms.positions.shape)
-        atoms.calc = EMT()
-        frames.append(AtomicData.from_ase(atoms, energy=atoms.get_potential_energy(),
-                                          forces=atoms.get_forces()))
-    return frames
-
-
 def test_learns_emt_forces():
     torch.manual_seed(0)
     model = build_model("nequip", ["Cu", "Au"], 4.0, "float32", num_features=16, l_max=1,
                         num_layers=2, radial_mlp=[32], readout_hidden=16)
-    frames = _emt_frames()
-    for f in frames:
-        f.atom_types = (f.atomic_numbers == 79).long()
-    model.set_reference_energies(fit_reference_energies(frames, 2))
-    model.energy_scale.fill_(force_rms(frames))
-    model.fit_statistics(frames)
-    batch = AtomicData.collate(frames).with_neighbors(4.0).to(dtype=torch.float32)
-    data = batch.as_dict()
-    n_atoms = batch.num_atoms.double()
-
-    def losses():
-        out = model(data)
-        f_rmse = ((out[K.FORCES] - batch.forces) ** 2).mean().sqrt()
-        e_rmse = (((out[K.ENERGY] - batch.energy) / n_atoms) ** 2).mean().sqrt()
-        return f_rmse, e_rmse
-
-    model.eval()
-    start = float(losses()[0].detach())
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        f_rmse, e_rmse = losses()
-        loss = f_rmse ** 2 + e_rmse.float() ** 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    end = float(losses()[0].detach())
-    print(f"force RMSE {start:.3f} -> {end:.3f} eV/A")
+    start, end = fit_emt_forces(model, steps=150)
     assert end < 0.15 * start, f"force RMSE {start:.3f} -> {end:.3f} eV/A"
