@@ -190,3 +190,18 @@ def test_every_model_family_trains_with_ema(data_file, tmp_path, name):
     b = copy_.eval()(dict(batch))
     assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
     assert np.isfinite(trainer.history[-1]["val_loss"])
+
+
+def test_tensorboard_logging(data_file, tmp_path):
+    """training.tensorboard writes event files beside log.csv, or, without the tensorboard
+    package, stops before training with what to do."""
+    raw = cfg_dict(data_file, tmp_path / "tb", epochs=1, training={"tensorboard": True})
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            config_from_dict(raw)
+        return
+    train(config_from_dict(raw))
+    assert any(name.startswith("events.out.tfevents")
+               for name in os.listdir(tmp_path / "tb" / "tensorboard"))

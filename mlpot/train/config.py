@@ -83,6 +83,7 @@ class TrainingConfig:
     out_dir: str = "mlpot-run"
     eval_every: int = 1                         # epochs between validations
     progress: bool = True
+    tensorboard: bool = False                   # also log to out_dir/tensorboard (needs tensorboard)
 
 
 @dataclass
@@ -173,5 +174,12 @@ def check_config(cfg: Config, where: str = "config") -> None:
         raise ConfigError("optim.lr must be positive")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError("optim.ema_decay must be in [0, 1)")
+    if cfg.training.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("training.tensorboard: the tensorboard package is not installed; "
+                              "pip install tensorboard, or set training.tensorboard: false "
+                              "(log.csv has the same numbers)") from None
     if cfg.training.batch_size < 1 or cfg.training.max_epochs < 1:
         raise ConfigError("training.batch_size and training.max_epochs must be >= 1")

@@ -68,6 +68,7 @@ class Trainer:
         self.epochs_since_best = 0
         self.plateau_scale = 1.0
         self.history: List[Dict[str, float]] = []
+        self.tb_writer = None  # a TensorBoard SummaryWriter with training.tensorboard
         self.out_dir = cfg.training.out_dir
 
     # ------------------------------------------------------------------ set-up
@@ -175,6 +176,10 @@ class Trainer:
             raise ConfigError(f"{self.out_dir} already holds a run (last.pt); use --resume to "
                               "continue it, or choose another training.out_dir")
         self._write_config()
+        if self.cfg.training.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
         bar = _progress_bar(self.cfg, self.progress())
         metrics: Dict[str, float] = {}
         while not self.done():
@@ -187,6 +192,8 @@ class Trainer:
                 bar.set_postfix_str(f"epoch {self.epoch} " + _short(metrics))
         if bar is not None:
             bar.close()
+        if self.tb_writer is not None:
+            self.tb_writer.close()
         return metrics
 
     def done(self) -> bool:
@@ -213,6 +220,11 @@ class Trainer:
                     self.epochs_since_best % self.cfg.optim.plateau_patience == 0:
                 self.plateau_scale *= self.cfg.optim.plateau_factor
         self._write_log()
+        if self.tb_writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, float):
+                    self.tb_writer.add_scalar(key, value, self.step)
+            self.tb_writer.flush()
         state = self.state_dict()
         atomic_save(state, os.path.join(self.out_dir, "last.pt"))
         if better:
