@@ -170,8 +170,8 @@ SMALL_MODELS = {
     "dp_se_e2_a": {"cutoff": 3.6, "hparams": {"embedding": [4, 8], "axis_neuron": 2,
                                               "fitting": [8]}},
     "egnn": {"cutoff": 3.6, "hparams": {"hidden": 8, "num_layers": 1}},
-    "nequip": {"cutoff": 3.6, "hparams": {"num_features": 4, "l_max": 2, "feature_l_max": 1,
-                                          "correlation": 3, "num_layers": 1}},
+    "nequip": {"cutoff": 3.6, "hparams": {"num_features": 4, "l_max": 3, "feature_l_max": 1,
+                                          "correlation": 3, "num_layers": 2}},
 }
 
 
@@ -181,7 +181,7 @@ def test_every_model_family_trains_with_ema(data_file, tmp_path, name):
     are), and the EMA copy predicts what the trained weights it holds predict."""
     cfg = config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=1,
                                     model={"name": name, **SMALL_MODELS[name]},
-                                    optim={"lr": 5e-3, "ema_decay": 0.9}))
+                                    optim={"lr": 5e-3, "ema_decay": 0.99}))
     trainer = Trainer(cfg)
     trainer.fit()
     copy_ = __import__("copy").deepcopy(trainer.ema.module)
@@ -190,6 +190,23 @@ def test_every_model_family_trains_with_ema(data_file, tmp_path, name):
     b = copy_.eval()(dict(batch))
     assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
     assert np.isfinite(trainer.history[-1]["val_loss"])
+    # integer buffers (nequip's index tables) are never averaged: an average of equal integers
+    # in floating point can round down and silently break the EMA model
+    for (name, buf), ema_buf in zip(trainer.model.named_buffers(),
+                                    trainer.ema.module.buffers()):
+        if not buf.is_floating_point():
+            assert torch.equal(buf, ema_buf), name
+    from mlpot.train.trainer import _ema_avg_fn
+
+    index = torch.arange(8)  # 3 * 0.9 + 3 * 0.1 is 2.9999998 in float32
+    assert torch.equal(_ema_avg_fn(0.9)(index.clone(), index, torch.tensor(1000)), index)
+    # and the EMA model stays close to the trained one after many updates at high decay
+    model = trainer.model.eval()
+    for _ in range(300):
+        trainer.ema.update_parameters(model)
+    c = trainer.ema.module.eval()(dict(batch))
+    d = model(dict(batch))
+    assert torch.allclose(c["forces"], d["forces"], atol=1e-4)
 
 
 def test_tensorboard_logging(data_file, tmp_path):

@@ -298,9 +298,12 @@ def _flat(d: Dict, prefix: str = "") -> Dict:
 
 def _ema_avg_fn(decay: float):
     """Exponential moving average with warm-up: the decay is min(decay, (1 + n) / (10 + n)) after
-    n updates, so early weights are not dragged towards the random initialisation."""
+    n updates, so early weights are not dragged towards the random initialisation. Integer
+    buffers are copied: averaging 3 with 3 in floating point can give 2.999..., stored as 2."""
 
     def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
+        if not averaged.is_floating_point():  # index buffers (e3nn paths): copied, never mixed
+            return current
         n = int(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
         return averaged * d + current * (1.0 - d)
