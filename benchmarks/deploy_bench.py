@@ -133,7 +133,7 @@ def bench_model(label, path, atoms, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=["egnn", "dp_se_e2_a"])
+    p.add_argument("--models", nargs="*", default=["egnn", "dp_se_e2_a", "nequip"])
     p.add_argument("--model-file", help="an exported model to time instead of untrained ones")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--size", type=int, default=4, help="water box of size^3 molecules")
