@@ -17,6 +17,7 @@ EGNN has no peer here; it is timed for the scaling table. The scaling cases time
 
     python benchmarks/model_bench.py                 # all cases (about 15 minutes)
     python benchmarks/model_bench.py --quick         # 192 atoms only
+    python benchmarks/model_bench.py --only dp_se_e2_a   # one model, merged into the results file
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ def main():
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "DTYPE", "SYSTEM", "THREADS"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=str(HERE / "results" / "model_bench.json"))
+    p.add_argument("--only", choices=sorted(MLPOT),
+                   help="time this model alone; its rows replace its old ones in --json")
     args = p.parse_args()
     if args.worker:
         m, d, s, t = args.worker
@@ -130,6 +133,8 @@ def main():
     systems = ["water192"] if args.quick else ["water192", "water1536"]
     pairs = []
     for model in PEER_OF:
+        if args.only and model != args.only:
+            continue
         for dtype in ("float32", "float64"):
             for system in systems:
                 for threads in (2, 1):
@@ -155,6 +160,8 @@ def main():
     scaling = []
     if not args.quick:
         for model in MLPOT:
+            if args.only and model != args.only:
+                continue
             for system in SIZES:
                 wait_quiet(limit=0.3, max_wait=300)
                 r = mlpot_case(model, "float32", system, 2)
@@ -165,6 +172,13 @@ def main():
                                                         "peak_rss_mb")}), flush=True)
     out = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "compare": compare, "scaling": scaling, "rows": rows}
+    if args.only and Path(args.json).exists():  # keep the other models' rows, with their date
+        old = json.loads(Path(args.json).read_text())
+        keep = {k: [r for r in old.get(k, []) if r["model"] not in (args.only, PEER_OF.get(
+            args.only))] for k in ("compare", "scaling", "rows")}
+        out = {"machine": out["machine"], "date": old.get("date"),
+               "dates": {**old.get("dates", {}), args.only: out["date"]},
+               **{k: keep[k] + out[k] for k in keep}}
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(table(out))
 

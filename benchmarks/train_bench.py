@@ -135,7 +135,9 @@ def evaluate(args, cfg, out: Path, test: str, wall: float) -> dict:
         "test": test_metrics,
         "peer": {"name": name, "wall_s": peer["train_wall_s"], **peer["tests"][peer_key]},
     }
-    path = HERE / "results" / f"train_{args.task}_{args.model}.json"
+    # the peers' 15-minute budget gives train_<task>_<model>.json; others train<minutes>_...
+    budget = "" if args.budget_min == 15.0 else f"{args.budget_min:g}"
+    path = HERE / "results" / f"train{budget}_{args.task}_{args.model}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("task", "model", "train_command_wall_s", "epochs")}))
     print("test:", {k: round(v, 2) for k, v in test_metrics.items() if "rmse" in k})

@@ -273,3 +273,49 @@ def test_fits_emt_forces():
         torch.set_num_threads(threads)
     end = force_rmse()
     assert end < start / 5, f"force RMSE {start:.3f} -> {end:.3f} eV/A"
+
+
+def _chunked(m, chunk_atoms):
+    c = make()
+    c.load_state_dict(m.state_dict())
+    c.eval()
+    c.chunk_atoms = chunk_atoms
+    return c
+
+
+@pytest.mark.parametrize("chunk_atoms", [1, 5, 11])
+def test_chunked_inference_equals_whole(model, periodic, chunk_atoms):
+    """Inference in chunks of centres (large systems) gives the numbers of one whole pass: energy,
+    per-atom energies, forces, virial and stress, for a batch of two cells, edges given unsorted,
+    eager and scripted."""
+    assert 0 < periodic.positions.shape[0] + 7 < model.chunk_atoms  # whole pass below
+    other = T.to_data(T.random_periodic(n_atoms=7, seed=3), model)
+    batch = AtomicData.collate([periodic, other]).with_neighbors(model.cutoff).as_dict()
+    whole = model(dict(batch), True, True)
+    perm = torch.randperm(batch[K.EDGE_INDEX].shape[1], generator=torch.Generator().manual_seed(0))
+    shuffled = dict(batch, **{K.EDGE_INDEX: batch[K.EDGE_INDEX][:, perm],
+                              K.EDGE_SHIFTS: batch[K.EDGE_SHIFTS][perm]})
+    chunked = _chunked(model, chunk_atoms)
+    for m in (chunked, torch.jit.script(chunked)):
+        for inp in (batch, shuffled):
+            got = m(dict(inp), True, True)
+            for k in (K.ENERGY, K.ATOMIC_ENERGIES, K.FORCES, K.VIRIAL, K.STRESS):
+                assert torch.allclose(got[k], whole[k], atol=1e-11, rtol=0), k
+    # energies alone (no gradients asked) and the finite-difference checks on the chunked path
+    e = chunked(dict(batch), False, False)
+    assert torch.allclose(e[K.ENERGY], whole[K.ENERGY], atol=1e-11) and K.FORCES not in e
+    T.assert_forces_are_gradients(chunked, periodic)
+    T.assert_stress_is_strain_derivative(chunked, periodic)
+
+
+def test_chunking_is_not_used_for_training_or_graphs_to_positions(model, periodic):
+    """Training (create_graph) and positions that require grad keep the one-graph pass."""
+    chunked = _chunked(model, 2)
+    inp = periodic.as_dict()
+    pos = inp[K.POSITIONS].clone().requires_grad_(True)
+    out = chunked(dict(inp, **{K.POSITIONS: pos}), True, False)
+    assert out[K.ENERGY].requires_grad  # the one-graph pass: the energy depends on pos
+    assert not chunked(dict(inp), True, False)[K.ENERGY].requires_grad  # chunks: it does not
+    chunked.train()
+    out = chunked(dict(inp), True, False)
+    assert out[K.FORCES].requires_grad  # create_graph: force losses can be trained

@@ -193,8 +193,20 @@ class DeepPotSeA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
                 edge_vectors: torch.Tensor) -> torch.Tensor:
-        descriptor, type_sizes, rank = self._sorted_descriptor(atom_types, edge_index,
-                                                               edge_vectors)
+        return self.centre_energies(atom_types, edge_index[0],
+                                    atom_types.index_select(0, edge_index[1]), edge_vectors)
+
+    def centre_energies(self, centre_types: torch.Tensor, edge_centre: torch.Tensor,
+                        neighbor_types: torch.Tensor, edge_vectors: torch.Tensor
+                        ) -> torch.Tensor:
+        """Energies of the centres 0..Nc-1 from their own edges alone  # [Nc]
+
+        The model is local (one layer: an atom's energy depends on its neighbors' types and
+        vectors only), so ``Potential`` may evaluate a large system in chunks of centres, each
+        with the edges of its centres (``centre_types`` [Nc], ``edge_centre`` [P] in 0..Nc-1,
+        ``neighbor_types`` [P], ``edge_vectors`` [P, 3])."""
+        descriptor, type_sizes, rank = self._sorted_descriptor(
+            centre_types, edge_centre, neighbor_types, edge_vectors)
         energies: List[torch.Tensor] = []
         start = 0
         for t, net in enumerate(self.fittings):
@@ -206,11 +218,12 @@ class DeepPotSeA(nn.Module):
     def descriptor(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
                    edge_vectors: torch.Tensor) -> torch.Tensor:
         """D_i flattened, in the input atom order  # [N, M1 * M2]"""
-        descriptor, _, rank = self._sorted_descriptor(atom_types, edge_index, edge_vectors)
+        descriptor, _, rank = self._sorted_descriptor(
+            atom_types, edge_index[0], atom_types.index_select(0, edge_index[1]), edge_vectors)
         return descriptor.index_select(0, rank)
 
-    def _sorted_descriptor(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
-                           edge_vectors: torch.Tensor
+    def _sorted_descriptor(self, atom_types: torch.Tensor, edge_centre: torch.Tensor,
+                           neighbor_types: torch.Tensor, edge_vectors: torch.Tensor
                            ) -> Tuple[torch.Tensor, List[int], torch.Tensor]:
         """D_i with atoms in type order  # [N, M1 * M2]; atoms per type; rank[i] = row of i."""
         n_atoms = atom_types.shape[0]
@@ -218,9 +231,9 @@ class DeepPotSeA(nn.Module):
         rank = torch.empty_like(order).index_copy_(
             0, order, torch.arange(n_atoms, dtype=order.dtype, device=order.device))  # [N]
         sorted_types = atom_types.index_select(0, order)  # [N]
-        centre = rank.index_select(0, edge_index[0])  # [P] centre rows in type order
-        centre_type = atom_types.index_select(0, edge_index[0])  # [P]
-        group = atom_types.index_select(0, edge_index[1])  # [P] embedding network of each edge
+        centre = rank.index_select(0, edge_centre)  # [P] centre rows in type order
+        centre_type = atom_types.index_select(0, edge_centre)  # [P]
+        group = neighbor_types  # [P] embedding network of each edge
         if not self.type_one_side:
             group = centre_type * self.num_types + group
 

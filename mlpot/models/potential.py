@@ -13,6 +13,16 @@ are always float64 (float32 totals lose meV on large systems). Forces and the vi
 the dtype of the input positions. With ``training`` set, the force graph is kept (create_graph) so
 that force losses can be trained.
 
+Local networks (one layer of neighbors, as the Deep Potential) may also offer
+    centre_energies(centre_types [Nc], edge_centre [P], neighbor_types [P], edge_vectors [P, 3])
+        -> [Nc] energies of centres 0..Nc-1 from their own edges
+and are then evaluated in inference in chunks of ``chunk_atoms`` centres when a system is larger:
+forward and backward of one chunk at a time, forces and virial from the gradients with respect to
+the chunk's pair vectors. The numbers are the same; the working set stays the size of one chunk,
+so the time per atom does not grow with N (fresh large buffers cost page faults, and no longer fit
+any cache) and the peak memory is that of one chunk. Not used in training, nor when the positions
+come in requiring gradients (the caller wants a graph back to them).
+
 A network is an ``nn.Module`` with
     forward(atom_types [N] int64, edge_index [2, P] int64, edge_vectors [P, 3]) -> [N] energies
 and, optionally, ``fit_statistics(samples)`` (a plain Python method; samples are a list of
@@ -44,6 +54,8 @@ class Potential(nn.Module):
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
         self.config_json = json.dumps(config, sort_keys=True)
         self.model_dtype = dtype
+        # inference in chunks of this many centres for local networks (0: never)
+        self.chunk_atoms = 512
 
     @property
     def config(self) -> Dict:
@@ -81,6 +93,12 @@ class Potential(nn.Module):
             else:
                 ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
             i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
+
+        if hasattr(self.net, "centre_energies"):
+            if (not self.training) and (not pos.requires_grad) and self.chunk_atoms > 0 \
+                    and n_atoms > self.chunk_atoms:
+                return self._forward_chunked(pos, cell, types, batch, i, j, shifts,
+                                             compute_forces, compute_stress)
 
         grad_inputs: List[torch.Tensor] = []
         if compute_forces and not pos.requires_grad:
@@ -122,6 +140,70 @@ class Potential(nn.Module):
                 stress = de_deps / safe.view(-1, 1, 1)
                 out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress,
                                             torch.zeros_like(stress))
+        return out
+
+    def _forward_chunked(self, pos: torch.Tensor, cell: torch.Tensor, types: torch.Tensor,
+                         batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+                         shifts: torch.Tensor, compute_forces: bool, compute_stress: bool
+                         ) -> Dict[str, torch.Tensor]:
+        """``forward`` for a local network, ``chunk_atoms`` centres at a time (see the module
+        doc). With v_e = x_j - x_i + S @ cell and g_e = dE/dv_e: F_i += g_e, F_j -= g_e, and
+        dE/d(eps_b) = sym(sum_{e in b} v_e^T g_e) (a strain maps every v_e to v_e (1 + eps))."""
+        n_atoms = pos.shape[0]
+        n_struct = cell.shape[0]
+        pos = pos.detach()
+        cell = cell.detach()
+        chunk = self.chunk_atoms
+        n_chunks = (n_atoms + chunk - 1) // chunk
+        edge_chunk = torch.div(i, chunk, rounding_mode="floor")  # [P]
+        if edge_chunk.shape[0] > 1 and bool((edge_chunk[1:] < edge_chunk[:-1]).any()):
+            order = torch.argsort(edge_chunk, stable=True)
+            i, j, shifts = i.index_select(0, order), j.index_select(0, order), \
+                shifts.index_select(0, order)
+        counts: List[int] = torch.bincount(edge_chunk, minlength=n_chunks).tolist()
+        need_grad = compute_forces or compute_stress
+        atomic = torch.empty(n_atoms, dtype=torch.float64, device=pos.device)
+        forces = torch.zeros_like(pos)
+        de_dsym = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device)
+        e0 = 0
+        for c in range(n_chunks):
+            a, b = c * chunk, min((c + 1) * chunk, n_atoms)
+            ic, jc = i[e0:e0 + counts[c]], j[e0:e0 + counts[c]]
+            sc = shifts[e0:e0 + counts[c]]
+            e0 += counts[c]
+            pair_cells = cell.index_select(0, batch.index_select(0, ic))  # [Pc, 3, 3]
+            vectors = pos.index_select(0, jc) - pos.index_select(0, ic) \
+                + torch.bmm(sc.to(pos.dtype).unsqueeze(1), pair_cells).squeeze(1)  # [Pc, 3]
+            if need_grad:
+                vectors.requires_grad_(True)
+            centre_types = types[a:b]
+            e = self.net.centre_energies(centre_types, ic - a, types.index_select(0, jc),
+                                         vectors.to(self.model_dtype))  # [Nc]
+            e = e.to(torch.float64) * self.energy_scale \
+                + self.reference_energies.index_select(0, centre_types)
+            atomic[a:b] = e.detach()
+            if need_grad and ic.shape[0] > 0:
+                g = torch.autograd.grad([e.sum()], [vectors], allow_unused=True)[0]
+                if g is not None:
+                    if compute_forces:
+                        forces.index_add_(0, ic, g)
+                        forces.index_add_(0, jc, -g)
+                    if compute_stress:
+                        outer = vectors.detach().unsqueeze(2) * g.unsqueeze(1)  # [Pc, 3, 3]
+                        de_dsym.index_add_(0, batch.index_select(0, ic), outer)
+        energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
+        energy = energy.index_add(0, batch, atomic)  # [B]
+        out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
+        if compute_forces:
+            out[K.FORCES] = forces
+        if compute_stress:
+            de_deps = 0.5 * (de_dsym + de_dsym.transpose(1, 2))
+            volume = torch.linalg.det(cell).abs()  # [B]
+            out[K.VIRIAL] = -de_deps
+            safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+            stress = de_deps / safe.view(-1, 1, 1)
+            out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress,
+                                        torch.zeros_like(stress))
         return out
 
     # ------------------------------------------------------------------ python-side helpers
