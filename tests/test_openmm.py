@@ -94,6 +94,33 @@ def test_every_path_gives_the_same_energy_and_forces(model_file, name):
         np.testing.assert_allclose(f, f_ref, atol=1e-8, err_msg=key)
 
 
+def test_chunked_deep_potential_in_every_path(tmp_path):
+    """A Deep Potential evaluated in chunks of centres (as for large systems) gives the numbers of
+    the whole pass in the exported file, ASE and OpenMM."""
+    torch.manual_seed(0)
+    model = build_model("dp_se_e2_a", ["H", "O"], cutoff=4.0, dtype="float64",
+                        embedding=[8, 16], axis_neuron=4, fitting=[16, 16]).eval()
+    atoms = structures()["periodic water"]
+    model.chunk_atoms = 0
+    ref = model(T.to_data(atoms, model).as_dict())
+    model.chunk_atoms = 7
+    path = str(tmp_path / "dp.pt")
+    export(model, path)
+    assert load(path).module.chunk_atoms == 7 < len(atoms)  # the file keeps the chunk size
+    results = {"exported": load(path)(T.to_data(atoms, model).as_dict())}
+    results["exported"] = [float(results["exported"][K.ENERGY][0]),
+                           results["exported"][K.FORCES].detach().numpy()]
+    atoms.calc = MLPotCalculator(path)
+    results["ase"] = atoms.get_potential_energy(), atoms.get_forces()
+    topology = mo.topology_from_ase(atoms)
+    for backend in BACKENDS:
+        results[backend] = evaluate(mo.create_system(path, topology, backend=backend),
+                                    atoms.positions, "CPU" if "CPU" in PLATFORMS else "Reference")
+    for key, (e, f) in results.items():
+        assert e == pytest.approx(float(ref[K.ENERGY][0]), abs=1e-8), key
+        np.testing.assert_allclose(f, ref[K.FORCES].detach().numpy(), atol=1e-8, err_msg=key)
+
+
 def test_float32_model_on_the_cpu_platform(model_file, tmp_path):
     model, _ = model_file
     path = str(tmp_path / "egnn32.pt")
