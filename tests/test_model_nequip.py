@@ -8,7 +8,7 @@ import torch
 
 from mlpot import keys as K
 from mlpot import testing as T
-from mlpot.models import build_model, from_config
+from mlpot.models import build_model, from_config, script
 from mlpot.models.nequip import NequIP
 from mlpot.nn.equivariant import (PathConvolution, SymmetricContraction, irrep_name,
                                   irreps_up_to, rotate_features, symmetric_basis)
@@ -107,15 +107,18 @@ def test_features_are_equivariant_under_rotations_and_inversion(which, request, 
     assert all(float(x.abs().max()) > 1e-6 for x in ref[0])
 
 
-def test_convolution_equals_e3nn_tensor_product():
+@pytest.mark.parametrize("block_bytes", [None, 1, 300])
+def test_convolution_equals_e3nn_tensor_product(block_bytes):
     """PathConvolution = e3nn's 'uvu' TensorProduct (coefficients sqrt(2 l3 + 1) w3j), summed
-    over the neighbors."""
+    over the neighbors; also with the edges in many blocks (one edge, a few edges per block)."""
     from e3nn import o3
 
     torch.manual_seed(1)
     c, n, n_pairs = 4, 5, 17
     irreps_in = [(0, 1), (1, -1), (1, 1), (2, 1)]
     conv = PathConvolution(irreps_in, 2, irreps_up_to(2, True)).double()
+    if block_bytes is not None:
+        conv.block_bytes = block_bytes
     h = [torch.randn(n, 2 * l + 1, c, dtype=torch.float64) for l, _ in irreps_in]
     centre, neighbor = torch.randint(0, n, (n_pairs,)), torch.randint(0, n, (n_pairs,))
     y = o3.spherical_harmonics([0, 1, 2], torch.randn(n_pairs, 3, dtype=torch.float64), True)
@@ -143,6 +146,30 @@ def test_convolution_equals_e3nn_tensor_product():
         mine = [q for q, (_, _, k) in enumerate(conv.paths) if k == o]
         want = torch.stack([pieces[q].view(n, c, 2 * l + 1).transpose(1, 2) for q in mine], 2)
         assert torch.allclose(got[o], want.reshape(n, 2 * l + 1, -1), atol=1e-12), o
+
+
+def _blocked(m, block_bytes):
+    b = make(**json.loads(m.config_json)["hparams"])
+    b.load_state_dict(m.state_dict())
+    convs = [mod for mod in b.modules() if isinstance(mod, (PathConvolution, SymmetricContraction))]
+    assert convs
+    for conv in convs:
+        conv.block_bytes = block_bytes
+    return b
+
+
+@pytest.mark.parametrize("which", ["model", "mace"])
+def test_edge_blocks_give_the_same_numbers(which, request, periodic):
+    """Messages formed a few edges at a time (as for large systems on CPUs): energy, forces and
+    stress equal to one block, eager and scripted, and forces still the energy's gradient."""
+    m = request.getfixturevalue(which)
+    whole = m(periodic.as_dict(), True, True)
+    blocked = _blocked(m, 2000)
+    for b in (blocked, script(blocked)):
+        got = b(periodic.as_dict(), True, True)
+        for k in (K.ENERGY, K.FORCES, K.STRESS):
+            assert torch.allclose(got[k], whole[k], atol=1e-11, rtol=0), k
+    T.assert_forces_are_gradients(blocked, periodic)
 
 
 def test_product_basis():

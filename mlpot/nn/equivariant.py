@@ -152,6 +152,7 @@ class PathConvolution(nn.Module):
         pos = [q - first[out[o][0]] for o in range(len(out))
                for q, (_, _, k) in enumerate(self.paths) if k == o]
         self.register_buffer("picks", torch.tensor(pos, dtype=torch.long))
+        self.block_bytes = 1 << 21  # CPU: edges per block so that a block's messages take 2 MB
 
     def forward(self, h: List[torch.Tensor], y: torch.Tensor, weights: List[torch.Tensor],
                 centre: torch.Tensor, neighbor: torch.Tensor) -> List[torch.Tensor]:
@@ -161,7 +162,8 @@ class PathConvolution(nn.Module):
         # 2-D index_select / index_add_ (rows of contiguous memory) are the fast paths
         x_j = [h[i].reshape(n_atoms, -1).index_select(0, neighbor)
                .view(n_pairs, h[i].shape[1], c) for i in self.used_inputs]  # [P, d1, C]
-        rows_per_bmm = max(1, 3072 // (c * y.element_size())) if y.device.type == "cpu" \
+        cpu = y.device.type == "cpu"
+        rows_per_bmm = max(1, 3072 // (c * y.element_size())) if cpu \
             else 1 << 30  # one batched GEMM per group on GPUs
         node: List[torch.Tensor] = []
         for g in range(len(self.g_in)):
@@ -169,16 +171,24 @@ class PathConvolution(nn.Module):
             w = weights[g].view(n_pairs, 1, n_p, c)  # [P, 1, n_p, C]
             x = x_j[self.g_in[g]]  # [P, d1, C]
             z = zs[g].view(n_pairs, d3 * n_p, d1)  # [P, (m3, path), d1]
+            rows = d3 * n_p if d1 == 1 else max(1, rows_per_bmm // n_p) * n_p
+            # edges in blocks whose messages m take about 2 MB (CPU): m is formed, scattered
+            # and freed block by block, in cache, instead of one [P, rows, C] tensor per group
+            # (GBs at 10k atoms: fresh pages and DRAM traffic made the time per atom grow)
+            edges = max(1, self.block_bytes // (rows * c * y.element_size())) if cpu \
+                else max(1, n_pairs)
+            xs, ws, cs = x.split(edges), w.split(edges), centre.split(edges)
             parts: List[torch.Tensor] = []
-            for zb in z.split(max(1, rows_per_bmm // n_p) * n_p, dim=1):
+            for zb in z.split(rows, dim=1):
                 b = zb.shape[1] // n_p
-                if d1 == 1:  # scalar input: an outer product
-                    m = zb.view(n_pairs, b, n_p, 1) * (x.unsqueeze(1) * w)  # [P, b, n_p, C]
-                else:
-                    m = torch.bmm(zb, x).view(n_pairs, b, n_p, c) * w  # [P, b, n_p, C]
-                out = torch.zeros(n_atoms, b * n_p * c, dtype=m.dtype, device=m.device)
-                parts.append(out.index_add_(0, centre, m.view(n_pairs, b * n_p * c))
-                             .view(n_atoms, b, n_p, c))
+                out = torch.zeros(n_atoms, b * n_p * c, dtype=y.dtype, device=y.device)
+                for k, zk in enumerate(zb.split(edges)):
+                    if d1 == 1:  # scalar input: an outer product
+                        m = zk.reshape(-1, b, n_p, 1) * (xs[k].unsqueeze(1) * ws[k])
+                    else:
+                        m = torch.bmm(zk, xs[k]).view(-1, b, n_p, c) * ws[k]  # [Pk,b,n_p,C]
+                    out.index_add_(0, cs[k], m.reshape(-1, b * n_p * c))
+                parts.append(out.view(n_atoms, b, n_p, c))
             node.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # [N,d3,n_p,C]
         per_l3 = [torch.cat([node[g] for g in gs], dim=2) if len(gs) > 1 else node[gs[0]]
                   for gs in self.l3_groups]  # [N, d3, paths of l3, C]
@@ -371,6 +381,7 @@ class SymmetricContraction(nn.Module):
             self.register_buffer(f"u{nu}", u)  # float64 until the model is cast
             w = torch.randn(num_types, u.shape[0], channels) / math.sqrt(max(u.shape[0], 1))
             setattr(self, f"w{nu}", nn.Parameter(w))  # [T, K_nu, C]
+        self.block_bytes = 1 << 21  # CPU: atoms per block so that a block's intermediate is 2 MB
 
     def _embed(self, per_out: List[torch.Tensor], targets: List[Irrep], d_out: int, nu: int
                ) -> torch.Tensor:
@@ -397,19 +408,32 @@ class SymmetricContraction(nn.Module):
         n = atom_types.shape[0]
         a_c = torch.cat(a, dim=1).permute(2, 1, 0)  # [C, D, N]
         c, d = a_c.shape[0], self.dim
-        b = torch.zeros(c, self.d_out, n, dtype=a_c.dtype, device=a_c.device)
+        xs: List[torch.Tensor] = []
+        idxs: List[torch.Tensor] = []
         for t in range(self.num_types):  # the Horner scheme on the atoms of each species
             idx = (atom_types == t).nonzero().squeeze(1)
             if idx.shape[0] == 0:
                 continue
-            a_t = a_c.index_select(2, idx)  # [C, D, N_t]
             top = self._weighted(self.correlation, t)  # [C, Q * D]
-            x = torch.bmm(top.view(c, top.shape[1] // d, d), a_t)  # [C, Q, N_t]
-            for nu in range(self.correlation - 1, 0, -1):
-                x = x + self._weighted(nu, t).unsqueeze(2)  # [C, Q, N_t]
-                x = (x.view(c, x.shape[1] // d, d, idx.shape[0])
-                     * a_t.unsqueeze(1)).sum(2)  # [C, Q/D, N_t]
-            b = b.index_copy(2, idx, x)  # [C, d_out, N]
+            lower = [self._weighted(nu, t).unsqueeze(2)
+                     for nu in range(self.correlation - 1, 0, -1)]  # [C, Q', 1]
+            # CPU: atoms in blocks whose first intermediate takes about 2 MB (it is
+            # C * Q floats per atom, 64 kB at MACE-small settings), so that it stays in cache
+            per_atom = c * (top.shape[1] // d) * a_c.element_size()
+            block = max(1, self.block_bytes // per_atom) if a_c.device.type == "cpu" \
+                else max(1, idx.shape[0])
+            a_t = a_c.index_select(2, idx)  # [C, D, N_t]
+            for a_b in a_t.split(block, dim=2):  # [C, D, N_b]
+                x = torch.bmm(top.view(c, top.shape[1] // d, d), a_b)  # [C, Q, N_b]
+                for w_nu in lower:
+                    x = x + w_nu  # [C, Q, N_b]
+                    x = (x.view(c, x.shape[1] // d, d, a_b.shape[2])
+                         * a_b.unsqueeze(1)).sum(2)  # [C, Q/D, N_b]
+                xs.append(x)
+            idxs.append(idx)
+        b = torch.zeros(c, self.d_out, n, dtype=a_c.dtype, device=a_c.device)
+        if len(xs) > 0:
+            b = b.index_copy(2, torch.cat(idxs), torch.cat(xs, dim=2))  # [C, d_out, N]
         return list(b.permute(2, 1, 0).split(self.out_dims, dim=1))  # [N, 2L+1, C] each
 
 
