@@ -10,8 +10,9 @@ hyperparameters), on the water box of size^3 molecules (default 4: 192 atoms):
 * torchforce:  one openmm.VerletIntegrator step, TorchForce backend, CPU platform
 * pythonforce: the same with the PythonForce backend
 
-Modes are interleaved in rounds (a busy machine slows them alike) and each reports the median of
-its rounds. Ratios are step time / bare call time (target <= 1.1 for ase and torchforce); ns/day
+Modes are interleaved in rounds (a busy machine slows them alike), taking turns at going first
+after an untimed step (the first calls after the wait for a quiet machine run slow), and each
+reports the median of its rounds. Ratios are step time / bare call time (target <= 1.1 for ase and torchforce); ns/day
 is for the given time step.
 
 Usage: python benchmarks/deploy_bench.py [--models egnn dp_se_e2_a] [--model-file model.pt]
@@ -71,6 +72,7 @@ def bare_runner(model, atoms):
         for _ in range(steps):
             out = model(data, True, False)
             out[K.FORCES].sum().item()
+            del out
     return run
 
 
@@ -99,7 +101,7 @@ def bench_model(label, path, atoms, args):
     model = load(path)
     optimized = load(path)  # its own executor: the optimization choice is made at the first call
     optimized.jit_optimize = True
-    runners = {"bare": bare_runner(model, atoms), "bare_jit_opt": bare_runner(optimized, atoms),
+    runners = {"bare": bare_runner(load(path), atoms), "bare_jit_opt": bare_runner(optimized, atoms),
                "ase": ase_runner(model, atoms, args.timestep_fs)}
     for backend, name in (("torch", "torchforce"), ("python", "pythonforce")):
         ok, why = backend_status(backend)
@@ -110,10 +112,15 @@ def bench_model(label, path, atoms, args):
     for run in runners.values():  # warm-up: TorchScript profiling runs, allocations
         run(3)
     times = {k: [] for k in runners}
-    for _ in range(args.rounds):
+    names = list(runners)
+    for r in range(args.rounds):
         if args.wait_quiet:
             _wait_quiet()
-        for name, run in runners.items():
+        # after the wait the CPU is cold (the first ~100 ms after idling run slow on these VMs):
+        # one untimed step first, and the modes take turns at going first
+        runners[names[r % len(names)]](1)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runners[name]
             t0 = time.perf_counter()
             run(args.steps)
             times[name].append((time.perf_counter() - t0) / args.steps)

@@ -60,6 +60,26 @@ def test_batch_and_script(model, periodic, mol):
     T.assert_script_equals_eager(model, periodic)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 24 * 8 * 5])
+def test_edge_blocks_give_the_same_numbers(model, periodic, block_bytes):
+    """Messages summed a few edges at a time (as for large systems on CPUs): energy, forces and
+    stress equal to one pass, eager and scripted, forces still the energy's gradient."""
+    from mlpot.models import script
+    from mlpot.models.egnn import EGNNLayer
+
+    whole = model(periodic.as_dict(), True, True)
+    blocked = make()
+    layers = [m for m in blocked.modules() if isinstance(m, EGNNLayer)]
+    assert layers and all(m.block_bytes >= 1 << 20 for m in layers)  # one pass above
+    for layer in layers:
+        layer.block_bytes = block_bytes  # one edge, five edges per block
+    for b in (blocked, script(blocked)):
+        got = b(periodic.as_dict(), True, True)
+        for k in (K.ENERGY, K.FORCES, K.STRESS):
+            assert torch.allclose(got[k], whole[k], atol=1e-11, rtol=0), k
+    T.assert_forces_are_gradients(blocked, periodic)
+
+
 def test_attention_variant_is_smooth_and_conservative(periodic):
     m = make(attention=True)
     T.assert_smooth_at_cutoff(m)
