@@ -301,6 +301,12 @@ def test_chunked_inference_equals_whole(model, periodic, chunk_atoms):
             got = m(dict(inp), True, True)
             for k in (K.ENERGY, K.ATOMIC_ENERGIES, K.FORCES, K.VIRIAL, K.STRESS):
                 assert torch.allclose(got[k], whole[k], atol=1e-11, rtol=0), k
+    # a molecule (no cell: zero stress, as in one pass)
+    mol = T.to_data(T.small_molecule("H2O2"), model).with_neighbors(model.cutoff).as_dict()
+    want = model(dict(mol), True, True)
+    got = chunked(dict(mol), True, True)
+    for k in (K.ENERGY, K.FORCES, K.STRESS):
+        assert torch.allclose(got[k], want[k], atol=1e-11, rtol=0), k
     # energies alone (no gradients asked) and the finite-difference checks on the chunked path
     e = chunked(dict(batch), False, False)
     assert torch.allclose(e[K.ENERGY], whole[K.ENERGY], atol=1e-11) and K.FORCES not in e
