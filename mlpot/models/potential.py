@@ -134,13 +134,18 @@ class Potential(nn.Module):
             if compute_stress:
                 g = grads[k]
                 de_deps = g if g is not None else torch.zeros_like(strain)
-                volume = torch.linalg.det(data[K.CELL]).abs()  # [B]
-                out[K.VIRIAL] = -de_deps
-                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
-                stress = de_deps / safe.view(-1, 1, 1)
-                out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress,
-                                            torch.zeros_like(stress))
+                self._add_virial_and_stress(out, de_deps, data[K.CELL])
         return out
+
+    @staticmethod
+    def _add_virial_and_stress(out: Dict[str, torch.Tensor], de_deps: torch.Tensor,
+                               cell: torch.Tensor) -> None:
+        """virial = -dE/d(eps), stress = dE/d(eps) / V (zero for cells without volume)."""
+        volume = torch.linalg.det(cell).abs()  # [B]
+        out[K.VIRIAL] = -de_deps
+        safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+        stress = de_deps / safe.view(-1, 1, 1)
+        out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress, torch.zeros_like(stress))
 
     def _forward_chunked(self, pos: torch.Tensor, cell: torch.Tensor, types: torch.Tensor,
                          batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
@@ -197,13 +202,7 @@ class Potential(nn.Module):
         if compute_forces:
             out[K.FORCES] = forces
         if compute_stress:
-            de_deps = 0.5 * (de_dsym + de_dsym.transpose(1, 2))
-            volume = torch.linalg.det(cell).abs()  # [B]
-            out[K.VIRIAL] = -de_deps
-            safe = torch.where(volume > 0, volume, torch.ones_like(volume))
-            stress = de_deps / safe.view(-1, 1, 1)
-            out[K.STRESS] = torch.where((volume > 0).view(-1, 1, 1), stress,
-                                        torch.zeros_like(stress))
+            self._add_virial_and_stress(out, 0.5 * (de_dsym + de_dsym.transpose(1, 2)), cell)
         return out
 
     # ------------------------------------------------------------------ python-side helpers
