@@ -79,30 +79,26 @@ class EGNNLayer(nn.Module):
                 scale: torch.Tensor) -> torch.Tensor:
         n_atoms = h.shape[0]
         a, b = self.node_proj(h).split(self.edge_hidden, dim=1)  # [N, E] each
-        n_pairs = centre.shape[0]
-        edges = max(1, self.block_bytes // (self.edge_hidden * h.element_size())) \
-            if h.device.type == "cpu" else n_pairs
-        if not self.use_attention and edges < n_pairs:
-            # messages formed and summed block by block, so that the transient [P, E] tensors
-            # stay in cache (at 10k atoms one is hundreds of MB); same sum as below
+        if self.use_attention:  # the gate needs every message before the weighted sum
+            z = self.radial(edge_features) + a.index_select(0, centre)  # [P, E]
+            s = self.act(z + b.index_select(0, neighbor))  # [P, E]
+            w = envelope * torch.sigmoid(self.gate(s))  # [P, 1]
+            w_sum = scatter_sum(w, centre, n_atoms)  # [N, 1]
+            agg = scatter_sum(s * w, centre, n_atoms)  # [N, E]
+        else:
+            # CPU: messages formed and summed in blocks of edges, so that the transient [P, E]
+            # tensors stay in cache (at 10k atoms one is hundreds of MB); one block elsewhere
+            n_pairs = centre.shape[0]
+            edges = max(1, self.block_bytes // (self.edge_hidden * h.element_size())) \
+                if h.device.type == "cpu" else max(1, n_pairs)
+            w_sum = envelope_sum  # [N, 1]
             agg = torch.zeros(n_atoms, self.edge_hidden, dtype=h.dtype, device=h.device)
             efs, cs, ns = edge_features.split(edges), centre.split(edges), neighbor.split(edges)
             ws = envelope.split(edges)
             for k in range(len(cs)):
                 s = self.act(self.radial(efs[k]) + a.index_select(0, cs[k])
                              + b.index_select(0, ns[k]))  # [P_k, E]
-                agg.index_add_(0, cs[k], s * ws[k])
-            m = (torch.matmul(agg, self.message_out.weight.t())
-                 + envelope_sum * self.message_out.bias) * scale  # [N, H]
-            return h + self.update(torch.cat([h, m], dim=1))  # [N, H]
-        z = self.radial(edge_features) + a.index_select(0, centre)  # [P, E]
-        s = self.act(z + b.index_select(0, neighbor))  # [P, E]
-        w = envelope  # [P, 1]
-        w_sum = envelope_sum  # [N, 1]
-        if self.use_attention:
-            w = w * torch.sigmoid(self.gate(s))  # [P, 1]
-            w_sum = scatter_sum(w, centre, n_atoms)  # [N, 1]
-        agg = scatter_sum(s * w, centre, n_atoms)  # [N, E]
+                agg.index_add_(0, cs[k], s * ws[k])  # [N, E]
         m = (torch.matmul(agg, self.message_out.weight.t())
              + w_sum * self.message_out.bias) * scale  # [N, H]
         return h + self.update(torch.cat([h, m], dim=1))  # [N, H]
