@@ -7,6 +7,8 @@
 # Usage: bash cpp/check_cuda_build.sh [OUT_DIR]     (needs nvcc and g++; ~40 s)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+command -v nvcc >/dev/null || { echo "nvcc not found: install the CUDA toolkit or put nvcc on PATH" >&2; exit 2; }
+python -c "import torch" 2>/dev/null || { echo "torch not importable: pip install -e . first" >&2; exit 2; }
 OUT=${1:-$(mktemp -d)}
 mkdir -p "$OUT"
 read -r TL PYI CUDA_LIB < <(python - <<'PY'

@@ -94,7 +94,7 @@ class Potential(nn.Module):
                 ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
             i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
 
-        if hasattr(self.net, "centre_energies"):
+        if hasattr(self.net, "centre_energies"):  # alone: TorchScript drops the branch if not
             if (not self.training) and (not pos.requires_grad) and self.chunk_atoms > 0 \
                     and n_atoms > self.chunk_atoms:
                 return self._forward_chunked(pos, cell, types, batch, i, j, shifts,
