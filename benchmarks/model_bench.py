@@ -75,12 +75,9 @@ def worker(model: str, dtype: str, system: str, threads: int) -> dict:
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
-    if first < 2:
-        t = timeit(call, warmup=1, repeat=5)
-    elif first < 10:
-        t = timeit(call, warmup=0, repeat=3)
-    else:
-        t = timeit(call, warmup=0, repeat=1)
+    # steady state (an MD run makes thousands of calls): one more untimed call, then 5 (3 for
+    # slow calls); the first calls at 10k atoms run 2-3x slower while the allocator's heap grows
+    t = timeit(call, warmup=1, repeat=5 if first < 2 else 3)
     return {"tool": "mlpot", "model": model, "dtype": dtype, "system": system, "N": len(atoms),
             "threads": threads, "ms": 1e3 * t["median_s"], "ms_min": 1e3 * t["min_s"],
             "n": t["n"], "peak_rss_mb": round(peak_rss_mb()), "other_load": t["other_load"],

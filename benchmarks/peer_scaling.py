@@ -48,8 +48,7 @@ def worker(system: str, threads: int) -> dict:
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
-    t = timeit(call, warmup=1 if first < 2 else 0, repeat=5 if first < 2 else (3 if first < 10
-                                                                            else 1))
+    t = timeit(call, warmup=1, repeat=5 if first < 2 else 3)  # steady state, as model_bench.py
     return {"tool": "mace-small", "N": len(atoms), "edges": int(data.edge_index.shape[1]),
             "threads": threads, "ms": 1e3 * t["median_s"], "n": t["n"],
             "us_per_atom": round(1e6 * t["median_s"] / len(atoms), 2),

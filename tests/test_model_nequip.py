@@ -159,12 +159,14 @@ def _blocked(m, block_bytes):
 
 
 @pytest.mark.parametrize("which", ["model", "mace"])
-def test_edge_blocks_give_the_same_numbers(which, request, periodic):
-    """Messages formed a few edges at a time (as for large systems on CPUs): energy, forces and
-    stress equal to one block, eager and scripted, and forces still the energy's gradient."""
+@pytest.mark.parametrize("block_bytes", [1, 2000])
+def test_edge_blocks_give_the_same_numbers(which, block_bytes, request, periodic):
+    """Radial weights and messages formed one or a few edges at a time (as for large systems on
+    CPUs): energy, forces and stress equal to one block, eager and scripted, and forces still the
+    energy's gradient."""
     m = request.getfixturevalue(which)
     whole = m(periodic.as_dict(), True, True)
-    blocked = _blocked(m, 2000)
+    blocked = _blocked(m, block_bytes)
     for b in (blocked, script(blocked)):
         got = b(periodic.as_dict(), True, True)
         for k in (K.ENERGY, K.FORCES, K.STRESS):

@@ -100,6 +100,8 @@ class InteractionLayer(nn.Module):
         self.radial_act = nn.SiLU() if len(radial_widths) > 1 else nn.Identity()
         self.radial_out = nn.ModuleList([nn.Linear(radial_widths[-1], n * c)
                                          for n in self.conv.group_paths])
+        # values per edge the radial MLP makes in a block (for the block size)
+        self.radial_width = max(max(radial_widths[1:] + [1]), c * max(self.conv.group_paths))
         self.post = IrrepsLinear(irreps_out, fan_in, gate_widths(irreps_out, c), irreps_in, c,
                                  num_types)
         self.gate = Gate(irreps_out, c)
@@ -108,9 +110,19 @@ class InteractionLayer(nn.Module):
                 centre: torch.Tensor, neighbor: torch.Tensor, onehot: torch.Tensor,
                 atom_types: torch.Tensor) -> List[torch.Tensor]:
         x = self.pre(h, h, onehot)
-        r = self.radial_act(self.radial_hidden(basis))  # [P, H]
-        w = [lin(r) for lin in self.radial_out]  # [P, n_p * C] per path group
-        a = self.conv(x, y, w, centre, neighbor)  # [N, 2l+1, paths(o) * C] per output irrep
+        c = self.channels
+        conv = self.conv
+        # the radial MLP runs block by block with the messages (PathConvolution.forward's
+        # loop), so that its [P, H] activations and weights are never made for all edges at once
+        edges = conv.edges_per_block(y.shape[0], c, self.radial_width, y)
+        acc = conv.accumulators(x[0].shape[0], c, y)
+        xs = [x_j.split(edges) for x_j in conv.gather(x, neighbor)]
+        ys, bs, cs = y.split(edges), basis.split(edges), centre.split(edges)
+        for k in range(len(ys)):
+            r = self.radial_act(self.radial_hidden(bs[k]))  # [Pk, H]
+            w = [lin(r) for lin in self.radial_out]  # [Pk, n_p * C] per path group
+            conv.add_block(acc, [x_j[k] for x_j in xs], ys[k], w, cs[k])
+        a = conv.finish(acc, c)  # [N, 2l+1, paths(o) * C] per output irrep
         a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
         return self.gate(self.post(a, h, onehot))
 

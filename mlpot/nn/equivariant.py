@@ -103,9 +103,12 @@ class PathConvolution(nn.Module):
     forward(h: list [N, 2l1+1, C], y [P, (l_max+1)^2], weights: list over groups [P, n_p, C]
     (``group_paths`` paths each, in the order of ``paths``), centre [P], neighbor [P])
       -> list over ``irreps_out`` of [N, 2l3+1, n_paths(o) * C].
-    Weights come per group so that no edge tensor is larger than needed: on CPUs, blocks above
-    glibc's 32 MB mmap threshold are fresh pages at every call, and page faults cost more than
-    the arithmetic.
+    On CPUs the edges go in blocks whose messages take about ``block_bytes``: each block's
+    messages are formed, scattered and freed while in cache. A caller that makes the weights
+    itself (``InteractionLayer`` and its radial MLP) runs the same loop with ``gather``,
+    ``accumulators``, ``add_block`` and ``finish``, so that no per-edge tensor of the size of all
+    edges is made but h_j: on CPUs, tensors above glibc's 32 MB mmap threshold are fresh pages at
+    every call, and page faults then cost more than the arithmetic.
     """
 
     def __init__(self, irreps_in: List[Irrep], sh_l_max: int, targets: List[Irrep]):
@@ -154,41 +157,82 @@ class PathConvolution(nn.Module):
         self.register_buffer("picks", torch.tensor(pos, dtype=torch.long))
         self.block_bytes = 1 << 21  # CPU: edges per block so that a block's messages take 2 MB
 
-    def forward(self, h: List[torch.Tensor], y: torch.Tensor, weights: List[torch.Tensor],
-                centre: torch.Tensor, neighbor: torch.Tensor) -> List[torch.Tensor]:
-        n_atoms, n_pairs, c = h[0].shape[0], y.shape[0], h[0].shape[2]
+    def rows(self, g: int, c: int, y: torch.Tensor) -> int:
+        """Rows (m3, path) of group g's per-edge matrix that go through one ``bmm``: on CPUs few
+        enough that an edge's output stays under 3 kB (the BLAS fast path for small matrices),
+        a whole number of paths; all of them for scalar inputs and on GPUs."""
+        n_p, d3 = self.g_paths[g], self.g_d3[g]
+        if self.g_d1[g] == 1 or y.device.type != "cpu":
+            return d3 * n_p
+        return min(d3 * n_p, max(1, max(1, 3072 // (c * y.element_size())) // n_p) * n_p)
+
+    def edges_per_block(self, n_pairs: int, c: int, extra: int, y: torch.Tensor) -> int:
+        """Edges per block on CPUs: the block's largest message (or ``extra`` values per edge,
+        the caller's own per-edge tensors) takes about ``block_bytes``; all edges on GPUs."""
+        if y.device.type != "cpu":
+            return max(1, n_pairs)
+        widest = extra
+        for g in range(len(self.g_in)):
+            widest = max(widest, self.rows(g, c, y) * c)
+        return max(1, self.block_bytes // (widest * y.element_size()))
+
+    def gather(self, h: List[torch.Tensor], neighbor: torch.Tensor) -> List[torch.Tensor]:
+        """h_j of every edge, per used input irrep: [P, d1, C]. Gathered once for all edges
+        (2-D index_select, rows of contiguous memory, is the fast path): gathers per block would
+        each cost a full [N, d1, C] gradient in the backward pass."""
+        out: List[torch.Tensor] = []
+        for i in self.used_inputs:
+            x = h[i]
+            out.append(x.reshape(x.shape[0], -1).index_select(0, neighbor)
+                       .view(neighbor.shape[0], x.shape[1], x.shape[2]))
+        return out
+
+    def accumulators(self, n_atoms: int, c: int, y: torch.Tensor) -> List[torch.Tensor]:
+        """Zeroed sums over the edges: per group and bmm row chunk, [N, rows * C]."""
+        acc: List[torch.Tensor] = []
+        for g in range(len(self.g_in)):
+            total, rows = self.g_d3[g] * self.g_paths[g], self.rows(g, c, y)
+            for start in range(0, total, rows):
+                acc.append(torch.zeros(n_atoms, min(rows, total - start) * c, dtype=y.dtype,
+                                       device=y.device))
+        return acc
+
+    def add_block(self, acc: List[torch.Tensor], x_j: List[torch.Tensor], y: torch.Tensor,
+                  weights: List[torch.Tensor], centre: torch.Tensor):
+        """Adds the messages of a block of edges to ``acc``: x_j per used input [Pk, d1, C],
+        y [Pk, (l_max+1)^2], weights per group [Pk, n_p * C] (or [Pk, n_p, C]), centre [Pk]."""
+        n_pairs, c = y.shape[0], x_j[0].shape[2]
         zs = torch.matmul(y, self.cg).split(
             [a * b * d for a, b, d in zip(self.g_d3, self.g_paths, self.g_d1)], dim=1)
-        # 2-D index_select / index_add_ (rows of contiguous memory) are the fast paths
-        x_j = [h[i].reshape(n_atoms, -1).index_select(0, neighbor)
-               .view(n_pairs, h[i].shape[1], c) for i in self.used_inputs]  # [P, d1, C]
-        cpu = y.device.type == "cpu"
-        rows_per_bmm = max(1, 3072 // (c * y.element_size())) if cpu \
-            else 1 << 30  # one batched GEMM per group on GPUs
-        node: List[torch.Tensor] = []
+        q = 0
         for g in range(len(self.g_in)):
             n_p, d3, d1 = self.g_paths[g], self.g_d3[g], self.g_d1[g]
-            w = weights[g].view(n_pairs, 1, n_p, c)  # [P, 1, n_p, C]
-            x = x_j[self.g_in[g]]  # [P, d1, C]
-            z = zs[g].view(n_pairs, d3 * n_p, d1)  # [P, (m3, path), d1]
-            rows = d3 * n_p if d1 == 1 else max(1, rows_per_bmm // n_p) * n_p
-            # edges in blocks whose messages m take about 2 MB (CPU): m is formed, scattered
-            # and freed block by block, in cache, instead of one [P, rows, C] tensor per group
-            # (GBs at 10k atoms: fresh pages and DRAM traffic made the time per atom grow)
-            edges = max(1, self.block_bytes // (rows * c * y.element_size())) if cpu \
-                else max(1, n_pairs)
-            xs, ws, cs = x.split(edges), w.split(edges), centre.split(edges)
-            parts: List[torch.Tensor] = []
-            for zb in z.split(rows, dim=1):
+            w = weights[g].view(n_pairs, 1, n_p, c)  # [Pk, 1, n_p, C]
+            x = x_j[self.g_in[g]]  # [Pk, d1, C]
+            z = zs[g].view(n_pairs, d3 * n_p, d1)  # [Pk, (m3, path), d1]
+            for zb in z.split(self.rows(g, c, y), dim=1):
                 b = zb.shape[1] // n_p
-                out = torch.zeros(n_atoms, b * n_p * c, dtype=y.dtype, device=y.device)
-                for k, zk in enumerate(zb.split(edges)):
-                    if d1 == 1:  # scalar input: an outer product
-                        m = zk.reshape(-1, b, n_p, 1) * (xs[k].unsqueeze(1) * ws[k])
-                    else:
-                        m = torch.bmm(zk, xs[k]).view(-1, b, n_p, c) * ws[k]  # [Pk,b,n_p,C]
-                    out.index_add_(0, cs[k], m.reshape(-1, b * n_p * c))
-                parts.append(out.view(n_atoms, b, n_p, c))
+                if d1 == 1:  # scalar input: an outer product
+                    m = zb.reshape(n_pairs, b, n_p, 1) * (x.unsqueeze(1) * w)
+                else:
+                    m = torch.bmm(zb, x).view(n_pairs, b, n_p, c) * w  # [Pk, b, n_p, C]
+                acc[q].index_add_(0, centre, m.reshape(n_pairs, b * n_p * c))
+                q += 1
+
+    def finish(self, acc: List[torch.Tensor], c: int) -> List[torch.Tensor]:
+        """The sums in ``acc`` as the outputs: list over ``irreps_out`` of
+        [N, 2l3+1, n_paths(o) * C]."""
+        n_atoms = acc[0].shape[0]
+        node: List[torch.Tensor] = []
+        q = 0
+        for g in range(len(self.g_in)):
+            n_p, d3 = self.g_paths[g], self.g_d3[g]
+            parts: List[torch.Tensor] = []
+            rows = 0
+            while rows < d3 * n_p:
+                rows += acc[q].shape[1] // c
+                parts.append(acc[q].view(n_atoms, -1, n_p, c))
+                q += 1
             node.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # [N,d3,n_p,C]
         per_l3 = [torch.cat([node[g] for g in gs], dim=2) if len(gs) > 1 else node[gs[0]]
                   for gs in self.l3_groups]  # [N, d3, paths of l3, C]
@@ -197,6 +241,18 @@ class PathConvolution(nn.Module):
             a = per_l3[self.out_l3[o]].index_select(2, pick)  # [N, d3, n_o, C]
             result.append(a.reshape(n_atoms, a.shape[1], -1))  # [N, d3, n_o * C]
         return result
+
+    def forward(self, h: List[torch.Tensor], y: torch.Tensor, weights: List[torch.Tensor],
+                centre: torch.Tensor, neighbor: torch.Tensor) -> List[torch.Tensor]:
+        c = h[0].shape[2]
+        acc = self.accumulators(h[0].shape[0], c, y)
+        edges = self.edges_per_block(y.shape[0], c, 0, y)
+        xs = [x.split(edges) for x in self.gather(h, neighbor)]
+        ws = [w.split(edges) for w in weights]
+        ys, cs = y.split(edges), centre.split(edges)
+        for k in range(len(ys)):
+            self.add_block(acc, [x[k] for x in xs], ys[k], [w[k] for w in ws], cs[k])
+        return self.finish(acc, c)
 
 
 # ---------------------------------------------------------------------------- linear, gate
