@@ -115,3 +115,38 @@ def test_reference_energies_least_squares():
         items.append(d)
     e0 = fit_reference_energies(items, 2)
     assert torch.allclose(e0, torch.tensor([-6.0, -2.0], dtype=torch.float64), atol=1e-6)
+
+
+SMALL_MODELS = {
+    "dp_se_e2_a": dict(cutoff=3.5, embedding=[8, 16], axis_neuron=4, fitting=[16, 16]),
+    "egnn": dict(cutoff=3.5, hidden=16, edge_hidden=16, num_layers=2),
+    "nequip": dict(cutoff=3.5, num_features=4, l_max=2, num_layers=2),
+    "nequip-mace": dict(cutoff=3.5, num_features=4, l_max=2, feature_l_max=0, correlation=3,
+                        num_layers=2, parity=False),
+}
+
+
+def _same_on_device(name: str, device: str) -> None:
+    """Energy, forces and stress of a model (eager and scripted) on ``device`` equal the CPU's."""
+    from mlpot.models import build_model, script
+
+    torch.manual_seed(0)
+    hp = dict(SMALL_MODELS[name])
+    model = build_model(name.split("-")[0], ["O", "H"], dtype="float64", **hp).eval()
+    data = T.to_data(T.random_periodic(("O", "H"), 24, seed=2), model)
+    want = model(data.as_dict(), True, True)
+    moved = model.to(device)
+    for m in (moved, script(moved)):
+        got = m(data.to(device).as_dict(), True, True)
+        for key in (K.ENERGY, K.FORCES, K.STRESS):
+            assert got[key].device.type == torch.device(device).type, key
+            torch.testing.assert_close(got[key].cpu(), want[key].detach(), rtol=1e-9,
+                                       atol=1e-10, msg=f"{name} {key} on {device}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(SMALL_MODELS))
+def test_models_on_cuda_equal_cpu(name):
+    """The three model families (and the MACE product basis) run on CUDA: one block of edges and
+    atoms there instead of the CPU's blocks, the same numbers."""
+    _same_on_device(name, "cuda")
