@@ -23,6 +23,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from .scatter import scatter_add_
+
 Irrep = Tuple[int, int]  # (l, parity), parity +1 (even) or -1 (odd)
 
 
@@ -216,7 +218,7 @@ class PathConvolution(nn.Module):
                     m = zb.reshape(n_pairs, b, n_p, 1) * (x.unsqueeze(1) * w)
                 else:
                     m = torch.bmm(zb, x).view(n_pairs, b, n_p, c) * w  # [Pk, b, n_p, C]
-                acc[q].index_add_(0, centre, m.reshape(n_pairs, b * n_p * c))
+                scatter_add_(acc[q], centre, m.reshape(n_pairs, b * n_p * c))
                 q += 1
 
     def finish(self, acc: List[torch.Tensor], c: int) -> List[torch.Tensor]:
