@@ -9,7 +9,7 @@ import torch
 from mlpot import keys as K
 from mlpot import testing as T
 from mlpot.models import build_model, from_config, script
-from mlpot.models.nequip import NequIP
+from mlpot.models.nequip import InteractionLayer, NequIP
 from mlpot.nn.equivariant import (PathConvolution, SymmetricContraction, irrep_name,
                                   irreps_up_to, rotate_features, symmetric_basis)
 
@@ -155,6 +155,10 @@ def _blocked(m, block_bytes):
     assert convs
     for conv in convs:
         conv.block_bytes = block_bytes
+    layers = [mod for mod in b.modules() if isinstance(mod, InteractionLayer)]
+    assert layers and all(layer.radial_block_bytes >= 1 << 20 for layer in layers)
+    for layer in layers:  # the radial MLP on one to a few message blocks at a time
+        layer.radial_block_bytes = 3 * block_bytes
     return b
 
 

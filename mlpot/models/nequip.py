@@ -100,8 +100,9 @@ class InteractionLayer(nn.Module):
         self.radial_act = nn.SiLU() if len(radial_widths) > 1 else nn.Identity()
         self.radial_out = nn.ModuleList([nn.Linear(radial_widths[-1], n * c)
                                          for n in self.conv.group_paths])
-        # values per edge the radial MLP makes in a block (for the block size)
-        self.radial_width = max(max(radial_widths[1:] + [1]), c * max(self.conv.group_paths))
+        # values per edge the radial MLP keeps for the backward pass (activations, weights)
+        self.radial_width = 2 * sum(radial_widths[1:]) + c * sum(self.conv.group_paths)
+        self.radial_block_bytes = 1 << 25  # CPU: edges per radial MLP pass (32 MB of those)
         self.post = IrrepsLinear(irreps_out, fan_in, gate_widths(irreps_out, c), irreps_in, c,
                                  num_types)
         self.gate = Gate(irreps_out, c)
@@ -112,16 +113,24 @@ class InteractionLayer(nn.Module):
         x = self.pre(h, h, onehot)
         c = self.channels
         conv = self.conv
-        # the radial MLP runs block by block with the messages (PathConvolution.forward's
-        # loop), so that its [P, H] activations and weights are never made for all edges at once
-        edges = conv.edges_per_block(y.shape[0], c, self.radial_width, y)
+        # the radial MLP runs on super-blocks of edges (a whole number of message blocks, about
+        # radial_block_bytes), so that its [P, H] activations and weights are never made for all
+        # edges at once on large systems, and it is one pass on small ones
+        n_pairs = y.shape[0]
+        edges = conv.edges_per_block(n_pairs, c, 0, y)
+        per_pass = edges * max(1, self.radial_block_bytes
+                               // (edges * self.radial_width * y.element_size())) \
+            if y.device.type == "cpu" else max(1, n_pairs)
         acc = conv.accumulators(x[0].shape[0], c, y)
         xs = [x_j.split(edges) for x_j in conv.gather(x, neighbor)]
-        ys, bs, cs = y.split(edges), basis.split(edges), centre.split(edges)
-        for k in range(len(ys)):
-            r = self.radial_act(self.radial_hidden(bs[k]))  # [Pk, H]
-            w = [lin(r) for lin in self.radial_out]  # [Pk, n_p * C] per path group
-            conv.add_block(acc, [x_j[k] for x_j in xs], ys[k], w, cs[k])
+        ys, cs = y.split(edges), centre.split(edges)
+        k = 0
+        for b in basis.split(per_pass):
+            r = self.radial_act(self.radial_hidden(b))  # [P_pass, H]
+            ws = [lin(r).split(edges) for lin in self.radial_out]  # [Pk, n_p * C] per group
+            for q in range(len(ws[0])):
+                conv.add_block(acc, [x_j[k] for x_j in xs], ys[k], [w[q] for w in ws], cs[k])
+                k += 1
         a = conv.finish(acc, c)  # [N, 2l+1, paths(o) * C] per output irrep
         a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
         return self.gate(self.post(a, h, onehot))
