@@ -117,7 +117,7 @@ class InteractionLayer(nn.Module):
         # radial_block_bytes), so that its [P, H] activations and weights are never made for all
         # edges at once on large systems, and it is one pass on small ones
         n_pairs = y.shape[0]
-        edges = conv.edges_per_block(n_pairs, c, 0, y)
+        edges = conv.edges_per_block(n_pairs, c, y)
         per_pass = edges * max(1, self.radial_block_bytes
                                // (edges * self.radial_width * y.element_size())) \
             if y.device.type == "cpu" else max(1, n_pairs)

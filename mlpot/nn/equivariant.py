@@ -168,12 +168,12 @@ class PathConvolution(nn.Module):
             return d3 * n_p
         return min(d3 * n_p, max(1, max(1, 3072 // (c * y.element_size())) // n_p) * n_p)
 
-    def edges_per_block(self, n_pairs: int, c: int, extra: int, y: torch.Tensor) -> int:
-        """Edges per block on CPUs: the block's largest message (or ``extra`` values per edge,
-        the caller's own per-edge tensors) takes about ``block_bytes``; all edges on GPUs."""
+    def edges_per_block(self, n_pairs: int, c: int, y: torch.Tensor) -> int:
+        """Edges per block on CPUs, so that the block's largest message takes about
+        ``block_bytes``; all edges on GPUs."""
         if y.device.type != "cpu":
             return max(1, n_pairs)
-        widest = extra
+        widest = 1
         for g in range(len(self.g_in)):
             widest = max(widest, self.rows(g, c, y) * c)
         return max(1, self.block_bytes // (widest * y.element_size()))
@@ -248,7 +248,7 @@ class PathConvolution(nn.Module):
                 centre: torch.Tensor, neighbor: torch.Tensor) -> List[torch.Tensor]:
         c = h[0].shape[2]
         acc = self.accumulators(h[0].shape[0], c, y)
-        edges = self.edges_per_block(y.shape[0], c, 0, y)
+        edges = self.edges_per_block(y.shape[0], c, y)
         xs = [x.split(edges) for x in self.gather(h, neighbor)]
         ws = [w.split(edges) for w in weights]
         ys, cs = y.split(edges), centre.split(edges)
