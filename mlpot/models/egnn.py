@@ -46,7 +46,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..nn import MLP, BesselBasis, activation, polynomial_cutoff, scatter_add_, scatter_sum
+from ..nn import MLP, BesselBasis, activation, polynomial_cutoff, scatter_sum
 
 
 class EGNNLayer(nn.Module):
@@ -98,7 +98,7 @@ class EGNNLayer(nn.Module):
             for k in range(len(cs)):
                 s = self.act(self.radial(efs[k]) + a.index_select(0, cs[k])
                              + b.index_select(0, ns[k]))  # [P_k, E]
-                scatter_add_(agg, cs[k], s * ws[k])  # [N, E]
+                agg.index_add_(0, cs[k], s * ws[k])  # [N, E]
         m = (torch.matmul(agg, self.message_out.weight.t())
              + w_sum * self.message_out.bias) * scale  # [N, H]
         return h + self.update(torch.cat([h, m], dim=1))  # [N, H]

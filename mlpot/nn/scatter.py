@@ -9,8 +9,10 @@ def scatter_add_(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
 
     The same sums as ``out.index_add_(0, index, src)``, but autograd keeps only the index (an
     expanded view, no copy) for the backward pass, where ``index_add_`` keeps ``src``: for
-    messages formed block by block that held every block's messages until the backward pass
-    (GBs at 10k atoms). On CPUs ``scatter_add_`` with an expanded index is as fast."""
+    nequip's messages, formed in many small blocks, that held every block's messages until the
+    backward pass (5 GB at 12k atoms). On CPUs it is as fast for blocks of about a thousand rows;
+    for the EGNN's blocks (32k rows) it ran no faster and left the process 1.5x larger, so the
+    EGNN and ``scatter_sum`` keep ``index_add_``."""
     shape: List[int] = [index.shape[0]] + [1] * (src.dim() - 1)
     return out.scatter_add_(0, index.view(shape).expand_as(src), src)
 
@@ -19,4 +21,4 @@ def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.
     """out[k] = sum of src[p] over p with index[p] == k, along the first dimension."""
     shape = [dim_size] + list(src.shape[1:])
     out = torch.zeros(shape, dtype=src.dtype, device=src.device)
-    return scatter_add_(out, index, src)
+    return out.index_add_(0, index, src)
