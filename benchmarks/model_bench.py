@@ -12,8 +12,8 @@ Pairs compared (untrained models, equal hyperparameters):
   nequip at MACE "small" settings (64 channels of l=0 features, spherical harmonics to l=3,
       correlation 3, 2 layers, r_max 5, radial MLP [64, 64, 64])   vs MACE small raw call
 mlpot's time includes its neighbor list (MACE's raw call does not: a handicap for mlpot).
-EGNN has no peer here; it is timed for the scaling table. The scaling cases time mlpot alone from
-192 to 12,288 atoms (time per atom should stay constant).
+EGNN and nequip at its defaults have no peer here; they are timed for the scaling table. The
+scaling cases time mlpot alone from 192 to 12,288 atoms (time per atom should stay constant).
 
     python benchmarks/model_bench.py                 # all cases (about 15 minutes)
     python benchmarks/model_bench.py --quick         # 192 atoms only
@@ -40,6 +40,7 @@ MLPOT = {
         "num_features": 64, "l_max": 3, "feature_l_max": 0, "correlation": 3, "num_layers": 2,
         "radial_mlp": [64, 64, 64], "avg_num_neighbors": 40.0, "cutoff_p": 5.0}},
     "egnn": {"cutoff": 5.0, "hparams": {}},
+    "nequip": {"cutoff": 5.0, "hparams": {}},  # defaults: l <= 2 features of both parities
 }
 PEER_OF = {"dp_se_e2_a": "dp-se_e2_a", "nequip-mace-small": "mace-small"}
 
