@@ -148,7 +148,7 @@ def test_convolution_equals_e3nn_tensor_product(block_bytes):
         assert torch.allclose(got[o], want.reshape(n, 2 * l + 1, -1), atol=1e-12), o
 
 
-def _blocked(m, block_bytes):
+def _blocked(m, block_bytes, radial_block_bytes):
     b = make(**json.loads(m.config_json)["hparams"])
     b.load_state_dict(m.state_dict())
     convs = [mod for mod in b.modules() if isinstance(mod, (PathConvolution, SymmetricContraction))]
@@ -157,20 +157,25 @@ def _blocked(m, block_bytes):
         conv.block_bytes = block_bytes
     layers = [mod for mod in b.modules() if isinstance(mod, InteractionLayer)]
     assert layers and all(layer.radial_block_bytes >= 1 << 20 for layer in layers)
-    for layer in layers:  # the radial MLP on one to a few message blocks at a time
-        layer.radial_block_bytes = 3 * block_bytes
+    for layer in layers:
+        layer.radial_block_bytes = radial_block_bytes
     return b
 
 
 @pytest.mark.parametrize("which", ["model", "mace"])
-@pytest.mark.parametrize("block_bytes", [1, 2000])
-def test_edge_blocks_give_the_same_numbers(which, block_bytes, request, periodic):
+@pytest.mark.parametrize("block_bytes,radial_block_bytes", [
+    (1, 3),            # one edge per message block and per radial MLP pass
+    (2000, 6000),      # a few edges per block, a pass per block or two
+    (2000, 1 << 30),   # a few edges per block, all of them in one radial MLP pass
+])
+def test_edge_blocks_give_the_same_numbers(which, block_bytes, radial_block_bytes, request,
+                                           periodic):
     """Radial weights and messages formed one or a few edges at a time (as for large systems on
     CPUs): energy, forces and stress equal to one block, eager and scripted, and forces still the
     energy's gradient."""
     m = request.getfixturevalue(which)
     whole = m(periodic.as_dict(), True, True)
-    blocked = _blocked(m, block_bytes)
+    blocked = _blocked(m, block_bytes, radial_block_bytes)
     for b in (blocked, script(blocked)):
         got = b(periodic.as_dict(), True, True)
         for k in (K.ENERGY, K.FORCES, K.STRESS):
