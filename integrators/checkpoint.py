@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mlpot.atomic import atomic_save
+from mlpot.files import atomic_save
 
 from .base import Integrator
 from .bussi import Bussi

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Optional, Union
 
 import torch
 
-from .atomic import atomic_write
+from .files import atomic_write
 
 __all__ = ["export", "load", "read_metadata", "save_checkpoint", "load_checkpoint",
            "hash_files", "ExportedModel", "ExportError", "FORMAT_VERSION", "METADATA_NAME"]

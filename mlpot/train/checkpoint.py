@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 
-from ..atomic import atomic_save  # noqa: F401 - re-exported for the trainer
+from ..files import atomic_save  # noqa: F401 - re-exported for the trainer
 
 
 def load_trainer_checkpoint(path: str) -> Dict:

@@ -6,9 +6,10 @@ renamed over the target with ``os.replace`` (atomic on POSIX and Windows).
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import torch
 
@@ -35,3 +36,24 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def temporary_pattern(path: str) -> str:
+    """The glob pattern of the temporary files ``atomic_write`` makes for ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    base = glob.escape(os.path.basename(path))
+    return os.path.join(glob.escape(os.path.dirname(path)), "." + base + ".*.tmp")
+
+
+def remove_stale_temporaries(path: str) -> List[str]:
+    """Delete the temporary files that a killed ``atomic_write(path, ...)`` left behind (the
+    target itself is never touched); returns what was removed. Call it when a run that owns
+    ``path`` starts, not while another process may be writing it."""
+    removed = []
+    for tmp in glob.glob(temporary_pattern(path)):
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
