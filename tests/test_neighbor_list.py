@@ -2,6 +2,7 @@
 brute-force reference must all give the same set of (i, j, S)."""
 import functools
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -535,3 +536,169 @@ def test_large_outputs_reuse_memory_without_aliasing_live_tensors():
     assert float(d.max()) < 5.0
     neighbors.empty_cache()
     assert torch.equal(third[0], kept[0])  # live tensors are untouched by empty_cache
+
+
+# --------------------------------------------------------------------------------------------
+# the cache of the compiled op: a library there is code, loaded only when it is the user's own
+# --------------------------------------------------------------------------------------------
+
+
+def _private_tree(tmp_path):
+    """root/ops/lib.so, all owned by the user, folders 0o700 and the file 0o644."""
+    root = tmp_path / "root"
+    lib = root / "ops" / "lib.so"
+    lib.parent.mkdir(parents=True)
+    root.chmod(0o700)
+    lib.parent.chmod(0o700)
+    lib.write_bytes(b"not really a library")
+    lib.chmod(0o644)
+    return root, lib
+
+
+def test_cache_check_accepts_private_tree(tmp_path):
+    from mlpot.cache import check_private
+
+    root, lib = _private_tree(tmp_path)
+    check_private(lib, root)
+    check_private(root / "ops" / "missing.so", root)  # not there yet: it will be built private
+
+
+@pytest.mark.parametrize("where,mode,who", [("root", 0o777, "group and others"),
+                                            ("ops", 0o770, "group"),
+                                            ("file", 0o646, "others")])
+def test_cache_check_refuses_writable_by_others(tmp_path, where, mode, who):
+    from mlpot.cache import UnsafeCacheError, check_private
+    from mlpot.errors import UserError
+
+    root, lib = _private_tree(tmp_path)
+    bad = {"root": root, "ops": lib.parent, "file": lib}[where]
+    bad.chmod(mode)
+    with pytest.raises(UnsafeCacheError) as info:
+        check_private(lib, root)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"{bad} is writable by {who}" in msg
+    assert f"chmod go-w {bad}" in msg and "MLPOT_CACHE_DIR" in msg
+    assert isinstance(info.value, UserError)
+
+
+def test_cache_check_refuses_another_owner(tmp_path, monkeypatch):
+    import os
+
+    from mlpot.cache import UnsafeCacheError, check_private
+
+    root, lib = _private_tree(tmp_path)
+    me = os.stat(lib).st_uid
+    monkeypatch.setattr(os, "getuid", lambda: me + 1)
+    with pytest.raises(UnsafeCacheError, match=f"owned by user id {me}, not by you"):
+        check_private(lib, root)
+
+
+def test_cache_folders_are_created_private(tmp_path, monkeypatch):
+    import stat
+
+    from mlpot.cache import make_private_dir
+
+    monkeypatch.setenv("MLPOT_CACHE_DIR", str(tmp_path / "cache"))
+    made = make_private_dir(tmp_path / "cache" / "v-hash")
+    for p in (made, made.parent):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700
+
+
+def test_planted_library_is_not_loaded_and_the_fallback_is_used(tmp_path, monkeypatch):
+    """A library placed in a world-writable MLPOT_CACHE_DIR is refused before load_library, and
+    mlpot falls back to the pure-PyTorch neighbor list with its one warning."""
+    from mlpot.neighbors import _extension
+
+    cache = tmp_path / "shared"
+    monkeypatch.setenv("MLPOT_CACHE_DIR", str(cache))
+    folder, name = _extension._build_id(False)
+    folder.mkdir(parents=True)
+    (folder / f"{name}.so").write_bytes(b"\x7fELF planted")
+    cache.chmod(0o777)
+    loaded, built = [], []
+    monkeypatch.setattr(torch.ops, "load_library", lambda p: loaded.append(p))
+    monkeypatch.setattr(_extension, "_build", lambda *a, **k: built.append(a))
+    with pytest.raises(_extension.UnsafeCacheError, match="refusing the cached library"):
+        _extension._load_or_build(False, False)
+    assert loaded == [] and built == []
+
+    # through the backend selection: one warning naming the reason, then the fallback
+    monkeypatch.setattr(_extension, "_LOADED", None)
+    monkeypatch.setattr(_extension, "_op_registered", lambda: False)
+    monkeypatch.setattr(_extension, "cuda_decision", lambda: (False, "test"))
+    for key in ("backend", "library", "reason"):
+        monkeypatch.setitem(neighbors._STATE, key, None if key != "reason" else "")
+    monkeypatch.delenv("MLPOT_NO_EXTENSION", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"pure-PyTorch.*writable by group and others"):
+        assert neighbors.backend() == "torch"
+    assert loaded == [] and built == []
+
+
+def test_stale_build_folders_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mlpot.neighbors._extension import remove_stale_builds
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f"build-{dead_pid}-abc", f"build-{alive.pid}-def", f"build-{os.getpid()}-x",
+                     "v-hash-keep"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "obj.o").write_bytes(b"")
+        (tmp_path / f"build-{dead_pid}-file").write_bytes(b"")  # not a folder: kept
+        removed = remove_stale_builds(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in removed) == sorted([f"build-{dead_pid}-abc",
+                                                      f"build-{os.getpid()}-x"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"build-{alive.pid}-def", "v-hash-keep", f"build-{dead_pid}-file"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_build_subprocess_dies_with_a_killed_parent(tmp_path):
+    """What cpp_extension starts (ninja) while mlpot builds gets SIGTERM when mlpot is killed -9."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "pid"
+    script = (
+        "from mlpot.neighbors._extension import _CompilerDiesWithUs\n"
+        "from torch.utils import cpp_extension\n"
+        "with _CompilerDiesWithUs():\n"
+        f"    cpp_extension.subprocess.run(['sh', '-c', 'echo $$ > {pid_file}; exec sleep 60'])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = running(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the build's subprocess outlived its killed parent"

@@ -12,7 +12,15 @@ CUDA versions, so a torch upgrade or a source change rebuilds. Later processes o
 
 Safety: the build runs in a private temporary folder under an inter-process lock, and the library
 reaches its final name by an atomic rename, so a half-written library is never loaded and two
-processes starting at once build it only once.
+processes starting at once build it only once. A cached library is code from whoever could write
+it: before loading (or building into) the cache, ``mlpot.cache.check_private`` refuses a library or
+folder up to the cache root owned by another user or writable by group/others (the caller then
+falls back to the pure-PyTorch neighbor list, with its one warning); mlpot creates its cache
+folders with mode 0o700.
+
+After a kill -9 mid-build: the next build removes the ``build-PID-*`` folders of processes that are
+gone, and ninja (started by ``torch.utils.cpp_extension``) gets SIGTERM when mlpot dies (Linux
+PR_SET_PDEATHSIG) and then kills the compilers it started, so none are left running.
 
 ``INFO`` records what happened (for ``python -m mlpot.neighbors``).
 """
@@ -33,7 +41,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["load_library", "source_dir", "cache_dir", "cuda_decision", "INFO", "OP_NAME"]
+from ..cache import UnsafeCacheError, cache_root, check_private, make_private_dir
+
+__all__ = ["load_library", "source_dir", "cache_dir", "cuda_decision", "remove_stale_builds",
+           "UnsafeCacheError", "INFO", "OP_NAME"]
 
 OP_NAME = "mlpot::neighbor_list"
 _CPP_SOURCES = ("neighbor_list.cpp",)
@@ -77,12 +88,7 @@ def source_dir() -> Path:
 
 
 def _cache_root() -> Path:
-    env = os.environ.get("MLPOT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlpot" / "ops"
+    return cache_root("ops")
 
 
 def _nvcc_version() -> Tuple[Optional[str], Optional[str]]:
@@ -204,24 +210,125 @@ class _Lock:
             self.fd = None
 
 
+_BUILD_DIR = re.compile(r"^build-(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:  # pragma: no cover - unknown: keep its folder
+        return True
+    return True
+
+
+def remove_stale_builds(folder: Path) -> List[Path]:
+    """Remove the ``build-PID-*`` folders of builds whose process is gone (killed mid-build, e.g.
+    by kill -9, which skips the cleanup in ``_build``); returns what was removed.
+
+    Called under the folder's lock, so no build of this process is running; a folder named with
+    this process's own PID is therefore stale too (a PID reused after a container restart).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _BUILD_DIR.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _die_with_parent_preexec():
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux
+    PR_SET_PDEATHSIG), or None where that is not available. ninja, on SIGTERM, kills the compiler
+    process groups it started, so a kill -9 of mlpot mid-build leaves no compiler running."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import signal
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    parent = os.getpid()
+
+    def preexec():
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class _CompilerDiesWithUs:
+    """While building, make ``torch.utils.cpp_extension`` start ninja with
+    :func:`_die_with_parent_preexec` (it calls ``subprocess.run`` itself with no such option).
+
+    Only the ``subprocess`` name inside cpp_extension is replaced, by a module that forwards
+    everything to :mod:`subprocess` and adds the ``preexec_fn`` to ``run``; where cpp_extension
+    has no such name (another torch) nothing changes and only the stale-folder cleanup remains.
+    """
+
+    def __enter__(self):
+        import types
+
+        from torch.utils import cpp_extension
+
+        self.module = cpp_extension
+        self.saved = getattr(cpp_extension, "subprocess", None)
+        preexec = _die_with_parent_preexec()
+        if self.saved is not subprocess or preexec is None:
+            self.saved = None
+            return self
+        proxy = types.ModuleType("subprocess")
+        proxy.__dict__.update(subprocess.__dict__)
+
+        def run(*args, **kwargs):
+            kwargs.setdefault("preexec_fn", preexec)
+            return subprocess.run(*args, **kwargs)
+
+        proxy.run = run
+        cpp_extension.subprocess = proxy
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.module.subprocess = self.saved
+
+
 def _build(target: Path, name: str, sources: List[Path], with_cuda: bool, folder: Path) -> None:
     """Compile into a private temporary folder, then rename the library to `target` atomically."""
     from torch.utils import cpp_extension
 
+    remove_stale_builds(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=folder))
     try:
         openmp = _openmp_flags()
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=_CFLAGS + openmp,
-            extra_cuda_cflags=_CUDA_CFLAGS if with_cuda else None,
-            extra_ldflags=openmp,
-            build_directory=str(tmp),
-            is_python_module=False,
-            with_cuda=with_cuda,
-            verbose=False,
-        )  # also loads the library (registers the op) in this process
+        with _CompilerDiesWithUs():
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=_CFLAGS + openmp,
+                extra_cuda_cflags=_CUDA_CFLAGS if with_cuda else None,
+                extra_ldflags=openmp,
+                build_directory=str(tmp),
+                is_python_module=False,
+                with_cuda=with_cuda,
+                verbose=False,
+            )  # also loads the library (registers the op) in this process
         built = tmp / f"{name}.so"
         if not built.is_file():
             found = sorted(tmp.glob(f"{name}*.so")) + sorted(tmp.glob(f"{name}*.pyd"))
@@ -269,6 +376,9 @@ def _load_or_build(with_cuda: bool, retry_failed: bool) -> str:
     target = folder / f"{name}.so"
     failed = folder / "build_failed.log"
     INFO["cache_dir"] = str(folder)
+    # A library in the cache is code from whoever could write there: load (or build into) it
+    # only when it and its folders are this user's alone (raises UnsafeCacheError otherwise).
+    check_private(target)
     load_error = None
     if target.is_file():
         try:
@@ -282,8 +392,9 @@ def _load_or_build(with_cuda: bool, retry_failed: bool) -> str:
             f"an earlier build of the op failed ({_summary(failed.read_text())}; full log: "
             f"{failed}); `python -m mlpot.neighbors` retries the build"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder)
     with _Lock(folder / ".lock"):
+        check_private(target)
         if target.is_file() and load_error is None:  # built by another process meanwhile
             torch.ops.load_library(str(target))
             INFO.update(action="loaded from cache (built by another process)")
