@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import List, Optional
 
 
@@ -47,6 +48,8 @@ def _test(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpot", description="Machine-learned interatomic "
                                      "potentials: train, test, export, run MD.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="end-to-end check of the installation")
@@ -85,15 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit code follows the table in ``mlpot.errors`` (0 done, 1 a bug,
+    2 bad input, 3 a run stopped by a rule). Expected errors print one line; ``--debug`` shows
+    their traceback too. Anything else is a bug and prints its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     from .data import DataError
+    from .errors import EXIT_BAD_INPUT, exit_code_of
     from .train import ConfigError
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileNotFoundError) as err:
-        print(f"mlpot {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mlpot {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - sorted into expected errors and bugs below
+        expected = (DataError, ConfigError, FileNotFoundError, IsADirectoryError,
+                    PermissionError)
+        code = EXIT_BAD_INPUT if isinstance(err, expected) else exit_code_of(err)
+        if code == 1 or args.debug:
+            traceback.print_exc()
+        if code == 1:
+            print(f"mlpot {args.command}: this is a bug in mlpot, please report it with the "
+                  "traceback above", file=sys.stderr)
+        else:
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"mlpot {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,63 +1,50 @@
-"""Checkpoints and exported models.
+"""Exported models: one TorchScript file per model, with its metadata.
 
-Two file kinds, both written atomically (temporary file + ``os.replace``):
+* ``export(model_or_checkpoint, path)`` scripts a ``Potential`` (or the model of a training
+  checkpoint, see ``mlpot.checkpoint``) and writes one TorchScript file holding it and, as the
+  extra file ``mlpot.json``, its metadata (``mlpot.checkpoint.model_metadata``): format version,
+  versions, type map, cutoff (Angstrom), units (Angstrom, eV), dtype, config and the
+  training-data hash. Written atomically (temporary file + ``os.replace``).
+* ``load(path)`` reads one back as an ``ExportedModel``. The file kind is decided from its zip
+  members before anything is loaded. A TorchScript archive is read by TorchScript's own loader,
+  which rebuilds only TorchScript types and runs the model's TorchScript code in its interpreter,
+  never arbitrary Python. It loads with ``torch.jit.load`` in a
+  process that has torch and, when the model calls it, mlpot's neighbor-list op library
+  (``torch.ops.load_library(mlpot.neighbors.library_path())``), and nothing else of mlpot.
 
-* a **checkpoint** (``save_checkpoint`` / ``load_checkpoint``): a ``torch.save``'d dict with
-  ``"config"`` (``Potential.config``, rebuilds the architecture), ``"model"`` (state dict) and
-  optionally ``"ema"`` (state dict of the exponential moving average of the weights, preferred when
-  present), ``"data_hash"`` (of the training data) and anything else the trainer keeps
-  (optimizer state, epoch).
-* an **exported model** (``export`` / ``load``): one TorchScript file holding the scripted
-  ``Potential`` and, as the extra file ``mlpot.json``, its metadata: format version, mlpot version,
-  type map, cutoff (Angstrom), units (Angstrom, eV), dtype, config and the training-data hash. It
-  loads with ``torch.jit.load`` in a process that has torch and, when the model calls it, mlpot's
-  neighbor-list op library (``torch.ops.load_library(mlpot.neighbors.library_path())``), and
-  nothing else of mlpot.
-
-The module itself is callable, so ``mlpot.export(model, "model.pt")`` works beside
-``mlpot.export.load_checkpoint(...)``.
+The module itself is callable, so ``mlpot.export(model, "model.pt")`` works.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import sys
 import types
 import zipfile
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
+from .checkpoint import file_kind, model_metadata, model_from_checkpoint, read_checkpoint
+from .dtypes import DTYPES, dtype_name, dtype_of
+from .errors import UserError
 from .files import atomic_write
 
-__all__ = ["export", "load", "read_metadata", "save_checkpoint", "load_checkpoint",
-           "hash_files", "ExportedModel", "ExportError", "FORMAT_VERSION", "METADATA_NAME"]
+__all__ = ["export", "load", "read_metadata", "ExportedModel", "ExportError", "FORMAT_VERSION",
+           "METADATA_NAME", "register_neighbor_op"]
 
 FORMAT_VERSION = 1  # bump when a file written now could be misread by an older mlpot
 METADATA_NAME = "mlpot.json"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A file that is not an mlpot model, or one this mlpot cannot read."""
 
 
-# ---------------------------------------------------------------------------- small helpers
-def hash_files(paths: Iterable[str]) -> str:
-    """sha256 over the contents of the given files (sorted by name): a training-data hash."""
-    digest = hashlib.sha256()
-    for p in sorted(os.fspath(p) for p in paths):
-        digest.update(os.path.basename(p).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def load_library() -> Optional[str]:
-    """Load mlpot's neighbor-list op into this process (no-op when it is not built); its path."""
+def register_neighbor_op() -> Optional[str]:
+    """Register mlpot's neighbor-list op in this process when it is built (exported files call
+    it by name); its library path, or None when the pure-PyTorch fallback is in use."""
     try:
         from .neighbors import backend, library_path
 
@@ -71,50 +58,10 @@ def load_library() -> Optional[str]:
     return path
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(potential, path: str, ema_state: Optional[Dict] = None,
-                    training_data_hash: Optional[str] = None, **extra) -> str:
-    """Write ``{"config", "model", ["ema"], ["data_hash"], **extra}`` atomically."""
-    ckpt = {"config": potential.config, "model": potential.state_dict(),
-            "mlpot_version": _version()}
-    if ema_state is not None:
-        ckpt["ema"] = ema_state
-    if training_data_hash is not None:
-        ckpt["data_hash"] = training_data_hash
-    ckpt.update(extra)
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-    return os.fspath(path)
+def _version() -> str:
+    from . import __version__
 
-
-def _read_checkpoint(path: str) -> Dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if _is_torchscript(path):
-        raise ExportError(f"{path} is an exported (TorchScript) model, not a training "
-                          "checkpoint; load it with mlpot.load()")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"{path} is not an mlpot checkpoint ({type(err).__name__}: {err})") \
-            from err
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ExportError(f"{path} is not an mlpot checkpoint: expected a dict with 'config' "
-                          "and 'model' (as written by mlpot.export.save_checkpoint)")
-    return ckpt
-
-
-def _potential_of(ckpt: Dict, use_ema: bool):
-    from .models import from_config
-
-    model = from_config(ckpt["config"])
-    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def load_checkpoint(path: str, use_ema: bool = True):
-    """The ``Potential`` of a checkpoint, with the EMA weights when present and ``use_ema``."""
-    return _potential_of(_read_checkpoint(path), use_ema)
+    return __version__
 
 
 # ---------------------------------------------------------------------------- export
@@ -127,11 +74,10 @@ def _version() -> str:
 def _with_dtype(potential, dtype: Optional[str]):
     """``potential`` itself when it already runs in ``dtype``, else a converted copy (rebuilt from
     its config, or deep-copied for a network outside the registry); the original is untouched."""
-    current = "float64" if potential.model_dtype == torch.float64 else "float32"
+    current = dtype_name(potential.model_dtype)
     if dtype is None or dtype == current:
         return potential, current
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', not '{dtype}'")
+    dtype = dtype_name(dtype)
     config = potential.config
     config["dtype"] = dtype
     try:
@@ -143,8 +89,8 @@ def _with_dtype(potential, dtype: Optional[str]):
     except (KeyError, ValueError, TypeError):  # not a registered model family
         pass
     model = copy.deepcopy(potential)
-    model.net.to(_DTYPES[dtype])
-    model.model_dtype = _DTYPES[dtype]
+    model.net.to(dtype_of(dtype))
+    model.model_dtype = dtype_of(dtype)
     model.config_json = json.dumps(config, sort_keys=True)
     return model, dtype
 
@@ -197,27 +143,15 @@ def export(model, path: str, dtype: Optional[str] = None,
         ``path``.
     """
     if isinstance(model, (str, os.PathLike)):
-        ckpt = _read_checkpoint(os.fspath(model))
-        model = _potential_of(ckpt, use_ema)
+        ckpt = read_checkpoint(os.fspath(model))
+        model = model_from_checkpoint(ckpt, use_ema)
         if training_data_hash is None:
             training_data_hash = ckpt.get("data_hash", ckpt.get("training_data_hash"))
     model, dtype = _with_dtype(model, dtype)
     scripted = _script(model)
     if check:
-        _self_check(model, scripted, _DTYPES[dtype])
-    info = {
-        "format_version": FORMAT_VERSION,
-        "mlpot_version": _version(),
-        "torch_version": torch.__version__.split("+")[0],
-        "type_map": list(model.type_map),
-        "cutoff": float(model.cutoff),
-        "units": {"length": "A", "energy": "eV"},
-        "dtype": dtype,
-        "config": model.config,
-        "training_data_hash": training_data_hash,
-        "neighbor_list": type(model.neighbor_list).__name__,
-        "user": metadata or {},
-    }
+        _self_check(model, scripted, dtype_of(dtype))
+    info = model_metadata(model, FORMAT_VERSION, training_data_hash, metadata)
     text = json.dumps(info, sort_keys=True, indent=1)
     atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
                                                    _extra_files={METADATA_NAME: text}))
@@ -225,15 +159,6 @@ def export(model, path: str, dtype: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------- load
-def _is_torchscript(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py")
-                       for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def read_metadata(path: str) -> Dict:
     """The metadata of an exported model, without loading the model (so without the op)."""
     path = os.fspath(path)
@@ -243,11 +168,11 @@ def read_metadata(path: str) -> Dict:
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.endswith("/extra/" + METADATA_NAME)]
             text = z.read(names[0]).decode() if names else None
-    except zipfile.BadZipFile as err:
-        raise ExportError(f"{path} is not an mlpot model (not a TorchScript/zip file). Export "
-                          "one with `mlpot export CHECKPOINT -o model.pt`") from err
+    except Exception as err:  # noqa: BLE001 - not a zip, or a truncated/damaged one
+        raise ExportError(f"{path} is not an mlpot model (not a TorchScript file, or a truncated "
+                          "one). Export one with `mlpot export CHECKPOINT -o model.pt`") from err
     if text is None:
-        if _is_torchscript(path):
+        if file_kind(path) == "torchscript":
             what = "a TorchScript file but not an mlpot model"
         else:
             what = "not an mlpot model (a torch.save file: if it is a training checkpoint"
@@ -285,7 +210,7 @@ class ExportedModel:
         self.path = path
         self.type_map = list(metadata["type_map"])
         self.cutoff = float(metadata["cutoff"])
-        self.dtype = _DTYPES[metadata["dtype"]]
+        self.dtype = dtype_of(metadata["dtype"])
         self.device = torch.device("cpu")
 
     def __call__(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
@@ -304,11 +229,27 @@ class ExportedModel:
                 f"cutoff={self.cutoff} A, {self.metadata['dtype']}, path='{self.path}')")
 
 
+def usable_device(device: Union[str, torch.device], path: str = "") -> torch.device:
+    """``device`` as a ``torch.device``, or an ExportError when this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ExportError(f"device '{device}' is not a device name: use cpu, cuda or cuda:N "
+                          f"({err})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ExportError(f"{path + ': ' if path else ''}device '{device}' is not available here "
+                          f"({torch.cuda.device_count()} CUDA devices visible to torch "
+                          f"{torch.__version__}); use --device cpu")
+    return dev
+
+
 def load(path: str, device: Union[str, torch.device] = "cpu") -> ExportedModel:
     """Read an exported model (with a clear error for anything that is not one)."""
     path = os.fspath(path)
     info = read_metadata(path)
-    load_library()
+    device = usable_device(device, path)
+    register_neighbor_op()
     try:
         module = torch.jit.load(path, map_location=device)
     except RuntimeError as err:
@@ -320,7 +261,11 @@ def load(path: str, device: Union[str, torch.device] = "cpu") -> ExportedModel:
                 f"{path} calls mlpot's compiled neighbor-list op, which is not available in this "
                 f"process: {fix}, or export the model again with MLPOT_NO_EXTENSION=1 set so "
                 "that it uses the pure-PyTorch neighbor list") from err
-        raise ExportError(f"{path}: torch.jit.load failed ({msg.splitlines()[0]})") from err
+        raise ExportError(f"{path}: not a loadable model file, it may be truncated "
+                          f"(torch.jit.load: {msg.splitlines()[0]})") from err
+    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
+        raise ExportError(f"{path}: not a loadable model file, it may be truncated "
+                          f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     module.eval()
     model = ExportedModel(module, info, path)
     model.device = torch.device(device)
@@ -340,11 +285,7 @@ def as_exported(model, device: Optional[Union[str, torch.device]] = None) -> Exp
     if isinstance(model, (str, os.PathLike)):
         return load(model, device)
     if isinstance(model, torch.nn.Module) and hasattr(model, "config_json"):
-        dtype = "float64" if model.model_dtype == torch.float64 else "float32"
-        info = {"format_version": FORMAT_VERSION, "mlpot_version": _version(),
-                "type_map": list(model.type_map), "cutoff": float(model.cutoff),
-                "units": {"length": "A", "energy": "eV"}, "dtype": dtype,
-                "config": model.config, "training_data_hash": None, "user": {}}
+        info = model_metadata(model, FORMAT_VERSION)
         return ExportedModel(_script(model), info).to(device)
     raise TypeError(f"expected a model file path, an ExportedModel or a Potential, "
                     f"got {type(model).__name__}")
@@ -358,7 +299,7 @@ def add_export_parser(subparsers) -> None:
                     "its metadata, for mlpot.load, the ASE calculator and OpenMM.")
     p.add_argument("checkpoint", help="checkpoint written by `mlpot train`")
     p.add_argument("-o", "--output", default="model.pt", help="output file (default model.pt)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="network precision in the file (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     p.add_argument("--data-hash", default=None,
@@ -367,12 +308,9 @@ def add_export_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    try:
-        path = export(args.checkpoint, args.output, dtype=args.dtype,
-                      training_data_hash=args.data_hash, use_ema=not args.no_ema)
-    except (ExportError, FileNotFoundError) as err:
-        print(f"mlpot export: {err}", file=sys.stderr)
-        return 1
+    """``mlpot export``; errors in the input reach ``mlpot.cli.main`` (one line, exit code 2)."""
+    path = export(args.checkpoint, args.output, dtype=args.dtype,
+                  training_data_hash=args.data_hash, use_ema=not args.no_ema)
     info = read_metadata(path)
     print(f"wrote {path}: {info['config'].get('model', '?')} model, type map {info['type_map']}, "
           f"cutoff {info['cutoff']} A, {info['dtype']}, {os.path.getsize(path) / 1e6:.1f} MB")

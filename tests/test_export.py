@@ -11,18 +11,14 @@ import torch
 import mlpot
 from mlpot import keys as K
 from mlpot import testing as T
+from mlpot.checkpoint import CheckpointError, hash_data, model_from_checkpoint, save_checkpoint
+from mlpot.cli import main as cli
 from mlpot.export import (FORMAT_VERSION, METADATA_NAME, ExportError, add_export_parser,
-                          export, hash_files, load, load_checkpoint, read_metadata,
-                          run_export, save_checkpoint)
+                          export, load, read_metadata)
 from mlpot.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(dtype="float64", seed=0):
@@ -107,14 +103,14 @@ print(json.dumps({"energy": float(out["energy"][0]), "type_map": info["type_map"
 def test_loads_with_torch_alone(exported, tmp_path):
     """A process with torch (and mlpot's op library, when the model calls it) and nothing else of
     mlpot reads the file."""
-    from mlpot.export import load_library
+    from mlpot.export import register_neighbor_op
 
     model, path = exported
     script = tmp_path / "loader.py"
     script.write_text(_LOADER)
     atoms = T.small_molecule("H2O")
     pos = json.dumps(atoms.positions.tolist())
-    lib = load_library() or ""
+    lib = register_neighbor_op() or ""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-I", str(script), path, lib, pos], env=env,
                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
@@ -192,17 +188,16 @@ def test_a_newer_format_is_refused_with_advice(exported, tmp_path):
 def test_checkpoint_round_trip_prefers_ema(tmp_path):
     model, ema = small(seed=0), small(seed=1)
     path = str(tmp_path / "sub" / "best.pt")
-    save_checkpoint(model, path, ema_state=ema.state_dict(), training_data_hash="sha256:d",
-                    epoch=7)
+    save_checkpoint(model, path, ema=ema.state_dict(), data_hash="sha256:d", epoch=7)
     assert os.listdir(tmp_path / "sub") == ["best.pt"]  # the temporary file is gone
-    raw = torch.load(path, weights_only=False)
+    raw = torch.load(path, weights_only=True)  # plain data only
     assert raw["epoch"] == 7 and raw["config"] == model.config and raw["data_hash"] == "sha256:d"
     atoms = T.small_molecule("CH3CH2OH")
     e_ema = float(evaluate(ema, atoms)[K.ENERGY][0])
     e_raw = float(evaluate(model, atoms)[K.ENERGY][0])
     assert e_ema != pytest.approx(e_raw)
-    assert float(evaluate(load_checkpoint(path), atoms)[K.ENERGY][0]) == pytest.approx(e_ema)
-    assert float(evaluate(load_checkpoint(path, use_ema=False), atoms)[K.ENERGY][0]) == \
+    assert float(evaluate(model_from_checkpoint(path), atoms)[K.ENERGY][0]) == pytest.approx(e_ema)
+    assert float(evaluate(model_from_checkpoint(path, use_ema=False), atoms)[K.ENERGY][0]) == \
         pytest.approx(e_raw)
 
     out = str(tmp_path / "model.pt")
@@ -210,12 +205,12 @@ def test_checkpoint_round_trip_prefers_ema(tmp_path):
     assert read_metadata(out)["training_data_hash"] == "sha256:d"
     assert float(evaluate(load(out), atoms)[K.ENERGY][0]) == pytest.approx(e_ema, abs=1e-10)
 
-    with pytest.raises(ExportError, match="exported .*not a training checkpoint"):
-        load_checkpoint(out)
+    with pytest.raises(CheckpointError, match="exported .*not a training checkpoint"):
+        model_from_checkpoint(out)
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, str(bad))
-    with pytest.raises(ExportError, match="not an mlpot checkpoint"):
-        load_checkpoint(str(bad))
+    with pytest.raises(CheckpointError, match="not an mlpot checkpoint"):
+        model_from_checkpoint(str(bad))
 
 
 def test_cli(tmp_path, capsys):
@@ -232,16 +227,15 @@ def test_cli(tmp_path, capsys):
     assert "float32" in capsys.readouterr().out
     info = read_metadata(out)
     assert info["dtype"] == "float32" and info["training_data_hash"] == "sha256:x"
-    args = parser.parse_args(["export", str(tmp_path / "nope.pt"), "-o", out])
-    assert run_export(args) == 1
+    assert cli(["export", str(tmp_path / "nope.pt"), "-o", out]) == 2  # bad input
     assert "nope.pt" in capsys.readouterr().err
 
 
-def test_hash_files(tmp_path):
+def test_hash_data(tmp_path):
     a, b = tmp_path / "a.xyz", tmp_path / "b.xyz"
     a.write_text("1\n\nH 0 0 0\n")
     b.write_text("1\n\nO 0 0 0\n")
-    h = hash_files([str(a), str(b)])
-    assert h.startswith("sha256:") and h == hash_files([str(b), str(a)])
+    h = hash_data([str(a), str(b)])
+    assert h.startswith("sha256:") and h == hash_data([str(b), str(a)])
     b.write_text("1\n\nO 0 0 1\n")
-    assert hash_files([str(a), str(b)]) != h
+    assert hash_data([str(a), str(b)]) != h

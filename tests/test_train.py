@@ -14,7 +14,7 @@ from ase.io import write
 from mlpot.cli import main as cli
 from mlpot.data import DataError
 from mlpot.train import ConfigError, Trainer, config_from_dict, load_config
-from mlpot.train import checkpoint as ckpt
+from mlpot import checkpoint as ckpt
 from mlpot.train import train
 
 TINY = {"name": "egnn", "cutoff": 3.6, "hparams": {"hidden": 16, "num_layers": 2}}
@@ -131,7 +131,7 @@ def test_resume_continues_exactly(tmp_path, data_file):
 
 def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    ckpt.atomic_save({"config": {"a": 1}, "model": {}}, path)
+    ckpt.write_checkpoint({"config": {"a": 1}, "model": {}}, path)
 
     def dies_halfway(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -140,13 +140,13 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_save({"config": {"a": 2}, "model": {}}, path)
+        ckpt.write_checkpoint({"config": {"a": 2}, "model": {}}, path)
     monkeypatch.undo()
-    assert ckpt.load_trainer_checkpoint(path)["config"] == {"a": 1}
+    assert ckpt.read_checkpoint(path)["config"] == {"a": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable mlpot checkpoint"):
-        ckpt.load_trainer_checkpoint(str(tmp_path / "junk.pt"))
+        ckpt.read_checkpoint(str(tmp_path / "junk.pt"))
 
 
 def test_cli_train_and_test(tmp_path, data_file, capsys):

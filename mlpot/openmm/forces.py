@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..export import ExportedModel, as_exported, load_library
+from ..export import ExportedModel, as_exported, register_neighbor_op
 from .wrapper import OpenMMWrapper
 
 __all__ = ["create_force", "backend_status", "select_backend", "repair_torch_plugins", "BACKENDS"]
@@ -119,7 +119,7 @@ class PythonComputation:
                 "device": str(self.device)}
 
     def __setstate__(self, state: Dict) -> None:
-        load_library()
+        register_neighbor_op()
         wrapper = torch.jit.load(io.BytesIO(state["wrapper"]), map_location="cpu")
         self.__init__(wrapper, state["periodic"], state["device"])
 
@@ -219,7 +219,7 @@ def _torch_force(wrapper, periodic: bool, force_group: int):
     import openmmtorch
 
     repair_torch_plugins()
-    load_library()  # openmm-torch loads the module in C++: the op must be registered here
+    register_neighbor_op()  # openmm-torch loads the module in C++: the op must be registered here
     # Submodule calls inlined into forward, and the force made from a file (and, in create_force,
     # scripted with the optimizer on): without any one of the three, openmm-torch's module fails
     # under the unoptimized executor ("Couldn't find method: 'forward' on class ...

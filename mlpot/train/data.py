@@ -1,13 +1,13 @@
 """Training data from a config: read, type, split, hash."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
+from ..checkpoint import hash_data
 from ..data import AtomicData, DataError, TypeMap, read
 from .config import Config
 
@@ -41,20 +41,6 @@ def _read_all(paths: List[str], cfg: Config, type_map: Optional[TypeMap], requir
     return out
 
 
-def hash_paths(paths: List[str]) -> str:
-    """sha256 of the bytes of the data files (folders: all files below, sorted)."""
-    h = hashlib.sha256()
-    for p in paths:
-        files = [p] if os.path.isfile(p) else sorted(
-            os.path.join(root, f) for root, _, fs in os.walk(p) for f in fs)
-        for f in files:
-            h.update(os.path.basename(f).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
     """Read and check all data before training starts; split off validation frames by seed."""
     d = cfg.data
@@ -85,4 +71,4 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
     if not validation:
         raise DataError("the validation split is empty; set data.validation or a "
                         "data.validation_fraction that leaves at least one frame")
-    return TrainingData(train, validation, test, tm, hash_paths(train_paths))
+    return TrainingData(train, validation, test, tm, hash_data(train_paths))

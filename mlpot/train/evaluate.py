@@ -13,21 +13,18 @@ from .metrics import MetricAccumulator
 
 
 def load_model_for_eval(path: str, device: str = "cpu") -> Tuple[torch.nn.Module, TypeMap, float]:
-    """A model from a training checkpoint (EMA weights preferred) or an exported file."""
-    from ..models import from_config
-    from .checkpoint import load_trainer_checkpoint
+    """A model from a training checkpoint (EMA weights preferred) or an exported file; the kind
+    is decided from the file's zip members, so each file is read once and never unpickled."""
+    from ..checkpoint import CheckpointError, file_kind, model_from_checkpoint
+    from ..export import usable_device, load
 
-    try:
-        state = load_trainer_checkpoint(path)
-    except ValueError:
-        state = None
-    if state is not None:
-        model = from_config(state["config"])
-        model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
-        return model.to(device).eval(), TypeMap(model.type_map), model.cutoff
-    from ..export import load  # an exported TorchScript file
-
-    model = load(path, device=device)
+    kind = file_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"{path}: no such model or checkpoint file")
+    if kind == "checkpoint":
+        model = model_from_checkpoint(path, device=usable_device(device, path))
+        return model, TypeMap(model.type_map), model.cutoff
+    model = load(path, device=device)  # an exported file; anything else: a one-line ExportError
     return model, TypeMap(model.type_map), float(model.cutoff)
 
 

@@ -3,10 +3,12 @@
 Order of a run: read and check all data (errors before any training), build the model, fit
 per-element reference energies by least squares and the network's data statistics on the
 training split only, then epochs of Adam(W) steps with the loss weights and learning rate of the
-schedule, gradient clipping and a weight EMA; after each validation: the CSV log, ``last.pt``
-and (when better) ``best.pt``, each written atomically (temp file + rename), so a kill at any
-moment leaves the previous checkpoint readable. ``resume=True`` continues from ``last.pt``:
-model, optimizer, EMA, RNG states, epoch, elapsed time and log.
+schedule, gradient clipping and a weight EMA; after each validation: the CSV log, then (when
+better) ``best.pt``, then ``last.pt``, each written atomically (temp file + rename). Written in
+that order, every kill leaves a consistent pair: ``last.pt`` never records a best that ``best.pt``
+does not hold (a kill between the two replays the epoch on resume, which rewrites both).
+``resume=True`` continues from ``last.pt``: model, optimizer, EMA, RNG states, epoch, elapsed
+time and log. Checkpoints are read as data only (``mlpot.checkpoint``).
 """
 from __future__ import annotations
 
@@ -16,16 +18,18 @@ import math
 import os
 import random
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from .. import __version__
+from ..checkpoint import (checkpoint_dict, file_kind, read_checkpoint, weights_of,
+                          write_checkpoint)
 from ..data import AtomicDataset
+from ..files import remove_stale_temporaries
 from ..models import build_model, fit_reference_energies, force_rms
-from .checkpoint import atomic_save, load_trainer_checkpoint
 from .config import Config, ConfigError
 from .data import TrainingData, load_training_data
 from .loss import Loss
@@ -65,6 +69,7 @@ class Trainer:
         self.step = 0
         self.elapsed_s = 0.0
         self.best_val = math.inf
+        self.best_step = -1  # the step whose weights best.pt holds
         self.epochs_since_best = 0
         self.plateau_scale = 1.0
         self.history: List[Dict[str, float]] = []
@@ -168,10 +173,16 @@ class Trainer:
         """Train until max_epochs, the time limit or early stopping; returns the last metrics."""
         os.makedirs(self.out_dir, exist_ok=True)
         last = os.path.join(self.out_dir, "last.pt")
+        best = os.path.join(self.out_dir, "best.pt")
+        for path in (last, best, os.path.join(self.out_dir, "log.csv")):
+            remove_stale_temporaries(path)  # left by a kill -9 during a write
+        if os.path.exists(os.path.join(self.out_dir, "log.csv.tmp")):
+            os.remove(os.path.join(self.out_dir, "log.csv.tmp"))
         if resume:
             if not os.path.exists(last):
                 raise ConfigError(f"--resume: no checkpoint {last} to resume from")
-            self.load_state(load_trainer_checkpoint(last))
+            self.load_state(read_checkpoint(last))
+            self._check_best(best)
         elif os.path.exists(last):
             raise ConfigError(f"{self.out_dir} already holds a run (last.pt); use --resume to "
                               "continue it, or choose another training.out_dir")
@@ -194,7 +205,35 @@ class Trainer:
             bar.close()
         if self.tb_writer is not None:
             self.tb_writer.close()
+        if not os.path.exists(best):  # no validation improved since a broken pair was found
+            warnings.warn(f"{best}: no validation wrote it in this run; it holds the last "
+                          "weights", stacklevel=2)
+            write_checkpoint(self.state_dict(), best)
         return metrics
+
+    def _check_best(self, best: str) -> None:
+        """On resume: does best.pt hold the best that last.pt records? A pair written by the
+        present code always agrees (best.pt is written first; if it is newer than last.pt, the
+        replayed epoch rewrites it). Older mlpot wrote last.pt first, so a kill between the
+        writes left best.pt missing or stale for good: then the best weights are lost, and the
+        best is tracked afresh so that the next validation writes best.pt."""
+        if not math.isfinite(self.best_val):
+            return
+        why = None
+        if file_kind(best) != "checkpoint":
+            why = "is missing or unreadable"
+        else:
+            held = read_checkpoint(best)
+            newer = int(held.get("step", -1)) > self.step
+            if not newer and held.get("best_val") != self.best_val:
+                why = (f"holds a validation loss of {held.get('best_val')} while last.pt records "
+                       f"a best of {self.best_val}")
+        if why:
+            warnings.warn(f"{best} {why} (a kill between the checkpoint writes of an older "
+                          "mlpot); the best weights are lost: best.pt will hold the best of the "
+                          "validations from now on", stacklevel=3)
+            self.best_val = math.inf
+            self.best_step = -1
 
     def done(self) -> bool:
         t = self.cfg.training
@@ -213,6 +252,7 @@ class Trainer:
         better = val["loss"] < self.best_val
         if better:
             self.best_val = val["loss"]
+            self.best_step = self.step
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += self.cfg.training.eval_every
@@ -226,24 +266,23 @@ class Trainer:
                     self.tb_writer.add_scalar(key, value, self.step)
             self.tb_writer.flush()
         state = self.state_dict()
-        atomic_save(state, os.path.join(self.out_dir, "last.pt"))
-        if better:
-            atomic_save(state, os.path.join(self.out_dir, "best.pt"))
+        if better:  # best first: last.pt must never record a best that best.pt lacks
+            write_checkpoint(state, os.path.join(self.out_dir, "best.pt"))
+        _kill_point("between-best-and-last")
+        write_checkpoint(state, os.path.join(self.out_dir, "last.pt"))
         return row
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
-        return {
-            "format": "mlpot-checkpoint", "mlpot_version": __version__,
-            "config": self.model.config, "model": self.model.state_dict(),
-            "ema": None if self.ema is None else self.ema.module.state_dict(),
-            "ema_state": None if self.ema is None else self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "train_config": self.cfg.to_dict(),
-            "epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed_s,
-            "best_val": self.best_val, "epochs_since_best": self.epochs_since_best,
-            "plateau_scale": self.plateau_scale, "history": self.history,
-            "data_hash": self.data.data_hash, "rng": _rng_state(self.generator),
-        }
+        return checkpoint_dict(
+            self.model, ema=None if self.ema is None else self.ema.module.state_dict(),
+            data_hash=self.data.data_hash,
+            ema_state=None if self.ema is None else self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(), train_config=self.cfg.to_dict(),
+            epoch=self.epoch, step=self.step, elapsed_s=self.elapsed_s,
+            best_val=self.best_val, best_step=self.best_step,
+            epochs_since_best=self.epochs_since_best, plateau_scale=self.plateau_scale,
+            history=self.history, rng=_rng_state(self.generator))
 
     def load_state(self, state: Dict) -> None:
         if state["config"] != self.model.config:
@@ -259,6 +298,7 @@ class Trainer:
         for key in ("epoch", "step", "elapsed_s", "best_val", "epochs_since_best",
                     "plateau_scale", "history"):
             setattr(self, key, state[key])
+        self.best_step = int(state.get("best_step", -1))
         _set_rng_state(state["rng"], self.generator)
 
     def _write_config(self) -> None:
@@ -318,15 +358,27 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state(generator: torch.Generator) -> Dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every random stream as plain data (tensors, numbers, tuples): readable with
+    ``weights_only=True``. numpy's Mersenne-Twister key becomes an int64 tensor."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate(), "loader": generator.get_state()}
 
 
 def _set_rng_state(state: Dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]  # version 1 held key as a numpy array
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     generator.set_state(state["loader"])
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: ``MLPOT_TEST_KILL_AT=<name>`` ends the process here as ``kill -9`` would."""
+    if os.environ.get("MLPOT_TEST_KILL_AT") == name:
+        os._exit(137)
 
 
 def _progress_bar(cfg: Config, start: float):
@@ -359,8 +411,8 @@ def finalize(trainer: Trainer) -> Dict[str, float]:
     learning-curve and parity plots."""
     from .plots import learning_curve, parity_plot
 
-    best = load_trainer_checkpoint(os.path.join(trainer.out_dir, "best.pt"))
-    trainer.eval_model().load_state_dict(best["ema"] if best.get("ema") else best["model"])
+    best = read_checkpoint(os.path.join(trainer.out_dir, "best.pt"))
+    trainer.eval_model().load_state_dict(weights_of(best))
     results = {"validation": trainer.evaluate(trainer.val_set)}
     if trainer.data.test:
         test_set = AtomicDataset(trainer.data.test, trainer.data.type_map, trainer.model.cutoff,
