@@ -166,6 +166,52 @@ def test_deepmd_nopbc_and_errors(tmp_path):
         read(str(tmp_path / "mol"), energy_key="E", type_map=["O", "H"])
 
 
+class _CreatesAFile:
+    """Unpickling this runs code: it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_deepmd_bad_type_raw_is_one_line_error(tmp_path):
+    from mlpot.errors import UserError, exit_code_of
+
+    write_deepmd(tmp_path / "w", water_frames(1))
+    type_raw = tmp_path / "w" / "type.raw"
+    for text, what in (("0\n1.5\n1\n", "'1.5' (entry 2) is not an integer"),
+                       ("O\nH\nH\n", "'O' (entry 1) is not an integer"),
+                       ("\n", "empty")):
+        type_raw.write_text(text)
+        with pytest.raises(DataError) as info:
+            read_deepmd(str(tmp_path / "w"))
+        msg = str(info.value)
+        assert msg.startswith(f"{type_raw}: {what}") and "\n" not in msg
+        assert "integer type index" in msg
+        assert isinstance(info.value, UserError) and exit_code_of(info.value) == 2
+
+
+def test_deepmd_object_and_non_numeric_npy_are_refused_unpickled(tmp_path):
+    write_deepmd(tmp_path / "w", water_frames(1))
+    energy = tmp_path / "w" / "set.000" / "energy.npy"
+    marker = tmp_path / "pwned"
+    np.save(energy, np.array([_CreatesAFile(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError) as info:
+        read_deepmd(str(tmp_path / "w"))
+    msg = str(info.value)
+    assert msg.startswith(f"{energy}: an object array") and "\n" not in msg
+    assert "numpy.save" in msg
+    assert not marker.exists()  # nothing was unpickled
+    np.save(energy, np.array(["-14.0"]))
+    with pytest.raises(DataError, match=r"energy\.npy: an array of <U5 values; expected a numeric"):
+        read_deepmd(str(tmp_path / "w"))
+    energy.write_bytes(b"not an npy file")
+    with pytest.raises(DataError, match=r"energy\.npy: .*expected a numeric array"):
+        read_deepmd(str(tmp_path / "w"))
+
+
 def _write_one(tmp_path, atoms, name="bad.xyz"):
     path = tmp_path / name
     write(path, atoms, format="extxyz")

@@ -1,5 +1,6 @@
 """The error raised for bad input data."""
+from ..errors import UserError
 
 
-class DataError(ValueError):
-    """Bad input data. The message names the file and frame and says what to do."""
+class DataError(UserError, ValueError):
+    """Bad input data (exit code 2). The message names the file and frame and says what to do."""

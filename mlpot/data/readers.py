@@ -35,7 +35,7 @@ ENERGY_UNITS_TO_EV = {
     "kJ/mol": units.KJ_PER_MOL_TO_EV,
 }
 LENGTH_UNITS_TO_ANGSTROM = {"A": 1.0, "Angstrom": 1.0, "nm": units.NM_TO_ANGSTROM,
-                            "Bohr": 0.529177210903}
+                            "Bohr": units.BOHR_TO_ANGSTROM}
 
 LABELS = ("energy", "forces", "stress", "virial")
 
@@ -236,8 +236,49 @@ def read_deepmd(
     return out
 
 
+def _read_type_raw(path: str) -> np.ndarray:
+    """The integer type index of each atom from a DeePMD ``type.raw``."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as text ({err}); expected one integer type "
+                        "index (0, 1, ...) per atom") from err
+    types = np.zeros(len(words), dtype=np.int64)
+    for k, word in enumerate(words):
+        try:
+            types[k] = int(word)
+        except (ValueError, OverflowError):
+            raise DataError(f"{path}: '{word[:40]}' (entry {k + 1}) is not an integer; expected "
+                            "one integer type index (0, 1, ...) per atom, whitespace-separated"
+                            ) from None
+    if types.size == 0:
+        raise DataError(f"{path}: empty; expected one integer type index (0, 1, ...) per atom")
+    return types
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """A numeric array from a DeePMD ``.npy`` file, as float64. Never unpickles: an object array
+    in a .npy is a pickle, and a pickle from a file can run code."""
+    expected = "expected a numeric array written by numpy.save"
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise DataError(f"{path}: an object array (pickled Python objects), not read since a "
+                            f"pickle can run code; {expected}") from None
+        raise DataError(f"{path}: not a valid .npy file ({err}); {expected}") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read as a .npy file ({err}); {expected}") from None
+    if not isinstance(a, np.ndarray):  # an .npz archive
+        raise DataError(f"{path}: an .npz archive, not a .npy array; {expected}")
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{path}: an array of {a.dtype} values; {expected}")
+    return a.astype(np.float64)
+
+
 def _read_deepmd_system(system, tm, require, e_f, l_f, min_distance) -> List[AtomicData]:
-    types = np.loadtxt(os.path.join(system, "type.raw"), dtype=np.int64, ndmin=1)
+    types = _read_type_raw(os.path.join(system, "type.raw"))
     names_file = os.path.join(system, "type_map.raw")
     if os.path.exists(names_file):
         with open(names_file) as f:
@@ -262,7 +303,7 @@ def _read_deepmd_system(system, tm, require, e_f, l_f, min_distance) -> List[Ato
         arrays = {}
         for name in ("coord", "box", "energy", "force", "virial"):
             f = os.path.join(s, name + ".npy")
-            arrays[name] = np.load(f).astype(np.float64) if os.path.exists(f) else None
+            arrays[name] = _load_npy(f) if os.path.exists(f) else None
         coord = arrays["coord"]
         if coord is None:
             raise DataError(f"{s}: no coord.npy")
