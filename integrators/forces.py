@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from mlpot import keys as K
-from mlpot.neighbors import neighbor_list_batch
+from mlpot.neighbors import neighbor_list_batch, pair_vectors
 
 from .state import det3, inv3, rows_times
 
@@ -192,10 +192,7 @@ class LennardJones:
         i, j, s, batch = self._pairs(positions, cell)
         flat = positions.reshape(r * n, 3)
         rep = batch[i]  # [P] replica of each pair
-        pc = cell.index_select(0, rep)  # [P, 3, 3]
-        sf = s.to(positions.dtype)
-        shift = sf[:, 0:1] * pc[:, 0] + sf[:, 1:2] * pc[:, 1] + sf[:, 2:3] * pc[:, 2]
-        d = flat.index_select(0, j) - flat.index_select(0, i) + shift  # [P, 3] x_j - x_i + S cell
+        d = pair_vectors(flat, cell, batch, i, j, s)  # [P, 3] x_j - x_i + S cell
         dist = d.norm(dim=-1)
         inside = dist < self.rc
         safe = torch.where(inside, dist, torch.full_like(dist, self.rc))

@@ -17,8 +17,6 @@ PTR = "ptr"                      # [B + 1] int64, atoms of structure b are ptr[b
 NUM_ATOMS = "num_atoms"          # [B] int64
 EDGE_INDEX = "edge_index"        # [2, P] int64: row 0 is i (centre), row 1 is j (neighbor)
 EDGE_SHIFTS = "edge_cell_shift"  # [P, 3] int64, integer cell shifts S
-EDGE_VECTORS = "edge_vectors"    # [P, 3] float, Angstrom, x_j - x_i + S @ cell
-EDGE_LENGTHS = "edge_lengths"    # [P] float, Angstrom
 
 # Targets (labels) and model outputs
 ENERGY = "energy"                # [B] float64, eV, total energy
@@ -26,5 +24,3 @@ ATOMIC_ENERGIES = "atomic_energies"  # [N] float64, eV
 FORCES = "forces"                # [N, 3] float, eV/Angstrom
 VIRIAL = "virial"                # [B, 3, 3] float, eV
 STRESS = "stress"                # [B, 3, 3] float, eV/Angstrom^3, = -virial / volume
-
-TARGETS = (ENERGY, FORCES, STRESS, VIRIAL)

@@ -9,6 +9,7 @@ from ase import units as _ase
 # Lengths
 ANGSTROM_TO_NM = 0.1
 NM_TO_ANGSTROM = 10.0
+BOHR_TO_ANGSTROM = 0.529177210903  # CODATA 2018 (ASE's Bohr: CODATA 2014)
 
 # Energies
 EV_TO_KJ_PER_MOL = _ase.eV / (_ase.kJ / _ase.mol)  # 96.485...

@@ -10,7 +10,7 @@ from ase.calculators.emt import EMT
 from mlpot import keys as K
 from mlpot import testing as T
 from mlpot.data import AtomicData, TypeMap
-from mlpot.models import build_model, fit_reference_energies, from_config
+from mlpot.models import build_model, fit_reference_energies, from_config, hparam_defaults
 from mlpot.models.deeppot import DeepPotSeA, ideal_gas_statistics
 from mlpot.nn import smooth_inverse_switch
 
@@ -45,8 +45,8 @@ def test_defaults_match_the_water_example():
     m = build_model("dp_se_e2_a", ["O", "H"])
     net = m.net
     assert m.cutoff == 6.0 and net.rcut_smth == 0.5 and net.axis_neuron == 16
-    assert DeepPotSeA.DEFAULTS["embedding"] == [25, 50, 100]
-    assert DeepPotSeA.DEFAULTS["fitting"] == [240, 240, 240]
+    assert hparam_defaults(DeepPotSeA)["embedding"] == [25, 50, 100]
+    assert hparam_defaults(DeepPotSeA)["fitting"] == [240, 240, 240]
     assert len(net.embeddings) == 2 and len(net.fittings) == 2  # type_one_side: per neighbor type
     assert net.fittings[0].layers[0].linear.in_features == 100 * 16
     # the normaliser before fitting: neighbors at liquid-water atom density (~91 at 6 A)

@@ -7,7 +7,7 @@ import torch
 
 from mlpot import keys as K
 from mlpot import testing as T
-from mlpot.models import build_model, from_config
+from mlpot.models import build_model, from_config, hparam_defaults
 from mlpot.models.egnn import EGNN
 from mlpot.nn import polynomial_cutoff
 
@@ -102,7 +102,7 @@ def test_float32_close_to_float64(model, periodic):
 
 def test_config_round_trip(model, periodic):
     config = json.loads(json.dumps(model.config))
-    assert config["hparams"] == {**EGNN.DEFAULTS, **SMALL}
+    assert config["hparams"] == {**hparam_defaults(EGNN), **SMALL}
     again = from_config(config).eval()
     again.load_state_dict(model.state_dict())
     a, b = again(periodic.as_dict()), model(periodic.as_dict())

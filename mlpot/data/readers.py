@@ -35,7 +35,7 @@ ENERGY_UNITS_TO_EV = {
     "kJ/mol": units.KJ_PER_MOL_TO_EV,
 }
 LENGTH_UNITS_TO_ANGSTROM = {"A": 1.0, "Angstrom": 1.0, "nm": units.NM_TO_ANGSTROM,
-                            "Bohr": 0.529177210903}
+                            "Bohr": units.BOHR_TO_ANGSTROM}
 
 LABELS = ("energy", "forces", "stress", "virial")
 

@@ -72,6 +72,3 @@ class TypeMap:
                 f"{self.symbols}; add them to type_map (model types are fixed at training time)"
             )
         return torch.from_numpy(t)
-
-    def to_list(self) -> List[str]:
-        return list(self.symbols)

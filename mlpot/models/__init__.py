@@ -1,21 +1,62 @@
-"""The model families, behind one builder.
+"""The model families: a registry that other packages can extend, and one builder.
 
-``build_model("dp_se_e2_a" | "egnn" | "nequip", type_map=[...], cutoff=..., dtype=..., **hparams)``
-returns a ``Potential``; its ``config`` rebuilds it (``from_config``), so checkpoints and exported
-files never need the user to repeat hyperparameters.
+``build_model(name, type_map=[...], cutoff=..., dtype=..., **hparams)`` returns a ``Potential``;
+its ``config`` rebuilds it (``from_config``), so checkpoints and exported files never need the
+user to repeat hyperparameters. ``available()`` lists the families: the built-in ``MODELS``
+(dp_se_e2_a, egnn, nequip) and every family that an installed package registers in the
+entry-point group ``mlpot.models``, for example in its pyproject.toml::
+
+    [project.entry-points."mlpot.models"]
+    my_model = "my_package.network:MyNetwork"
+
+The entry point loads the network class; a built-in name cannot be taken over.
+
+The contract of a family (what ``Potential``, the trainer, export and the tests rely on):
+
+- The network is a ``torch.nn.Module`` class with a class attribute ``DEFAULT_CUTOFF`` (A, > 0),
+  the cutoff when the config gives none.
+- Its constructor is ``__init__(self, num_types, cutoff, **hparams)``: every hyperparameter is a
+  keyword parameter with a default, declared there and nowhere else (``hparam_defaults`` reads
+  the signature; a config stores all of them, so a later change of a default cannot change a
+  saved model). Values must be JSON-friendly (numbers, bools, strings, None, lists).
+- It may check values in a classmethod ``validate_hparams(cutoff, hparams)`` that raises
+  ``ValueError`` with one line (key, value, what is allowed); ``build_model`` and the training
+  config run it before any data are read. Deriving from ``mlpot.models.Network`` runs the same
+  checks (and the check of unknown keys) when the class is constructed directly.
+- ``forward(atom_types [N] int64, edge_index [2, P] int64, edge_vectors [P, 3]) -> [N]``: one
+  energy (eV, before ``Potential``'s scale and reference energies) per atom, TorchScript-able.
+  ``edge_index`` is the full neighbor list of ``Potential`` (row 0: centre i, row 1: neighbor j,
+  both (i, j) and (j, i), every pair closer than the cutoff, periodic images included) and
+  ``edge_vectors`` the pair vectors x_j - x_i + S @ cell (``mlpot.neighbors.pair_vectors``).
+  Use only these vectors, never positions; let every pair term vanish smoothly (with its first
+  derivatives) at the cutoff, so that forces stay continuous. Forces and stress are taken by
+  ``Potential`` by autograd.
+- Optional: ``fit_statistics(samples)`` (a ``@torch.jit.unused`` method; samples are
+  (atom_types, edge_index, edge_vectors) of training structures) for data-dependent
+  normalisation, following the one convention of ``mlpot.models.family`` for neighbor sums;
+  ``centre_energies(...)`` for local (one-layer) models, evaluated in chunks (see
+  ``Potential``); ``TEST_HPARAMS``, small hyperparameters under which
+  tests/test_model_contract.py runs the physics checks of ``mlpot.testing`` on the family.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Dict, List, Optional
+import importlib.metadata
+import inspect
+from typing import Any, Dict, List, Optional
 
-import torch
+from torch import nn
 
+from ..dtypes import NAMES as DTYPE_NAMES
+from ..dtypes import dtype_of
+from .family import Network, check_cutoff, hparam_defaults, resolve_hparams
 from .potential import Potential, script
 from .statistics import fit_reference_energies, force_rms
 
-# name -> (module, class, paper)
+ENTRY_POINT_GROUP = "mlpot.models"
+
+# built-in families: name -> (module, class, paper)
 MODELS = {
     "dp_se_e2_a": ("mlpot.models.deeppot", "DeepPotSeA",
                    "Zhang et al., NeurIPS 2018 (DeepPot-SE); Zhang et al., PRL 2018"),
@@ -24,46 +65,86 @@ MODELS = {
                "Batzner et al., Nat. Commun. 2022; MACE option: Batatia et al., NeurIPS 2022"),
 }
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+def _entry_points() -> Dict[str, Any]:
+    """Families registered by installed packages (not loaded yet); built-in names win."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep for ep in found if ep.name not in MODELS}
+
+
+def available() -> List[str]:
+    """Names of every model family: built-in and registered through entry points."""
+    return sorted(set(MODELS) | set(_entry_points()))
+
+
+def _check_contract(name: str, cls, where: str):
+    """``cls`` if it is a network class that follows the contract (module doc), else ValueError."""
+    def broken(why: str) -> ValueError:
+        return ValueError(f"model family '{name}' ({where}) does not follow mlpot's model "
+                          f"contract: {why}; see the docstring of mlpot.models")
+
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise broken(f"{cls!r} is not a torch.nn.Module class")
+    try:
+        check_cutoff(getattr(cls, "DEFAULT_CUTOFF", None))
+    except ValueError:
+        raise broken("it has no DEFAULT_CUTOFF > 0") from None
+    first = list(inspect.signature(cls.__init__).parameters)[1:3]
+    if first != ["num_types", "cutoff"]:
+        raise broken(f"its constructor starts with {first}, not (num_types, cutoff)")
+    try:
+        hparam_defaults(cls)
+    except TypeError as err:
+        raise broken(str(err)) from None
+    return cls
 
 
 def network_class(name: str):
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS), n=1)
+    """The network class of a model family (built-in or from an entry point)."""
+    if name in MODELS:
+        module, cls, _ = MODELS[name]
+        return getattr(importlib.import_module(module), cls)
+    eps = _entry_points()
+    if name not in eps:
+        names = sorted(set(MODELS) | set(eps))
+        close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown model '{name}'; available: {sorted(MODELS)}.{hint}")
-    module, cls, _ = MODELS[name]
-    return getattr(importlib.import_module(module), cls)
+        raise ValueError(f"unknown model '{name}'; available: {names}.{hint}")
+    ep = eps[name]
+    where = f"entry point '{ep.value}' of group {ENTRY_POINT_GROUP}"
+    try:
+        cls = ep.load()
+    except Exception as err:  # noqa: BLE001 - any import failure of a plugin: say which
+        raise ValueError(f"model family '{name}' ({where}) could not be loaded: "
+                         f"{type(err).__name__}: {err}") from err
+    return _check_contract(name, cls, where)
 
 
-def check_hparams(name: str, hparams: Dict) -> Dict:
-    """The network's defaults updated by ``hparams``; an unknown key is an error naming the
-    closest valid one."""
-    defaults = dict(network_class(name).DEFAULTS)
-    for key in hparams:
-        if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"model '{name}' has no hyperparameter '{key}'.{hint} "
-                             f"Valid: {sorted(defaults)}")
-    defaults.update(hparams)
-    return defaults
+def check_hparams(name: str, hparams: Dict, cutoff: Optional[float] = None) -> Dict:
+    """The family's defaults updated by ``hparams``, checked: an unknown key is an error naming
+    the closest valid one, a bad value (or cutoff) a one-line ValueError."""
+    return resolve_hparams(network_class(name), hparams, cutoff, family=name)
+
+
+def validate_model_config(name: str, hparams: Dict, cutoff: Optional[float] = None,
+                          dtype: str = "float32") -> Dict:
+    """Every check of ``build_model`` that needs no data (family, dtype, cutoff, hyperparameter
+    keys and values); the complete hyperparameters. ValueError with one line otherwise."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype = {dtype!r}: must be one of {list(DTYPE_NAMES)}")
+    return check_hparams(name, hparams, cutoff)
 
 
 def build_model(name: str, type_map: List[str], cutoff: Optional[float] = None,
                 dtype: str = "float32", **hparams) -> Potential:
     """A new (untrained) Potential of the named family."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', not '{dtype}'")
+    hp = validate_model_config(name, hparams, cutoff, dtype)
     cls = network_class(name)
-    hp = check_hparams(name, hparams)
-    cutoff = float(cutoff if cutoff is not None else cls.DEFAULT_CUTOFF)
-    if cutoff <= 0:
-        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    cutoff = check_cutoff(cutoff if cutoff is not None else cls.DEFAULT_CUTOFF)
     net = cls(num_types=len(type_map), cutoff=cutoff, **hp)
     config = {"model": name, "type_map": list(type_map), "cutoff": cutoff, "dtype": dtype,
               "hparams": hp}
-    return Potential(net, type_map, cutoff, config, dtype=_DTYPES[dtype])
+    return Potential(net, type_map, cutoff, config, dtype=dtype_of(dtype))
 
 
 def from_config(config: Dict) -> Potential:
@@ -72,5 +153,6 @@ def from_config(config: Dict) -> Potential:
                        **config["hparams"])
 
 
-__all__ = ["MODELS", "Potential", "build_model", "from_config", "script",
-           "fit_reference_energies", "force_rms", "check_hparams", "network_class"]
+__all__ = ["MODELS", "ENTRY_POINT_GROUP", "Network", "Potential", "available", "build_model",
+           "from_config", "script", "fit_reference_energies", "force_rms", "check_hparams",
+           "hparam_defaults", "network_class", "validate_model_config"]

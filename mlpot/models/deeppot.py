@@ -31,8 +31,9 @@ Choices, and how they relate to DeePMD-kit's se_e2_a:
 - N_norm (buffer ``avg_num_neighbors``): DeePMD-kit divides T_i by the padded count sum(sel),
   which the user must choose. Here it is the mean number of neighbors per atom in the training
   data (a constant, so the energy stays smooth; the mean rather than the maximum, which would
-  keep growing with more data). Default: the expected count at liquid-water atom density,
-  0.1003 atoms/A^3 x 4/3 pi rcut^3 (about 91 at 6 A).
+  keep growing with more data; mlpot's one convention, ``mlpot.models.family``). Default: the
+  expected count at liquid-water atom density, 0.1003 atoms/A^3 x 4/3 pi rcut^3 (about 91 at
+  6 A).
 - Embedding networks per neighbor type (``type_one_side=True``, as in DeePMD-kit's water example
   and in the peer benchmark) by default: T networks instead of T^2, and each sees T times more
   edges, so the matmuls are larger. ``type_one_side=False`` gives one per (centre, neighbor) pair.
@@ -53,12 +54,14 @@ are relabelled in atom-type order so that each fitting network runs on one conti
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..nn import smooth_inverse_switch
+from .family import (Network, mean_neighbor_count, need_bool, need_int, need_number,
+                     need_widths, uniform_neighbor_count)
 
 WATER_ATOM_DENSITY = 0.1003  # atoms / A^3 in liquid water at 1 g/cm^3 (3 atoms per 29.9 A^3)
 STD_FLOOR = 1e-2  # 1/A: lower bound of fitted standard deviations (e.g. a dimer has sigma_r = 0)
@@ -66,8 +69,8 @@ STD_FLOOR = 1e-2  # 1/A: lower bound of fitted standard deviations (e.g. a dimer
 
 class ResidualTanhLayer(nn.Module):
     """y = shortcut(x) + dt * tanh(W x + b), shortcut = x (same width), [x, x] (doubled width)
-    or nothing (other widths); dt a trainable per-neuron step when ``resnet_dt`` and a shortcut
-    exists, else 1.
+    or nothing (other widths); dt (``step_scale``, DeePMD-kit's ``resnet_dt``) a trainable
+    per-neuron scale of the residual step when ``resnet_dt`` and a shortcut exists, else 1.
 
     tanh(z) is evaluated as 2 sigmoid(2 z) - 1 (the factor 2 goes into the matmul, the -1 into
     the shortcut): the same function, but PyTorch's CPU sigmoid is several times faster than its
@@ -79,9 +82,16 @@ class ResidualTanhLayer(nn.Module):
         self.n_in = n_in
         self.shortcut = 1 if n_out == n_in else (2 if n_out == 2 * n_in else 0)
         if resnet_dt and self.shortcut > 0:
-            self.timestep = nn.Parameter(torch.full((n_out,), 0.1))
+            self.step_scale = nn.Parameter(torch.full((n_out,), 0.1))
         else:
-            self.register_parameter("timestep", None)
+            self.register_parameter("step_scale", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the rename call ``step_scale`` ``timestep``."""
+        old = prefix + "timestep"
+        if old in state_dict and prefix + "step_scale" not in state_dict:
+            state_dict[prefix + "step_scale"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w2, b2 = 2.0 * self.linear.weight, 2.0 * self.linear.bias  # tiny: not on [P, n_out]
@@ -91,7 +101,7 @@ class ResidualTanhLayer(nn.Module):
         if self.shortcut == 2:  # [x, x] + ..., without building the concatenation
             x = x.unsqueeze(1)  # [P, 1, n_in]
             h = h.view(-1, 2, self.n_in)  # [P, 2, n_in]
-        dt = self.timestep
+        dt = self.step_scale
         if dt is None:
             y = torch.add(x - 1.0, h, alpha=2.0)  # x + (2 h - 1)
         else:
@@ -128,30 +138,25 @@ def ideal_gas_statistics(rcut_smth: float, cutoff: float, n_grid: int = 4000
     return mean, math.sqrt(max(second - mean * mean, 0.0)), math.sqrt(second / 3.0)
 
 
-class DeepPotSeA(nn.Module):
+class DeepPotSeA(Network):
     """Deep Potential se_e2_a: per-atom energies from the smooth embedding descriptor (module
-    docstring for the equations and choices)."""
+    docstring for the equations and choices).
+
+    Hyperparameters: rcut_smth (A, where 1/r starts being switched off), embedding (widths of
+    the embedding networks, M1 = last), axis_neuron (M2, columns of G kept on the right of
+    D = T^T T<), fitting (hidden widths of the per-element fitting networks), type_one_side
+    (embedding per neighbor type, else per type pair), resnet_dt (trainable step on the fitting
+    networks' residuals)."""
 
     DEFAULT_CUTOFF = 6.0
-    DEFAULTS = {
-        "rcut_smth": 0.5,              # A, where 1/r starts being switched off
-        "embedding": [25, 50, 100],    # widths of the embedding networks (M1 = last)
-        "axis_neuron": 16,             # M2, columns of G kept on the right of D = T^T T<
-        "fitting": [240, 240, 240],    # hidden widths of the per-element fitting networks
-        "type_one_side": True,         # embedding per neighbor type (else per type pair)
-        "resnet_dt": True,             # trainable step on the fitting networks' residuals
-    }
+    TEST_HPARAMS = {"embedding": [8, 16], "axis_neuron": 4, "fitting": [16, 16]}
 
     def __init__(self, num_types: int, cutoff: float, rcut_smth: float = 0.5,
-                 embedding: List[int] = (25, 50, 100), axis_neuron: int = 16,
-                 fitting: List[int] = (240, 240, 240), type_one_side: bool = True,
+                 embedding: Sequence[int] = (25, 50, 100), axis_neuron: int = 16,
+                 fitting: Sequence[int] = (240, 240, 240), type_one_side: bool = True,
                  resnet_dt: bool = True):
         super().__init__()
         embedding, fitting = [int(w) for w in embedding], [int(w) for w in fitting]
-        if not 0.0 <= rcut_smth < cutoff:
-            raise ValueError(f"need 0 <= rcut_smth < cutoff, got {rcut_smth} and {cutoff}")
-        if not 0 < axis_neuron <= embedding[-1]:
-            raise ValueError(f"axis_neuron must be in 1..{embedding[-1]}, got {axis_neuron}")
         self.num_types = int(num_types)
         self.cutoff = float(cutoff)
         self.rcut_smth = float(rcut_smth)
@@ -168,11 +173,26 @@ class DeepPotSeA(nn.Module):
         self.register_buffer("env_mean", torch.full((num_types,), mean))  # [T] mu
         self.register_buffer("env_std", torch.tensor([[std_r, std_a, std_a, std_a]]
                                                      ).repeat(num_types, 1))  # [T, 4] sigma
-        n_norm = WATER_ATOM_DENSITY * 4.0 / 3.0 * math.pi * self.cutoff ** 3
+        n_norm = uniform_neighbor_count(self.cutoff, WATER_ATOM_DENSITY)
         self.register_buffer("avg_num_neighbors", torch.tensor(n_norm))  # [] N_norm
         # run the embedding on the padded blocks when they have at most this many rows per edge
         self.pad_tolerance = 1.25
         self.reset_parameters()
+
+    @classmethod
+    def validate_hparams(cls, cutoff: float, hparams: Dict[str, Any]) -> None:
+        rcut_smth = need_number(hparams, "rcut_smth", 0.0, strict=False)
+        if rcut_smth >= cutoff:
+            raise ValueError(f"hyperparameter rcut_smth = {rcut_smth:g}: must be below the "
+                             f"cutoff ({cutoff:g} A)")
+        m1 = need_widths(hparams, "embedding")[-1]
+        need_int(hparams, "axis_neuron", 1)
+        if hparams["axis_neuron"] > m1:
+            raise ValueError(f"hyperparameter axis_neuron = {hparams['axis_neuron']}: must be "
+                             f"at most the last embedding width ({m1})")
+        need_widths(hparams, "fitting", allow_empty=True)
+        need_bool(hparams, "type_one_side")
+        need_bool(hparams, "resnet_dt")
 
     @torch.jit.unused
     def reset_parameters(self) -> None:
@@ -329,11 +349,11 @@ class DeepPotSeA(nn.Module):
         ``samples``: (atom_types [N], edge_index [2, P], edge_vectors [P, 3]) per structure.
         mu = mean of s, sigma_r = its standard deviation, sigma_a = sqrt(mean(s^2) / 3) (the rms
         of s x/r, s y/r, s z/r), all over the edges whose centre has that type; types never seen
-        as centres keep their values; N_norm = edges / atoms. Sums are taken in float64."""
+        as centres keep their values; N_norm = ``mean_neighbor_count`` (pairs / atoms, at
+        least 1). Sums are taken in float64."""
         n_types = self.num_types
         n = torch.zeros(n_types, dtype=torch.float64)
         sum_s, sum_s2 = torch.zeros_like(n), torch.zeros_like(n)
-        atoms, edges = 0, 0
         for types, edge_index, vectors in samples:
             r = torch.linalg.norm(vectors.detach().to(torch.float64).cpu(), dim=1)  # [P]
             s = smooth_inverse_switch(r, self.rcut_smth, self.cutoff)  # [P]
@@ -341,8 +361,6 @@ class DeepPotSeA(nn.Module):
             n += torch.bincount(ti, minlength=n_types).to(torch.float64)
             sum_s += torch.bincount(ti, weights=s, minlength=n_types)
             sum_s2 += torch.bincount(ti, weights=s * s, minlength=n_types)
-            atoms += int(types.shape[0])
-            edges += int(edge_index.shape[1])
         seen = (n > 0).to(self.env_mean.device)  # [T]
         mean = sum_s / n.clamp(min=1)
         second = sum_s2 / n.clamp(min=1)
@@ -352,5 +370,6 @@ class DeepPotSeA(nn.Module):
         dev, dt = self.env_mean.device, self.env_mean.dtype
         self.env_mean.copy_(torch.where(seen, mean.to(dev, dt), self.env_mean))
         self.env_std.copy_(torch.where(seen.unsqueeze(1), std.to(dev, dt), self.env_std))
-        if atoms > 0 and edges > 0:
-            self.avg_num_neighbors.fill_(edges / atoms)
+        n_avg = mean_neighbor_count(samples)
+        if n_avg is not None:
+            self.avg_num_neighbors.fill_(n_avg)

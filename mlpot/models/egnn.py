@@ -41,12 +41,14 @@ absolute positions, so periodic cells need nothing special. Defaults: the paper 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from ..nn import MLP, BesselBasis, activation, polynomial_cutoff, scatter_sum
+from ..nn.mlp import ACTIVATIONS
+from .family import Network, mean_neighbor_count, need_bool, need_choice, need_int, need_number
 
 
 class EGNNLayer(nn.Module):
@@ -104,36 +106,28 @@ class EGNNLayer(nn.Module):
         return h + self.update(torch.cat([h, m], dim=1))  # [N, H]
 
 
-class EGNN(nn.Module):
-    """EGNN per-atom energies (Satorras, Hoogeboom, Welling, ICML 2021); see the module doc."""
+class EGNN(Network):
+    """EGNN per-atom energies (Satorras, Hoogeboom, Welling, ICML 2021); see the module doc.
+
+    Hyperparameters: hidden (width H of the node features h and messages m), edge_hidden (width
+    E of phi_e's hidden layer, per edge), num_layers (message-passing layers), num_basis (Bessel
+    functions of r, plus r^2 / r_c^2), envelope_p (polynomial envelope exponent, DimeNet),
+    readout_hidden (hidden width of the per-atom energy MLP), attention (gate messages by
+    sigmoid(phi_inf(m_ij)), paper Sec. 3.3), avg_num_neighbors (message normalisation n_avg;
+    None: fitted by fit_statistics), activation."""
 
     DEFAULT_CUTOFF = 5.0
-    DEFAULTS: Dict = {
-        "hidden": 64,  # width H of the node features h and messages m
-        "edge_hidden": 64,  # width E of phi_e's hidden layer (per edge)
-        "num_layers": 4,  # message-passing layers
-        "num_basis": 8,  # Bessel functions of r (plus r^2 / r_c^2)
-        "envelope_p": 6,  # polynomial envelope exponent (DimeNet)
-        "readout_hidden": 32,  # hidden width of the per-atom energy MLP
-        "attention": False,  # gate messages by sigmoid(phi_inf(m_ij)) (paper Sec. 3.3)
-        "avg_num_neighbors": None,  # message normalisation; None: fitted by fit_statistics
-        "activation": "silu",
-    }
+    TEST_HPARAMS = {"hidden": 16, "edge_hidden": 16, "num_layers": 2, "readout_hidden": 8}
 
     def __init__(self, num_types: int, cutoff: float, hidden: int = 64, edge_hidden: int = 64,
                  num_layers: int = 4, num_basis: int = 8, envelope_p: int = 6,
                  readout_hidden: int = 32, attention: bool = False,
                  avg_num_neighbors: Optional[float] = None, activation: str = "silu"):
         super().__init__()
-        if min(num_layers, hidden, edge_hidden, num_basis, readout_hidden) < 1:
-            raise ValueError("EGNN needs num_layers, hidden, edge_hidden, num_basis and "
-                             "readout_hidden >= 1")
         self.cutoff = float(cutoff)
         self.edge_hidden = int(edge_hidden)
         self.envelope_p = float(envelope_p)
         self.fixed_neighbors = avg_num_neighbors is not None
-        if self.fixed_neighbors and float(avg_num_neighbors) <= 0:
-            raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
         n_avg = float(avg_num_neighbors) if avg_num_neighbors is not None else 1.0
         self.register_buffer("message_scale", torch.tensor(1.0 / n_avg))
         self.embedding = nn.Embedding(num_types, hidden)
@@ -142,6 +136,15 @@ class EGNN(nn.Module):
                                                attention)
                                      for _ in range(num_layers)])
         self.readout = MLP([hidden, readout_hidden, 1], activation)
+
+    @classmethod
+    def validate_hparams(cls, cutoff: float, hparams: Dict[str, Any]) -> None:
+        for key in ("hidden", "edge_hidden", "num_layers", "num_basis", "readout_hidden"):
+            need_int(hparams, key, 1)
+        need_number(hparams, "envelope_p", 0.0)
+        need_bool(hparams, "attention")
+        need_number(hparams, "avg_num_neighbors", 0.0, optional=True)
+        need_choice(hparams, "activation", ACTIVATIONS)
 
     def forward(self, atom_types: torch.Tensor, edge_index: torch.Tensor,
                 edge_vectors: torch.Tensor) -> torch.Tensor:
@@ -162,11 +165,10 @@ class EGNN(nn.Module):
     @torch.jit.unused
     def fit_statistics(self, samples) -> None:
         """Set 1 / n_avg from the mean number of neighbors per atom of the training structures
-        (samples: (atom_types, edge_index, edge_vectors) tuples); kept when the hyperparameter
-        ``avg_num_neighbors`` was given."""
-        if self.fixed_neighbors or len(samples) == 0:
+        (``mean_neighbor_count``; samples: (atom_types, edge_index, edge_vectors) tuples); kept
+        when the hyperparameter ``avg_num_neighbors`` was given."""
+        if self.fixed_neighbors:
             return
-        n_edges = sum(int(s[1].shape[1]) for s in samples)
-        n_atoms = sum(int(s[0].shape[0]) for s in samples)
-        if n_edges > 0 and n_atoms > 0:
-            self.message_scale.fill_(n_atoms / n_edges)
+        n_avg = mean_neighbor_count(samples)
+        if n_avg is not None:
+            self.message_scale.fill_(1.0 / n_avg)

@@ -42,8 +42,7 @@ self-connection.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +50,8 @@ from torch import nn
 from ..nn import MLP, BesselBasis, polynomial_cutoff
 from ..nn.equivariant import (Gate, Irrep, IrrepsLinear, PathConvolution, SymmetricContraction,
                               gate_widths, irreps_up_to)
+from .family import (Network, mean_neighbor_count, need_bool, need_choice, need_int, need_number,
+                     need_widths, uniform_neighbor_count)
 
 
 class _Skip(nn.Module):
@@ -136,65 +137,71 @@ class InteractionLayer(nn.Module):
         return self.gate(self.post(a, h, onehot))
 
 
-class NequIP(nn.Module):
-    """Per-atom energies of an equivariant interatomic potential (see the module docstring)."""
+class NequIP(Network):
+    """Per-atom energies of an equivariant interatomic potential (see the module docstring).
 
-    DEFAULTS: Dict = {
-        "num_features": 32,        # channels C of every irrep
-        "l_max": 2,                # spherical harmonics / messages up to l_max
-        "feature_l_max": None,     # hidden features up to this l (None: l_max)
-        "parity": True,            # both parities in the hidden features (O(3) as NequIP)
-        "num_layers": 3,
-        "num_basis": 8,            # Bessel functions
-        "trainable_basis": True,   # Bessel frequencies trained (NequIP)
-        "radial_mlp": [64, 64],    # hidden widths of each layer's radial MLP
-        "cutoff_p": 6.0,           # polynomial envelope exponent
-        "correlation": 1,          # 1: NequIP; 2 or 3: MACE product basis (body order + 1)
-        "avg_num_neighbors": None,  # None: fitted by fit_statistics (estimate until then)
-        "readout_hidden": 16,
-    }
+    Hyperparameters: num_features (channels C of every irrep), l_max (spherical harmonics and
+    messages up to l_max), feature_l_max (hidden features up to this l; None: l_max), parity
+    (both parities in the hidden features, O(3) as NequIP), num_layers, num_basis (Bessel
+    functions), trainable_basis (Bessel frequencies trained, as NequIP), radial_mlp (hidden
+    widths of each layer's radial MLP), cutoff_p (polynomial envelope exponent), correlation
+    (1: NequIP; 2 or 3: MACE product basis, body order + 1), avg_num_neighbors (None: fitted by
+    fit_statistics, an estimate until then), readout_hidden."""
+
     DEFAULT_CUTOFF = 5.0
+    TEST_HPARAMS = {"num_features": 4, "l_max": 2, "num_layers": 2}
 
-    def __init__(self, num_types: int, cutoff: float, **hparams):
+    def __init__(self, num_types: int, cutoff: float, num_features: int = 32, l_max: int = 2,
+                 feature_l_max: Optional[int] = None, parity: bool = True, num_layers: int = 3,
+                 num_basis: int = 8, trainable_basis: bool = True,
+                 radial_mlp: Sequence[int] = (64, 64), cutoff_p: float = 6.0,
+                 correlation: int = 1, avg_num_neighbors: Optional[float] = None,
+                 readout_hidden: int = 16):
         super().__init__()
-        hp = dict(self.DEFAULTS)
-        hp.update(hparams)
-        c, l_max = int(hp["num_features"]), int(hp["l_max"])
-        f_l_max = l_max if hp["feature_l_max"] is None else int(hp["feature_l_max"])
-        if l_max < 0 or f_l_max < 0 or hp["num_layers"] < 1:
-            raise ValueError("l_max, feature_l_max must be >= 0 and num_layers >= 1")
-        if hp["correlation"] not in (1, 2, 3):
-            raise ValueError(f"correlation must be 1, 2 or 3, got {hp['correlation']}")
-        if hp["avg_num_neighbors"] is not None and not hp["avg_num_neighbors"] > 0:
-            raise ValueError(f"avg_num_neighbors must be positive, got {hp['avg_num_neighbors']}")
+        c, l_max = int(num_features), int(l_max)
+        f_l_max = l_max if feature_l_max is None else int(feature_l_max)
         self.num_types = num_types
         self.cutoff = float(cutoff)
-        self.cutoff_p = float(hp["cutoff_p"])
+        self.cutoff_p = float(cutoff_p)
         self.l_max = l_max
-        self.basis = BesselBasis(self.cutoff, int(hp["num_basis"]), bool(hp["trainable_basis"]))
+        self.basis = BesselBasis(self.cutoff, int(num_basis), bool(trainable_basis))
         self.embedding = nn.Parameter(torch.randn(num_types, c))
-        hidden = irreps_up_to(f_l_max, bool(hp["parity"]))
+        hidden = irreps_up_to(f_l_max, bool(parity))
         irreps: List[Irrep] = [(0, 1)]
         layers = []
         self.layer_irreps: List[List[Irrep]] = []
-        for k in range(int(hp["num_layers"])):
-            last = k == int(hp["num_layers"]) - 1
+        for k in range(int(num_layers)):
+            last = k == int(num_layers) - 1
             layer = InteractionLayer(irreps, [(0, 1)] if last else hidden, l_max, c, num_types,
-                                     [int(hp["num_basis"])] + list(hp["radial_mlp"]),
-                                     int(hp["correlation"]), k == 0)
+                                     [int(num_basis)] + [int(w) for w in radial_mlp],
+                                     int(correlation), k == 0)
             layers.append(layer)
             irreps = layer.irreps_out
             self.layer_irreps.append(irreps)
         self.layers = nn.ModuleList(layers)
-        self.readout = MLP([c, int(hp["readout_hidden"]), 1])
-        self.fixed_avg = hp["avg_num_neighbors"] is not None
-        avg = float(hp["avg_num_neighbors"]) if self.fixed_avg \
-            else 0.1 * 4.0 / 3.0 * math.pi * self.cutoff ** 3  # ~condensed matter, 0.1 atoms/A^3
+        self.readout = MLP([c, int(readout_hidden), 1])
+        self.fixed_avg = avg_num_neighbors is not None
+        avg = float(avg_num_neighbors) if self.fixed_avg \
+            else uniform_neighbor_count(self.cutoff, 0.1)  # ~condensed matter, 0.1 atoms/A^3
         self.register_buffer("avg_num_neighbors", torch.tensor(avg))
         from e3nn import o3
 
         self.sh = o3.SphericalHarmonics(list(range(l_max + 1)), normalize=False,
                                         normalization="component")
+
+    @classmethod
+    def validate_hparams(cls, cutoff: float, hparams: Dict[str, Any]) -> None:
+        for key in ("num_features", "num_layers", "num_basis", "readout_hidden"):
+            need_int(hparams, key, 1)
+        need_int(hparams, "l_max", 0)
+        if hparams["feature_l_max"] is not None:
+            need_int(hparams, "feature_l_max", 0)
+        need_bool(hparams, "parity")
+        need_bool(hparams, "trainable_basis")
+        need_widths(hparams, "radial_mlp", allow_empty=True)
+        need_number(hparams, "cutoff_p", 0.0)
+        need_choice(hparams, "correlation", (1, 2, 3))
+        need_number(hparams, "avg_num_neighbors", 0.0, optional=True)
 
     def edge_terms(self, edge_vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(Y u / n_avg [P, (l_max+1)^2], Bessel basis [P, num_basis])."""
@@ -226,8 +233,8 @@ class NequIP(nn.Module):
     def fit_statistics(self, samples) -> None:
         """n_avg = mean number of neighbors per atom over the training structures (unless the
         hyperparameter fixes it)."""
-        if self.fixed_avg or not samples:
+        if self.fixed_avg:
             return
-        pairs = sum(int(s[1].shape[1]) for s in samples)
-        atoms = sum(int(s[0].shape[0]) for s in samples)
-        self.avg_num_neighbors.fill_(max(pairs / max(atoms, 1), 1.0))
+        n_avg = mean_neighbor_count(samples)
+        if n_avg is not None:
+            self.avg_num_neighbors.fill_(n_avg)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import keys as K
+from ..neighbors import pair_vectors
 from ..neighbors.module import NeighborList
 
 
@@ -113,9 +114,7 @@ class Potential(nn.Module):
             pos = pos + torch.bmm(pos.unsqueeze(1), sym.index_select(0, batch)).squeeze(1)
             cell = cell + torch.bmm(cell, sym)
 
-        pair_cells = cell.index_select(0, batch.index_select(0, i))  # [P, 3, 3]
-        shift_vec = torch.bmm(shifts.to(pos.dtype).unsqueeze(1), pair_cells).squeeze(1)
-        vectors = pos.index_select(0, j) - pos.index_select(0, i) + shift_vec  # [P, 3]
+        vectors = pair_vectors(pos, cell, batch, i, j, shifts)  # [P, 3]
         edge_index = torch.stack([i, j])
         atomic = self.net(types, edge_index, vectors.to(self.model_dtype))  # [N]
         atomic = atomic.to(torch.float64) * self.energy_scale \
@@ -176,9 +175,7 @@ class Potential(nn.Module):
             ic, jc = i[e0:e0 + counts[c]], j[e0:e0 + counts[c]]
             sc = shifts[e0:e0 + counts[c]]
             e0 += counts[c]
-            pair_cells = cell.index_select(0, batch.index_select(0, ic))  # [Pc, 3, 3]
-            vectors = pos.index_select(0, jc) - pos.index_select(0, ic) \
-                + torch.bmm(sc.to(pos.dtype).unsqueeze(1), pair_cells).squeeze(1)  # [Pc, 3]
+            vectors = pair_vectors(pos, cell, batch, ic, jc, sc)  # [Pc, 3]
             if need_grad:
                 vectors.requires_grad_(True)
             centre_types = types[a:b]
@@ -224,20 +221,6 @@ class Potential(nn.Module):
     @torch.jit.unused
     def set_reference_energies(self, energies: torch.Tensor) -> None:
         self.reference_energies.copy_(torch.as_tensor(energies, dtype=torch.float64))
-
-    @torch.jit.unused
-    def compute(self, data, compute_forces: bool = True, compute_stress: bool = False
-                ) -> Dict[str, torch.Tensor]:
-        """``forward`` on an ``AtomicData`` (typed, with or without neighbors)."""
-        if data.atom_types is None:
-            from ..data import TypeMap
-
-            data.atom_types = TypeMap(self.type_map).types(data.atomic_numbers.numpy())
-        d = data.as_dict()
-        if data.cutoff is not None and data.cutoff != self.cutoff:
-            d.pop(K.EDGE_INDEX)
-            d.pop(K.EDGE_SHIFTS)
-        return self.forward(d, compute_forces, compute_stress)
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:

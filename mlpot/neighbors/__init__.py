@@ -148,9 +148,11 @@ def pair_vectors(
 ) -> torch.Tensor:
     """Differentiable pair vectors x_j - x_i + S @ cell[batch[i]]  # [P, 3]
 
-    Gradients flow to ``positions`` and ``cells`` (the latter gives the virial).
-    cells may be [3, 3] for a single structure or [B, 3, 3] with ``batch`` the structure index of
-    each atom.
+    The one place that turns a neighbor list into vectors: models (``Potential``), data,
+    validation and the integrators' reference forces all call it. TorchScript-able (scripted
+    models call it). Gradients flow to ``positions`` and ``cells`` (the latter gives the
+    virial). cells may be [3, 3] for a single structure or [B, 3, 3] with ``batch`` the structure
+    index of each atom.
     """
     if cells.dim() == 2:
         shift_vec = shifts.to(positions.dtype) @ cells  # [P, 3]

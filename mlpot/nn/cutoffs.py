@@ -14,11 +14,6 @@ def polynomial_cutoff(r: torch.Tensor, cutoff: float, p: float = 6.0) -> torch.T
     return u * (x < 1.0).to(r.dtype)
 
 
-def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """0.5 (cos(pi r / cutoff) + 1) for r < cutoff, else 0 (Behler, JCP 2011)."""
-    return 0.5 * (torch.cos(torch.pi * r / cutoff) + 1.0) * (r < cutoff).to(r.dtype)
-
-
 def smooth_inverse_switch(r: torch.Tensor, r_smooth: float, cutoff: float) -> torch.Tensor:
     """The Deep Potential weight s(r) (Zhang et al., NeurIPS 2018, eq. 4 of the DeepPot-SE paper):
 

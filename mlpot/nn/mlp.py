@@ -4,13 +4,13 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-_ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus}
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
 def activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation '{name}'; use one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; use one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 class MLP(nn.Module):

@@ -25,17 +25,3 @@ class BesselBasis(nn.Module):
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         r = r.unsqueeze(-1)  # [P, 1]
         return self.prefactor * torch.sin(self.freqs * r) / r
-
-
-class GaussianBasis(nn.Module):
-    """exp(-gamma (r - mu_k)^2) on num_basis centres evenly spaced in [0, cutoff]  # [P, num_basis]"""
-
-    def __init__(self, cutoff: float, num_basis: int = 16):
-        super().__init__()
-        centres = torch.linspace(0.0, float(cutoff), num_basis)
-        self.register_buffer("centres", centres)
-        width = float(cutoff) / max(num_basis - 1, 1)
-        self.gamma = 0.5 / (width * width)
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.gamma * (r.unsqueeze(-1) - self.centres) ** 2)
