@@ -20,8 +20,8 @@ from ase.calculators.calculator import (Calculator, PropertyNotImplementedError,
                                         all_changes)
 
 from . import keys as K
-from .data import TypeMap
 from .export import as_exported
+from .inputs import read_outputs, structure_inputs
 
 __all__ = ["MLPotCalculator"]
 
@@ -47,7 +47,7 @@ class MLPotCalculator(Calculator):
         self.model = as_exported(model, device)
         self.device = torch.device(device)
         self.dtype = self.model.dtype
-        self.type_map = TypeMap(self.model.type_map)
+        self.type_map = list(self.model.type_map)
         self._numbers: Optional[np.ndarray] = None
         self._types: Optional[torch.Tensor] = None
         self._cell_key: Optional[tuple] = None
@@ -57,7 +57,7 @@ class MLPotCalculator(Calculator):
     # ------------------------------------------------------------------ inputs
     def _atom_types(self, numbers: np.ndarray) -> torch.Tensor:
         if self._numbers is None or not np.array_equal(numbers, self._numbers):
-            types_ = self.type_map.types(numbers, where="MLPotCalculator")
+            types_ = self.model.atom_types(numbers, where="MLPotCalculator")
             self._types = types_.to(self.device)
             self._numbers = numbers.copy()
         return self._types
@@ -87,19 +87,15 @@ class MLPotCalculator(Calculator):
             raise PropertyNotImplementedError(
                 "MLPotCalculator: stress needs a cell periodic in all three directions")
         cell, pbc = self._cell_tensors(self.atoms)
-        data = {
-            K.POSITIONS: torch.as_tensor(self.atoms.positions, dtype=self.dtype,
-                                         device=self.device),
-            K.ATOM_TYPES: self._atom_types(self.atoms.numbers),
-            K.CELL: cell,
-            K.PBC: pbc,
-        }
-        out = self.model(data, True, want_stress)
-        energy = float(out[K.ENERGY].detach()[0])
+        data = structure_inputs(
+            torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device),
+            self._atom_types(self.atoms.numbers), cell, pbc)
+        out = read_outputs(self.model(data, True, want_stress), 1, want_stress)
+        energy = float(out[K.ENERGY][0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        self.results["energies"] = out[K.ATOMIC_ENERGIES].detach().cpu().numpy()
-        self.results["forces"] = out[K.FORCES].detach().cpu().numpy().astype(np.float64)
+        self.results["energies"] = out[K.ATOMIC_ENERGIES][0].cpu().numpy()
+        self.results["forces"] = out[K.FORCES][0].cpu().numpy().astype(np.float64)
         if want_stress:
-            s = out[K.STRESS].detach()[0].cpu().numpy().astype(np.float64)
+            s = out[K.STRESS][0].cpu().numpy().astype(np.float64)
             self.results["stress"] = s[_VOIGT[0], _VOIGT[1]]

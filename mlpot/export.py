@@ -24,12 +24,15 @@ import types
 import zipfile
 from typing import Dict, Optional, Union
 
+import numpy as np
 import torch
 
+from . import keys as K
 from .checkpoint import file_kind, model_metadata, model_from_checkpoint, read_checkpoint
 from .dtypes import DTYPES, dtype_name, dtype_of
 from .errors import UserError
 from .files import atomic_write
+from .inputs import structure_inputs
 
 __all__ = ["export", "load", "read_metadata", "ExportedModel", "ExportError", "FORMAT_VERSION",
            "METADATA_NAME", "register_neighbor_op"]
@@ -113,12 +116,11 @@ def _self_check(eager, scripted, dtype: torch.dtype) -> None:
     n = max(3, min(8, 2 * n_types))
     pos = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2.5).to(dtype)
     types_ = torch.arange(n) % n_types
-    data = {"positions": pos, "atom_types": types_, "cell": torch.zeros(1, 3, 3, dtype=dtype),
-            "pbc": torch.zeros(1, 3, dtype=torch.bool),
-            "atomic_numbers": torch.tensor([z_of[eager.type_map[t]] for t in types_.tolist()])}
+    data = structure_inputs(pos, types_)  # a molecule: no cell
+    data[K.ATOMIC_NUMBERS] = torch.tensor([z_of[eager.type_map[t]] for t in types_.tolist()])
     a, b = eager(dict(data)), scripted(dict(data))
     tol = 1e-4 if dtype == torch.float32 else 1e-9
-    for key in ("energy", "forces"):
+    for key in (K.ENERGY, K.FORCES):
         err = float((a[key].detach() - b[key].detach()).abs().max())
         scale = 1.0 + float(a[key].detach().abs().max())
         if not err <= tol * scale:
@@ -209,9 +211,19 @@ class ExportedModel:
         self.metadata = metadata
         self.path = path
         self.type_map = list(metadata["type_map"])
+        self._type_lookup = None
         self.cutoff = float(metadata["cutoff"])
         self.dtype = dtype_of(metadata["dtype"])
         self.device = torch.device("cpu")
+
+    def atom_types(self, atomic_numbers, where: str = "") -> torch.Tensor:
+        """[N] int64 type indices of atoms given by atomic number (on the CPU); a DataError
+        naming ``where`` and the model's elements for an element the model does not know."""
+        if self._type_lookup is None:
+            from .data import TypeMap
+
+            self._type_lookup = TypeMap(self.type_map)
+        return self._type_lookup.types(np.asarray(atomic_numbers, dtype=np.int64), where=where)
 
     def __call__(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                  compute_stress: bool = False) -> Dict[str, torch.Tensor]:
