@@ -96,14 +96,13 @@ def _md_openmm(model_path: str, out: str, steps: int) -> Dict[str, float]:
 def _md_integrators(model_path: str, out: str, steps: int) -> Dict[str, float]:
     import integrators as md
 
-    from .data import TypeMap
     from .export import load
 
     atoms = _diamond_si()
     model = load(model_path)
-    types = TypeMap(model.type_map).types(atoms.numbers)
+    types = model.atom_types(atoms.numbers, where="demo")
     forces = md.MLPotForces(model, types, pbc=(True, True, True), atomic_numbers=atoms.numbers)
-    state = md.state_from_ase(atoms, dtype=torch_dtype(model))
+    state = md.state_from_ase(atoms, dtype=model.dtype)
     state = md.initialize_velocities(state, 1200.0)
     thermo = os.path.join(out, "md_integrators.csv")
     traj = os.path.join(out, "md_integrators.dcd")
@@ -114,12 +113,6 @@ def _md_integrators(model_path: str, out: str, steps: int) -> Dict[str, float]:
                         forces, steps, reporters, last_good_path=os.path.join(out, "last_good.xyz"))
     return {"steps": steps, "ms_per_step": 1e3 * (time.perf_counter() - t0) / max(steps, 1),
             "final_temperature_K": float(md.temperature_K(final)[0]), "trajectory": traj}
-
-
-def torch_dtype(model):
-    import torch
-
-    return torch.float64 if "64" in str(model.dtype) else torch.float32
 
 
 def rdf_plot(traj_path: str, topology_atoms, path: str, r_max: float = 5.0) -> Dict[str, float]:
