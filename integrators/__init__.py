@@ -11,9 +11,9 @@ Angstrom, amu, K, bar (converted in ``mlpot.units``).
 Each integrator has ``init(state, forces)`` and ``step(state, forces)``; the equations are in
 the docstring of its module, with references.
 """
-from .base import ForceProvider, Integrator, MDError
+from .base import REGISTRY, ForceProvider, Integrator, MDError, MDInputError, MDStopped
 from .bussi import Bussi
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_md_checkpoint, save_md_checkpoint
 from .forces import Harmonic, IdealGas, LennardJones, MLPotForces
 from .langevin import Langevin
 from .nose_hoover import NoseHooverChain
@@ -33,10 +33,13 @@ __all__ = [
     "Langevin",
     "LennardJones",
     "MDError",
+    "MDInputError",
+    "MDStopped",
     "MDState",
     "MLPotForces",
     "NoseHooverChain",
     "ProgressBar",
+    "REGISTRY",
     "Reporter",
     "StochasticCellRescaling",
     "ThermoCSV",
@@ -45,10 +48,10 @@ __all__ = [
     "check_forces",
     "initialize_velocities",
     "kinetic_energy",
-    "load_checkpoint",
+    "load_md_checkpoint",
     "make_state",
     "pressure_bar",
-    "save_checkpoint",
+    "save_md_checkpoint",
     "simulate",
     "state_from_ase",
     "temperature_K",

@@ -22,6 +22,7 @@ from typing import Callable, ClassVar, Dict, Optional
 import torch
 
 from mlpot import units
+from mlpot.errors import RunStopped, UserError
 
 from .state import MDState, kinetic_energy, kt_ev
 
@@ -31,6 +32,21 @@ ForceProvider = Callable[[Tensor, Tensor, bool], Dict[str, Tensor]]
 
 class MDError(RuntimeError):
     """A simulation that cannot go on (non-finite or exploding forces, a collapsed cell...)."""
+
+
+class MDInputError(MDError, UserError):
+    """Bad input to a run (a starting structure with non-finite or exploding forces, an option
+    out of range): exit code 2 in ``mlpot md``."""
+
+
+class MDStopped(MDError, RunStopped):
+    """A run stopped by a rule (exploding forces, the health check of ``integrators.health``)
+    after the last good frame was saved: exit code 3 in ``mlpot md``."""
+
+
+#: Every concrete integrator by class name (filled by ``Integrator.__init_subclass__``; MD
+#: checkpoints name their integrator and are read back through this map).
+REGISTRY: Dict[str, type] = {}
 
 
 def evaluate(forces: ForceProvider, positions: Tensor, cell: Tensor,
@@ -73,6 +89,10 @@ class Integrator:
 
     stochastic: ClassVar[bool] = False
     needs_stress: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        REGISTRY[cls.__name__] = cls
 
     def __post_init__(self) -> None:
         dt = float(self.timestep_fs)

@@ -8,26 +8,35 @@ MODEL is a model file written by ``mlpot export`` or the name of a built-in anal
         --timestep 0.5 --steps 20000 --thermo thermo.csv --traj traj.dcd
 
 ``add_md_parser(subparsers)`` adds the command to an argparse parser; ``run_md(args)`` runs it.
+
+Exit codes (``mlpot.errors``): 0 done, 2 bad input (one line says what to fix), 3 stopped by the
+health check or by exploding forces (the last good frame is saved; its path is in the message).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections import deque
 from typing import Optional
 
 import torch
 
-from .base import Integrator, MDError
+from mlpot.dtypes import dtype_of
+from mlpot.errors import RunStopped, UserError
+
+from . import health as H
+from .base import Integrator, MDInputError
 from .bussi import Bussi
-from .checkpoint import load_checkpoint
+from .checkpoint import load_md_checkpoint
 from .forces import LennardJones, MLPotForces
 from .langevin import Langevin
 from .nose_hoover import NoseHooverChain
 from .npt import StochasticCellRescaling
 from .nve import VelocityVerlet
 from .reporters import ProgressBar, ThermoCSV, TrajectoryReporter
-from .runner import DEFAULT_MAX_FORCE, simulate
+from .runner import DEFAULT_MAX_FORCE, overlap_message, simulate
 from .state import MDState, initialize_velocities, state_from_ase
 
 ENSEMBLES = ("nve", "langevin", "nose-hoover", "bussi", "npt")
@@ -51,6 +60,9 @@ def add_md_parser(subparsers) -> argparse.ArgumentParser:
                    help="working precision (default: the model's; float64 for lj)")
     r.add_argument("--max-force", type=float, default=DEFAULT_MAX_FORCE,
                    help="eV/A; larger forces stop the run (default %(default)g)")
+    _health_args(p.add_argument_group(
+        "health check", "stop the run (exit code 3, last good frame saved) when it goes wrong; "
+        "see integrators/health.py"))
     b = p.add_argument_group("built-in lj potential")
     b.add_argument("--lj-epsilon", type=float, default=0.0104, help="eV (default argon)")
     b.add_argument("--lj-sigma", type=float, default=3.4, help="Angstrom (default argon)")
@@ -83,6 +95,21 @@ def _ensemble_args(e) -> None:
                         "velocities in STRUCTURE are kept when present and this is not given)")
 
 
+def _health_args(h) -> None:
+    h.add_argument("--max-temperature-ratio", type=float, default=H.DEFAULT_MAX_TEMPERATURE_RATIO,
+                   help="stop when T exceeds this times the thermostat target (NVE: the starting "
+                        "temperature or the running mean), default %(default)g")
+    h.add_argument("--max-drift", type=float, default=H.DEFAULT_MAX_DRIFT_EV_PER_ATOM,
+                   help="eV/atom; stop when the conserved energy drifts further from its start "
+                        "(default %(default)g)")
+    h.add_argument("--max-step-displacement", type=float,
+                   default=H.DEFAULT_MAX_STEP_DISPLACEMENT_A,
+                   help="Angstrom; stop when an atom moves further in one step "
+                        "(default %(default)g)")
+    h.add_argument("--no-health-check", action="store_true",
+                   help="run without the health check (the force limit --max-force stays)")
+
+
 def _output_args(o) -> None:
     o.add_argument("--thermo", default="md_thermo.csv", help="thermo CSV (default md_thermo.csv)")
     o.add_argument("--thermo-every", type=int, default=100, help="steps between thermo rows")
@@ -107,15 +134,17 @@ def _load_model(path: str, device: str):
 def _forces(args, atoms, device: str):
     """(force provider, default dtype) for MODEL."""
     if args.model.lower() in BUILTIN:
-        lj = LennardJones(args.lj_epsilon, args.lj_sigma, args.lj_cutoff, pbc=tuple(atoms.pbc))
+        try:
+            lj = LennardJones(args.lj_epsilon, args.lj_sigma, args.lj_cutoff,
+                              pbc=tuple(atoms.pbc))
+        except ValueError as err:
+            raise MDInputError(f"built-in lj potential: {err}") from err
         return lj, torch.float64
     if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"no model file {args.model!r} (and not a built-in potential: "
-                                f"{', '.join(BUILTIN)})")
+        raise MDInputError(f"no model file {args.model!r} (and not a built-in potential: "
+                           f"{', '.join(BUILTIN)}); give a file written by `mlpot export`")
     model = _load_model(args.model, device)
-    from mlpot.data import TypeMap
-
-    types = TypeMap(list(model.type_map)).types(atoms.numbers, where=args.structure)
+    types = model.atom_types(atoms.numbers, where=args.structure)
     provider = MLPotForces(model, types, pbc=tuple(atoms.pbc), atomic_numbers=atoms.numbers)
     return provider, getattr(model, "dtype", torch.float32)
 
@@ -146,32 +175,111 @@ def _start(args, atoms, dtype) -> MDState:
     return state
 
 
+# (option, attribute, test, what it must be); checked before anything is read
+_CHECKS = (
+    ("--replicas", "replicas", lambda v: v >= 1, "a whole number >= 1"),
+    ("--steps", "steps", lambda v: v >= 0, "a whole number >= 0 (the total, counted from step 0)"),
+    ("--timestep", "timestep", lambda v: 0 < v < math.inf, "a number of fs > 0"),
+    ("--temperature", "temperature", lambda v: 0 <= v < math.inf, "a number of K >= 0"),
+    ("--init-temperature", "init_temperature", lambda v: v is None or 0 <= v < math.inf,
+     "a number of K >= 0"),
+    ("--pressure", "pressure", math.isfinite, "a finite number of bar"),
+    ("--friction", "friction", lambda v: 0 <= v < math.inf, "a number of 1/fs >= 0"),
+    ("--tau-t", "tau_t", lambda v: 0 < v < math.inf, "a number of fs > 0"),
+    ("--tau-p", "tau_p", lambda v: 0 < v < math.inf, "a number of fs > 0"),
+    ("--compressibility", "compressibility", lambda v: 0 < v < math.inf, "a number of 1/bar > 0"),
+    ("--thermo-every", "thermo_every", lambda v: v >= 1, "a whole number of steps >= 1"),
+    ("--traj-every", "traj_every", lambda v: v >= 1, "a whole number of steps >= 1"),
+    ("--checkpoint-every", "checkpoint_every", lambda v: v >= 1, "a whole number of steps >= 1"),
+    ("--max-force", "max_force", lambda v: 0 < v, "a number of eV/A > 0"),
+    ("--max-temperature-ratio", "max_temperature_ratio", lambda v: 1 < v < math.inf,
+     "a number > 1"),
+    ("--max-drift", "max_drift", lambda v: 0 < v < math.inf, "a number of eV/atom > 0"),
+    ("--max-step-displacement", "max_step_displacement", lambda v: 0 < v < math.inf,
+     "a number of Angstrom > 0"),
+)
+
+
+def check_args(args) -> None:
+    """Raise ``MDInputError`` naming the first option with an unusable value."""
+    for option, name, ok, what in _CHECKS:
+        value = getattr(args, name, None)
+        if option != "--init-temperature" and value is None:
+            continue
+        if not ok(value):  # NaN fails every test
+            raise MDInputError(f"{option} {value}: must be {what}")
+
+
+def read_structure(path: str, frame: int):
+    """Frame ``frame`` (negative: from the end) of a structure file, read frame by frame."""
+    from ase.io import iread
+
+    if not os.path.isfile(path):
+        raise MDInputError(f"no structure file {path!r}")
+    if os.path.getsize(path) == 0:
+        raise MDInputError(f"{path} is empty: give a structure file (extxyz, POSCAR, CIF, PDB...)")
+    try:
+        if frame >= 0:
+            count = 0
+            for count, atoms in enumerate(iread(path, index=":"), 1):
+                if count - 1 == frame:
+                    return atoms
+        else:
+            last = deque(iread(path, index=":"), maxlen=-frame)
+            count = len(last)  # all frames when fewer than -frame
+            if count == -frame:
+                return last[0]
+    except Exception as err:  # noqa: BLE001 - any reader error is a bad file
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MDInputError(f"cannot read {path}: {msg}") from err
+    if count == 0:
+        raise MDInputError(f"{path} holds no structure (empty file?)")
+    raise MDInputError(f"--frame {frame}: {path} has {count} frame(s); use 0..{count - 1} or "
+                       f"-{count}..-1")
+
+
+def _health(args) -> Optional[H.HealthCheck]:
+    if args.no_health_check:
+        return None
+    return H.HealthCheck.with_thresholds(args.max_temperature_ratio, args.max_drift,
+                                         args.max_step_displacement, last_good_path=None)
+
+
 def _prepare(args):
     """(state, integrator, forces, steps to run) from the arguments."""
-    from ase.io import read
-
-    atoms = read(args.structure, index=args.frame)
+    check_args(args)
+    atoms = read_structure(args.structure, args.frame)
     forces, model_dtype = _forces(args, atoms, args.device)
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype, model_dtype)
+    dtype = dtype_of(args.dtype) if args.dtype else model_dtype
     if args.resume:
         if not args.checkpoint or not os.path.exists(args.checkpoint):
-            raise FileNotFoundError(
+            raise MDInputError(
                 f"--resume needs an existing --checkpoint, got {args.checkpoint!r}")
-        state, integrator = load_checkpoint(args.checkpoint, device=args.device)
+        state, integrator = load_md_checkpoint(args.checkpoint, device=args.device)
         if args.dtype is not None:
             state = state.to(args.device, dtype)
+        if state.n_atoms != len(atoms):
+            raise MDInputError(f"{args.checkpoint} holds {state.n_atoms} atoms, {args.structure} "
+                               f"{len(atoms)}: resume with the structure of that run")
         print(f"resuming from step {state.step} of {args.checkpoint} "
               f"({type(integrator).__name__})", file=sys.stderr)
     else:
         state = _start(args, atoms, dtype)
-        integrator = _integrator(args, bool(atoms.pbc.all()))
+        try:
+            integrator = _integrator(args, bool(atoms.pbc.all()))
+        except ValueError as err:
+            raise MDInputError(str(err)) from err
     return state, integrator, forces, max(0, args.steps - state.step)
 
 
 def run_md(args: argparse.Namespace) -> int:
-    """Run ``mlpot md``; returns the exit status (0, or 1 with a message on stderr)."""
+    """Run ``mlpot md``; returns the exit status: 0 done, 2 bad input, 3 stopped by the health
+    check or exploding forces (one line on stderr says why). Other errors are bugs: raised."""
     try:
         state, integrator, forces, n = _prepare(args)
+        overlap = overlap_message(state, 0.5)
+        if overlap:
+            print(f"mlpot md: warning: {overlap}", file=sys.stderr)
         reporters = [ThermoCSV(args.thermo, args.thermo_every)]
         if args.traj:
             reporters.append(TrajectoryReporter(args.traj, args.traj_every, replica=None
@@ -181,17 +289,20 @@ def run_md(args: argparse.Namespace) -> int:
         last_good = os.path.splitext(args.thermo)[0] + "_last_good.xyz"
         state = simulate(state, integrator, forces, n, reporters, checkpoint_path=args.checkpoint,
                          checkpoint_interval=args.checkpoint_every, max_force=args.max_force,
-                         last_good_path=last_good)
-    except (MDError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"mlpot md: {err}", file=sys.stderr)
-        return 1
+                         last_good_path=last_good, health=_health(args),
+                         overlap_warning_A=None)
+    except (UserError, RunStopped) as err:
+        kind = "stopped" if isinstance(err, RunStopped) else "error"
+        print(f"mlpot md: {kind}: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
     print(f"mlpot md: {state.step} steps ({state.time_fs / 1000:g} ps) done; thermo in "
           f"{args.thermo}" + (f", trajectory in {args.traj}" if args.traj else ""), file=sys.stderr)
     return 0
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Stand-alone entry (``python -m integrators.cli``) until ``mlpot md`` is hooked in."""
+    """``python -m integrators.cli md ...``: the same command as ``mlpot md`` without the rest of
+    the ``mlpot`` command line."""
     parser = argparse.ArgumentParser(prog="mlpot")
     sub = parser.add_subparsers(dest="command", required=True)
     add_md_parser(sub)

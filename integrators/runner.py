@@ -1,24 +1,34 @@
 """``simulate``: the MD loop with reporters, checkpoints and the safety checks.
 
 Safety: after every force call the forces must be finite and no larger than ``max_force``
-(eV/A); otherwise the run stops with ``MDError`` naming the step, replica and atom, after writing
-the last good frame (the state before the failing step, all replicas) to an extxyz file.
+(eV/A), and the health check (``integrators.health``: temperature runaway, conserved-energy
+drift, an atom jumping) must pass; otherwise the run stops with ``MDStopped`` (exit code 3 in
+``mlpot md``) naming the step, replica and atom, after writing the last good frame (the state
+before the failing step, all replicas) to an extxyz file. A starting structure with bad forces
+raises ``MDInputError`` (exit code 2), and atoms closer than ``overlap_warning_A`` at the start
+give a warning.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import warnings
+from typing import Optional, Sequence, Union
 
 import torch
 
 from mlpot import units
 
-from .base import ForceProvider, Integrator, MDError
-from .checkpoint import save_checkpoint
+from .base import ForceProvider, Integrator, MDInputError, MDStopped
+from .checkpoint import remove_md_checkpoint_temporaries, save_md_checkpoint
+from .health import HealthCheck, HealthCheckFailed, snapshot_of
 from .reporters import Reporter
 from .state import MDState
 
 DEFAULT_MAX_FORCE = 1.0e3  # eV/A: far beyond any physical force, well before an overflow
+
+
+class MDWarning(UserWarning):
+    """Something suspicious at the start of a run (overlapping atoms) that does not stop it."""
 
 
 def check_forces(state: MDState, max_force: float = DEFAULT_MAX_FORCE) -> Optional[str]:
@@ -56,17 +66,52 @@ def write_frame(path: str, state: MDState) -> None:
     write(path, frames, format="extxyz")
 
 
-def _fail(state: MDState, last_good: MDState, what: str, path: Optional[str]) -> MDError:
-    saved = ""
-    if path:
-        try:
-            write_frame(path, last_good)
-            saved = f"; the last good frame (step {last_good.step}) was written to {path}"
-        except Exception as err:  # noqa: BLE001 - the MD error matters more than this one
-            saved = f"; writing the last good frame to {path} failed: {err}"
-    return MDError(f"MD stopped at step {state.step} (t = {state.time_fs:g} fs): non-finite or "
-                   f"exploding forces, {what}{saved}. Try a smaller timestep, check the starting "
-                   "structure for overlapping atoms, or the model for this configuration.")
+def _save_last_good(last_good: MDState, path: Optional[str]) -> str:
+    if not path:
+        return ""
+    try:
+        write_frame(path, last_good)
+        return f"; the last good frame (step {last_good.step}) was written to {path}"
+    except Exception as err:  # noqa: BLE001 - the MD error matters more than this one
+        return f"; writing the last good frame to {path} failed: {err}"
+
+
+def _fail(state: MDState, last_good: MDState, what: str, path: Optional[str]) -> MDStopped:
+    saved = _save_last_good(last_good, path)
+    return MDStopped(f"MD stopped at step {state.step} (t = {state.time_fs:g} fs): non-finite or "
+                     f"exploding forces, {what}{saved}. Try a smaller timestep, check the starting "
+                     "structure for overlapping atoms, or the model for this configuration.")
+
+
+def closest_pair(state: MDState, within_A: float):
+    """(distance A, replica, i, j) of the closest pair of atoms nearer than ``within_A`` (the
+    nearest periodic image), or None."""
+    from mlpot.neighbors import neighbor_list_batch, pair_vectors
+
+    r, n = state.n_replicas, state.n_atoms
+    if n < 2:
+        return None
+    flat = state.positions.detach().reshape(r * n, 3)
+    ptr = torch.arange(r + 1, device=state.device) * n
+    pbc = state.pbc.expand(r, 3)
+    batch = torch.arange(r, device=state.device).repeat_interleave(n)
+    i, j, s = neighbor_list_batch(flat, state.cell.detach(), pbc, ptr, float(within_A))
+    if i.numel() == 0:
+        return None
+    d = pair_vectors(flat, state.cell.detach(), batch, i, j, s).norm(dim=-1)
+    k = int(d.argmin())
+    rep = int(batch[i[k]])
+    return float(d[k]), rep, int(i[k]) - rep * n, int(j[k]) - rep * n
+
+
+def overlap_message(state: MDState, within_A: float) -> Optional[str]:
+    """A one-line warning when two atoms are closer than ``within_A``, else None."""
+    found = closest_pair(state, within_A)
+    if found is None:
+        return None
+    d, rep, i, j = found
+    return (f"atoms {i} and {j} of replica {rep} are {d:.3g} A apart (closer than "
+            f"{within_A:g} A): overlapping atoms usually mean a wrong structure or units")
 
 
 def simulate(
@@ -79,6 +124,8 @@ def simulate(
     checkpoint_interval: int = 0,
     max_force: float = DEFAULT_MAX_FORCE,
     last_good_path: Optional[str] = "md_last_good.xyz",
+    health: Union[HealthCheck, bool, None] = True,
+    overlap_warning_A: Optional[float] = 0.5,
 ) -> MDState:
     """Run ``n_steps`` steps from ``state`` and return the final state.
 
@@ -87,17 +134,34 @@ def simulate(
 
     Reporters report at every multiple of their interval (and at step 0 of a fresh run). A
     checkpoint is written every ``checkpoint_interval`` steps and at the end when
-    ``checkpoint_path`` is given; ``load_checkpoint`` then resumes exactly.
+    ``checkpoint_path`` is given (temporary files of killed checkpoint writes are removed at the
+    start); ``load_md_checkpoint`` then resumes exactly.
+
+    ``health``: the health check run after every step (``True``: ``HealthCheck()`` with the
+    default thresholds of ``integrators.health``; None or False: none). A broken rule raises
+    ``HealthCheckFailed`` after the last good frame is written to ``last_good_path``.
+    ``overlap_warning_A``: warn (``MDWarning``) when two atoms start closer than this (None: no
+    check).
     """
-    if n_steps < 0:
-        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    if int(n_steps) != n_steps or n_steps < 0:
+        raise MDInputError(f"the number of steps must be a whole number >= 0, got {n_steps}")
     if not max_force > 0 or math.isnan(max_force):
-        raise ValueError(f"max_force must be > 0 eV/A, got {max_force}")
+        raise MDInputError(f"max_force must be > 0 eV/A, got {max_force}")
+    if health is True:
+        health = HealthCheck()
+    if overlap_warning_A:
+        msg = overlap_message(state, overlap_warning_A)
+        if msg:
+            warnings.warn(msg, MDWarning, stacklevel=2)
     state = integrator.init(state, forces)
     problem = check_forces(state, max_force)
     if problem:
-        raise MDError(f"the starting structure already has non-finite or exploding forces: "
-                      f"{problem}")
+        raise MDInputError(f"the starting structure already has non-finite or exploding forces: "
+                           f"{problem}; check it for overlapping atoms and its units (Angstrom)")
+    if checkpoint_path:
+        remove_md_checkpoint_temporaries(checkpoint_path)
+    if health:
+        health.start(snapshot_of(state, integrator))
     fresh = state.step == 0
     opened = []
     try:
@@ -111,14 +175,19 @@ def simulate(
             problem = check_forces(new, max_force)
             if problem:
                 raise _fail(new, state, problem, last_good_path)
+            if health:
+                problem = health.failure(snapshot_of(new, integrator))
+                if problem:
+                    raise HealthCheckFailed(health.message(
+                        new.step, problem, _save_last_good(state, last_good_path)))
             state = new
             for rep in reporters:
                 if state.step % rep.interval == 0:
                     rep.report(state, integrator)
             if checkpoint_path and checkpoint_interval and state.step % checkpoint_interval == 0:
-                save_checkpoint(checkpoint_path, state, integrator)
+                save_md_checkpoint(checkpoint_path, state, integrator)
         if checkpoint_path:
-            save_checkpoint(checkpoint_path, state, integrator)
+            save_md_checkpoint(checkpoint_path, state, integrator)
     finally:
         for rep in opened:
             rep.close()

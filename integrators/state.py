@@ -16,6 +16,7 @@ centre-of-mass momentum is held at zero, ``fixed_com``)::
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Union
 
@@ -108,10 +109,48 @@ class MDState:
         return replace(self, extras=dict(self.extras), rng=rng)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MDState":
-        """A copy on another device and/or working precision (energies stay float64)."""
-        from .checkpoint import state_to_dict, state_from_dict
+        """A copy on another device and/or working precision (energies stay float64).
 
-        return state_from_dict(state_to_dict(self), device=device, dtype=dtype)
+        Tensors are moved directly; the random stream follows ``moved_generator``.
+        """
+        dev = self.device if device is None else torch.device(device)
+        changes = {}
+        for name in TENSOR_FIELDS:
+            v = getattr(self, name)
+            if v is not None:
+                v = v.to(dev)
+                if dtype is not None and name in FLOAT_FIELDS:
+                    v = v.to(dtype)
+            changes[name] = v
+        changes["extras"] = {k: v.to(dev) for k, v in self.extras.items()}
+        changes["rng"] = None if self.rng is None else moved_generator(
+            self.rng.get_state(), self.rng.device.type, dev)
+        return replace(self, **changes)
+
+
+#: The tensor fields of MDState (saved in checkpoints, moved by ``MDState.to``) and those in
+#: the working precision (energies and bath energies stay float64).
+TENSOR_FIELDS = ("positions", "velocities", "masses", "cell", "pbc", "atomic_numbers", "forces",
+                 "energy", "stress", "bath_energy")
+FLOAT_FIELDS = ("positions", "velocities", "masses", "cell", "forces", "stress")
+
+
+def moved_generator(saved: Optional[Tensor], saved_device_type: str,
+                    device: torch.device) -> torch.Generator:
+    """A generator on ``device`` continuing a saved random stream (``Generator.get_state()``).
+
+    Generator states are device-type specific: on another device type the stream restarts from
+    a seed derived from the saved state (still deterministic, no longer the same numbers).
+    """
+    rng = torch.Generator(device=device)
+    if saved is None:
+        return rng
+    if saved_device_type == device.type:
+        rng.set_state(saved)
+    else:
+        digest = hashlib.sha256(saved.cpu().numpy().tobytes()).digest()[:8]
+        rng.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return rng
 
 
 # ------------------------------------------------------------------------------ 3x3 algebra

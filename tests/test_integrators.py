@@ -10,7 +10,7 @@ from ase.build import bulk
 from ase.calculators.lj import LennardJones as ASELennardJones
 
 import integrators as I
-from integrators.checkpoint import load_checkpoint, save_checkpoint
+from integrators.checkpoint import load_md_checkpoint, save_md_checkpoint
 from integrators.cli import main as md_main
 from mlpot import keys as K
 from mlpot import units
@@ -19,13 +19,7 @@ from mlpot.neighbors import neighbor_list_batch, pair_vectors
 RHO_AR = 0.02035  # atoms/A^3: liquid argon, reduced density 0.8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest and timing-stable on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def argon(replicas=1, rattle=0.05, repeat=2, seed=0, temperature=100.0, dtype=torch.float64,
@@ -251,7 +245,7 @@ def test_resumed_run_continues_the_uninterrupted_one(make, tmp_path):
                checkpoint_path=ck)
     with open(tmp_path / "b.csv", "a") as fh:  # rows a crashed run wrote after the checkpoint
         fh.write("16,80,0,1,1,1,1,1,1\n")
-    st2, integ2 = load_checkpoint(ck)
+    st2, integ2 = load_md_checkpoint(ck)
     assert st2.step == 12 and type(integ2) is type(make())
     resumed = I.simulate(st2, integ2, lj(**exact), 12, [I.ThermoCSV(str(tmp_path / "b.csv"), 4)])
     for name in ("positions", "velocities", "cell", "forces", "energy", "bath_energy"):
@@ -266,13 +260,13 @@ def test_checkpoint_write_is_atomic_and_validated(tmp_path):
     nve = I.VelocityVerlet(2.0)
     st = nve.init(st, lj())
     path = tmp_path / "x.ckpt"
-    save_checkpoint(str(path), st, nve)
+    save_md_checkpoint(str(path), st, nve)
     assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary file left
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an mlpot MD checkpoint"):
-        load_checkpoint(str(tmp_path / "other.pt"))
+        load_md_checkpoint(str(tmp_path / "other.pt"))
     with pytest.raises(FileNotFoundError, match="no MD checkpoint"):
-        load_checkpoint(str(tmp_path / "missing.ckpt"))
+        load_md_checkpoint(str(tmp_path / "missing.ckpt"))
 
 
 # ------------------------------------------------------------------------------ safety
@@ -494,7 +488,7 @@ def test_trajectory_is_cut_back_on_resume(tmp_path):
     st4 = I.simulate(st, I.Langevin(5.0, 100.0), lj(), 4, [I.TrajectoryReporter(path, 2)],
                      checkpoint_path=ck)
     first = I.simulate(st4, I.Langevin(5.0, 100.0), lj(), 4, [I.TrajectoryReporter(path, 2)])
-    again, integ = load_checkpoint(ck)
+    again, integ = load_md_checkpoint(ck)
     again = I.simulate(again, integ, lj(), 4, [I.TrajectoryReporter(path, 2)])
     top = I.reporters.mdtraj_topology(st.atomic_numbers.numpy())
     t = mdtraj.load(path, top=top)
@@ -522,10 +516,10 @@ def test_cli_md_runs_and_resumes(tmp_path, capsys):
     assert open(a).read() == open(b).read()
     rows = open(a).read().splitlines()
     assert len(rows) == 1 + 5 * 2
-    assert md_main(["md", str(tmp_path / "missing.pt"), xyz, "--no-progress"]) == 1
+    assert md_main(["md", str(tmp_path / "missing.pt"), xyz, "--no-progress"]) == 2  # bad input
     assert "no model file" in capsys.readouterr().err
-    assert md_main(["md", "lj", xyz, "--timestep", "-1", "--no-progress"]) == 1
-    assert "timestep_fs must be" in capsys.readouterr().err
+    assert md_main(["md", "lj", xyz, "--timestep", "-1", "--no-progress"]) == 2
+    assert "--timestep -1.0: must be a number of fs > 0" in capsys.readouterr().err
 
 
 def test_cli_md_with_an_exported_mlpot_model(tmp_path):
