@@ -57,7 +57,8 @@ class MLPotImpl(MLPotentialImpl):
         periodic = (topology.getPeriodicBoxVectors() is not None
                     or system.usesPeriodicBoundaryConditions())
         system.addForce(create_force(self.model_path, numbers, atoms=subset, periodic=periodic,
-                                     backend=backend, device=device, force_group=forceGroup))
+                                     backend=backend, device=device, force_group=forceGroup,
+                                     system=system))
 
     def getMLLongRange(self) -> bool:  # noqa: N802
         """mlpot models are short-ranged (a cutoff, no long-range electrostatics)."""

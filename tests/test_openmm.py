@@ -460,3 +460,58 @@ def test_torchforce_with_and_without_the_optimizing_executor(model_file, jit_opt
             np.testing.assert_allclose(f, ref[K.FORCES].detach().numpy(), atol=1e-8)
     finally:
         torch._C._set_graph_executor_optimize(before)
+
+
+# ---------------------------------------------------------------------------- atom counts
+def _system(n):
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(12.0)
+    return system
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_atom_count_is_checked_against_the_system_at_creation(model_file, backend):
+    """A force for N atoms and a System of another size: one clear line naming both counts
+    when the force is created with the System (it used to fail at the first evaluation with
+    "index out of range in self")."""
+    from mlpot.errors import UserError
+    from mlpot.openmm.forces import OpenMMSetupError
+
+    _, path = model_file
+    cases = [
+        (4, [8, 1, 1], None, r"the force is for 3 atoms \(one per atomic number given\) but the "
+                             "System has 4 particles"),
+        (2, [8, 1, 1], None, "the force is for 3 atoms .* System has 2 particles"),
+        (3, [8, 1, 1], [0, 1, 5], "ML atom index 5 is outside the System's 3 particles"),
+        (6, [8, 1, 1, 1], [0, 1, 2], "4 atomic numbers for 3 ML atoms and 6 particles"),
+    ]
+    for n, numbers, atoms, message in cases:
+        with pytest.raises(OpenMMSetupError, match=message) as info:
+            mo.create_force(path, numbers, atoms=atoms, backend=backend, system=_system(n))
+        assert "\n" not in str(info.value) and isinstance(info.value, UserError)
+    with pytest.raises(OpenMMSetupError, match="ML atom index -1 is negative"):
+        mo.create_force(path, [8, 1, 1], atoms=[0, 1, -1], backend=backend)
+    # what fits passes: one number per particle, or per ML atom of a larger System
+    mo.create_force(path, [8, 1, 1], backend=backend, system=_system(3))
+    mo.create_force(path, [8, 1, 1], atoms=[4, 0, 2], backend=backend, system=_system(5))
+    mo.create_force(path, [1, 8, 1, 1, 1], atoms=[1, 2, 3], backend=backend, system=_system(5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_force_added_to_a_system_of_another_size_says_so(model_file, backend):
+    """Without system=..., the first evaluation stops with both counts (not an index error)."""
+    _, path = model_file
+    positions = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0], [5.0, 5.0, 5.0]])
+    for n in (4, 2):
+        system = _system(n)
+        system.addForce(mo.create_force(path, [8, 1, 1], backend=backend))
+        with pytest.raises(Exception, match=f"mlpot.openmm: the System has {n} particles but the "
+                                            "mlpot force was made for 3 atoms"):
+            evaluate(system, positions[:n])
+    if backend == "torch":  # a PythonForce is handed its particles only: checked at creation
+        system = _system(3)
+        system.addForce(mo.create_force(path, [8, 1, 1], atoms=[0, 1, 3], backend=backend))
+        with pytest.raises(Exception, match="the System has 3 particles but the mlpot force's ML "
+                                            "atom indices go up to 3"):
+            evaluate(system, positions[:3])

@@ -21,10 +21,12 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..export import ExportedModel, as_exported, register_neighbor_op
 from .wrapper import OpenMMWrapper
 
-__all__ = ["create_force", "backend_status", "select_backend", "repair_torch_plugins", "BACKENDS"]
+__all__ = ["create_force", "backend_status", "select_backend", "repair_torch_plugins", "BACKENDS",
+           "OpenMMSetupError"]
 
 BACKENDS = ("torch", "python")
 _ALIASES = {"torch": "torch", "torchforce": "torch", "openmmtorch": "torch",
@@ -102,6 +104,9 @@ class PythonComputation:
         from openmm import unit
 
         pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        problem = self.wrapper.particle_count_error(len(pos))
+        if problem:  # here rather than in the wrapper: one line, no TorchScript traceback
+            raise OpenMMSetupError(problem)
         pos = torch.from_numpy(np.ascontiguousarray(pos)).to(self.device)
         box = None
         if self.periodic:
@@ -125,18 +130,56 @@ class PythonComputation:
 
 
 # ---------------------------------------------------------------------------- the builder
+class OpenMMSetupError(UserError, ValueError):
+    """The atoms given to ``create_force`` do not fit the System (exit code 2)."""
+
+
+def check_atom_count(numbers: np.ndarray, subset: Optional[np.ndarray],
+                     n_particles: Optional[int] = None) -> np.ndarray:
+    """The atomic numbers of the ML atoms, after checking the atoms given to ``create_force``
+    against each other and, when known, against the System's particle count."""
+    n = len(numbers)
+    if subset is None:
+        if n_particles is not None and n != n_particles:
+            raise OpenMMSetupError(
+                f"mlpot.openmm: the force is for {n} atoms (one per atomic number given) but the "
+                f"System has {n_particles} particles; give one atomic number per particle, or "
+                "atoms=[...] with the indices of the ML atoms")
+        return numbers
+    if len(set(subset.tolist())) != len(subset):
+        raise OpenMMSetupError("mlpot.openmm: the ML atom indices contain duplicates")
+    if len(subset) and subset.min() < 0:
+        raise OpenMMSetupError(f"mlpot.openmm: ML atom index {int(subset.min())} is negative; "
+                               "indices count the System's particles from 0")
+    if n_particles is not None and len(subset) and subset.max() >= n_particles:
+        raise OpenMMSetupError(
+            f"mlpot.openmm: ML atom index {int(subset.max())} is outside the System's "
+            f"{n_particles} particles (indices 0..{n_particles - 1})")
+    if n == len(subset):
+        return numbers
+    if (n_particles is not None and n != n_particles) or (len(subset) and subset.max() >= n):
+        of_system = f" and {n_particles} particles" if n_particles is not None else ""
+        raise OpenMMSetupError(
+            f"mlpot.openmm: {n} atomic numbers for {len(subset)} ML atoms{of_system}; give one "
+            "atomic number per ML atom, or one per particle of the System")
+    return numbers[subset]
+
+
 def atom_types_of(model: ExportedModel, atomic_numbers: Sequence[int],
                   where: str = "mlpot.openmm") -> torch.Tensor:
     """Type indices of atoms given by atomic number (a clear error for unknown elements)."""
-    from ..data import TypeMap
-
-    return TypeMap(model.type_map).types(np.asarray(atomic_numbers, dtype=np.int64), where=where)
+    return model.atom_types(atomic_numbers, where=where)
 
 
 def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[int]] = None,
                  periodic: bool = False, backend: str = "auto", device: str = "cpu",
-                 force_group: int = 0, jit_optimize: bool = False):
+                 force_group: int = 0, jit_optimize: bool = False, system=None):
     """An OpenMM ``Force`` computing the model's energy on (a subset of) a System's atoms.
+
+    The atom count is checked against ``system`` here when it is given (``OpenMMSetupError``
+    naming both counts); without it, a force added to a System of another size stops at its
+    first evaluation with the same message (the ML atom indices of a PythonForce can only be
+    checked here).
 
     Args:
         model: an exported model file, an ``ExportedModel`` or a ``Potential``.
@@ -153,16 +196,15 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
             switches that executor off for the calling thread (TorchScript modules called from
             this thread then run unoptimized, as ``mlpot.load``'s calls always do); True
             leaves the thread as it is.
+        system: the ``openmm.System`` the force is for (not modified: add the force yourself);
+            its particle count is checked against the atoms now.
     """
+    numbers = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+    subset = None if atoms is None else np.asarray(list(atoms), dtype=np.int64).reshape(-1)
+    n_particles = None if system is None else int(system.getNumParticles())
+    numbers = check_atom_count(numbers, subset, n_particles)
     name = select_backend(backend)
     model = as_exported(model)
-    numbers = np.asarray(atomic_numbers, dtype=np.int64)
-    subset = None if atoms is None else np.asarray(list(atoms), dtype=np.int64)
-    if subset is not None:
-        if len(set(subset.tolist())) != len(subset):
-            raise ValueError("mlpot.openmm: the ML atom indices contain duplicates")
-        if len(numbers) != len(subset):
-            numbers = numbers[subset]
     types_ = atom_types_of(model, numbers)
     if name == "torch":
         indices = None if subset is None else torch.from_numpy(subset)

@@ -77,7 +77,7 @@ def create_system(model, topology: app.Topology, backend: str = "auto", device: 
         system.addParticle(atom.element.mass)
     system.addForce(create_force(model, numbers, periodic=box is not None, backend=backend,
                                  device=device, force_group=force_group,
-                                 jit_optimize=jit_optimize))
+                                 jit_optimize=jit_optimize, system=system))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system
@@ -169,7 +169,8 @@ def create_mixed_system(model, topology: app.Topology, mm_system: openmm.System,
     numbers = atomic_numbers_of(topology)
     system.addForce(create_force(model, [numbers[i] for i in ml_list], atoms=ml_list,
                                  periodic=periodic, backend=backend, device=device,
-                                 force_group=force_group, jit_optimize=jit_optimize))
+                                 force_group=force_group, jit_optimize=jit_optimize,
+                                 system=system))
     return system
 
 

@@ -19,7 +19,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .. import keys as K
 from .. import units
+from ..inputs import read_outputs, structure_inputs
 
 
 class OpenMMWrapper(nn.Module):
@@ -34,6 +36,9 @@ class OpenMMWrapper(nn.Module):
         self.use_indices = indices is not None
         if indices is None:
             indices = torch.zeros(0, dtype=torch.long)
+        # particles OpenMM must pass: exactly n_ml without indices, at least max(indices) + 1
+        self.n_atoms = int(atom_types.shape[0])
+        self.min_particles = int(indices.max()) + 1 if indices.numel() else 0
         self.register_buffer("indices", indices.to(torch.long))  # [n_ml] or [0]
         self.periodic = bool(periodic)
         self.register_buffer("pbc", torch.full((1, 3), bool(periodic), dtype=torch.bool))
@@ -42,22 +47,38 @@ class OpenMMWrapper(nn.Module):
         self.energy_factor = float(units.EV_TO_KJ_PER_MOL)
         self.force_factor = float(units.EV_PER_A_TO_KJ_PER_MOL_NM)
 
+    @torch.jit.export
+    def particle_count_error(self, n: int) -> str:
+        """Why OpenMM's `n` particles do not fit this force ("" when they do)."""
+        if self.use_indices and n < self.min_particles:
+            return ("mlpot.openmm: the System has " + str(n) + " particles but the mlpot force's "
+                    "ML atom indices go up to " + str(self.min_particles - 1) + "; create the "
+                    "force for this System (create_force(..., system=system) checks it)")
+        if not self.use_indices and n != self.n_atoms:
+            return ("mlpot.openmm: the System has " + str(n) + " particles but the mlpot force "
+                    "was made for " + str(self.n_atoms) + " atoms; give one atomic number per "
+                    "particle, or atoms=[...] for the ML atoms (create_force(..., system=system) "
+                    "checks it)")
+        return ""
+
     def forward(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         # openmm-torch passes positions with requires_grad=True; the forces come from the model,
         # so no graph back to OpenMM's tensor is needed
         pos = positions.detach()
+        problem = self.particle_count_error(pos.shape[0])
+        if problem != "":
+            raise RuntimeError(problem)
         pos = pos.index_select(0, self.indices) if self.use_indices else pos
         pos = pos.to(self.dtype) * self.length_factor  # [n_ml, 3] Angstrom
         if self.periodic and boxvectors is not None:
             cell = (boxvectors.to(self.dtype) * self.length_factor).reshape(1, 3, 3)
         else:
             cell = torch.zeros(1, 3, 3, dtype=self.dtype, device=pos.device)
-        data = {"positions": pos, "atom_types": self.atom_types, "cell": cell,
-                "pbc": self.pbc}
-        out = self.model(data, True, False)
-        energy = out["energy"].sum() * self.energy_factor  # kJ/mol, float64
-        forces = (out["forces"] * self.force_factor).to(positions.dtype)  # [n_ml, 3]
+        out = read_outputs(self.model(structure_inputs(pos, self.atom_types, cell, self.pbc),
+                                      True, False))
+        energy = out[K.ENERGY].sum() * self.energy_factor  # kJ/mol, float64
+        forces = (out[K.FORCES][0] * self.force_factor).to(positions.dtype)  # [n_ml, 3]
         if self.use_indices:
             full = torch.zeros_like(positions)
             forces = full.index_copy(0, self.indices, forces)
