@@ -22,7 +22,6 @@ Usage: python benchmarks/deploy_bench.py [--models egnn dp_se_e2_a] [--model-fil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,20 +44,12 @@ from mlpot.export import export, load  # noqa: E402
 from mlpot.models import build_model  # noqa: E402
 from mlpot.openmm import backend_status, create_system, topology_from_ase  # noqa: E402
 
+from _common import portable, wait_quiet, write_json  # noqa: E402
+
 
 def _thermalize(vd):
     """Maxwell-Boltzmann momenta (ASE 3.29 renamed MaxwellBoltzmannDistribution)."""
     return getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-
-
-def _wait_quiet():
-    """Wait for other processes to go quiet when the peer-benchmark helpers are around."""
-    try:
-        sys.path.insert(0, "/work/shared/bench")
-        from common import wait_quiet  # type: ignore
-    except Exception:  # noqa: BLE001 - optional
-        return 0.0
-    return wait_quiet(limit=0.3, max_wait=120)
 
 
 def bare_runner(model, atoms):
@@ -115,7 +106,7 @@ def bench_model(label, path, atoms, args):
     names = list(runners)
     for r in range(args.rounds):
         if args.wait_quiet:
-            _wait_quiet()
+            wait_quiet(limit=0.3, max_wait=120)
         # after the wait the CPU is cold (the first ~100 ms after idling run slow on these VMs):
         # one untimed step first, and the modes take turns at going first
         runners[names[r % len(names)]](1)
@@ -180,8 +171,8 @@ def main(argv=None):
                   f"{row['ratio_of_best'][k]:.2f}x)  {nsd[k]:.3f} ns/day "
                   f"(spread {row['spread'][k]:.0%})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "argv": sys.argv[1:]}, f, indent=1)
+        write_json(args.json, {"rows": rows,
+                               "argv": portable(sys.argv[1:] if argv is None else list(argv))})
     return rows
 
 

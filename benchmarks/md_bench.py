@@ -27,14 +27,12 @@ Usage (from the repository root):  python3 benchmarks/md_bench.py [--providers h
                                    [--rounds 3] [--threads 2] [--max-wait 120]
 Writes benchmarks/results/md_bench.json and prints a table. The machines are shared and have 2
 cores: only ratios from one run mean anything; the script waits for a quiet machine before each
-provider (``common.wait_quiet`` from the shared peer benchmarks, when present).
+provider (``--max-wait 0``: no wait).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,24 +43,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-for peer in (os.path.join(os.path.dirname(HERE), "..", "shared", "bench"), "/work/shared/bench"):
-    if os.path.exists(os.path.join(peer, "common.py")):
-        sys.path.insert(0, os.path.abspath(peer))
-        break
 
 import integrators as I  # noqa: E402
 from mlpot import units  # noqa: E402
 from mlpot.check import water_box  # noqa: E402
 
-try:
-    from common import machine_info, wait_quiet  # noqa: E402
-except ImportError:  # the shared peer benchmarks are not there: time without waiting
-    def wait_quiet(limit=0.2, max_wait=0, quiet_for=3):
-        return 0.0
-
-    def machine_info():
-        return {"nproc": os.cpu_count(), "python": platform.python_version(),
-                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+from _common import command_line, machine_info, wait_quiet, write_json  # noqa: E402
 
 DT_FS, T_K = 0.5, 300.0
 
@@ -282,11 +268,9 @@ def main(argv=None) -> int:
             print_table(res)
             results.append(res)
     summary = overhead_summary(results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                   "timestep_fs": DT_FS, "integrator_overhead": summary, "results": results},
-                  fh, indent=1)
+    write_json(args.out, {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                          "command": command_line(), "timestep_fs": DT_FS,
+                          "integrator_overhead": summary, "results": results})
     print(f"\nwrote {args.out}")
     return 0
 

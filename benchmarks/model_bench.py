@@ -1,10 +1,11 @@
 """Energy+forces time per call of mlpot's models beside DeePMD-kit se_e2_a and MACE, in one run.
 
 Each case runs in its own process (so its peak RSS is its own), mlpot and peer cases interleaved,
-after waiting for the machine to go quiet. The peers are timed by ../shared/bench/model_worker.py
-in the peer venv (/tmp/peers, made by ../shared/bench/setup_venv.sh), mlpot by this file's worker
-mode, on the same structures (``common.water_box``: 192 and 1,536 atoms of liquid water) with the
-same timing rules (``common.timeit``: warm-ups, then the median of 5 calls, fewer for slow calls).
+after waiting for the machine to go quiet. The peers are timed by <shared>/bench/model_worker.py
+(``--shared DIR``, default ``shared`` beside the repository) in the peer venv (``--peer-python``,
+made by <shared>/bench/setup_venv.sh), mlpot by this file's worker mode, on the same structures
+(``water_box``: 192 and 1,536 atoms of liquid water, atom for atom the peers' boxes) with the same
+timing rules (``timeit``: warm-ups, then the median of 5 calls, fewer for slow calls).
 
 Pairs compared (untrained models, equal hyperparameters):
   dp_se_e2_a (DeePMD-kit's water example: rcut 6, embedding [25, 50, 100], axis 16, fitting
@@ -29,9 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+from _common import (add_peer_python_option, add_shared_option, machine_info, peak_rss_mb,
+                     peer_python, reset_peak_rss, shared_path, timeit, wait_quiet, water_box,
+                     write_json)
+
 HERE = Path(__file__).resolve().parent
-BENCH = HERE.parents[1] / "shared" / "bench"
-PEER_PY = os.environ.get("PEER_PY", "/tmp/peers/bin/python")
 SIZES = {"water192": 4, "water1536": 8, "water12288": 16}
 
 MLPOT = {
@@ -47,12 +50,9 @@ PEER_OF = {"dp_se_e2_a": "dp-se_e2_a", "nequip-mace-small": "mace-small"}
 
 # ------------------------------------------------------------------ worker (one case, own process)
 def worker(model: str, dtype: str, system: str, threads: int) -> dict:
-    sys.path.insert(0, str(BENCH))
     import torch
 
     torch.set_num_threads(threads)
-    from common import peak_rss_mb, reset_peak_rss, timeit, water_box  # type: ignore
-
     from mlpot.data import AtomicData, TypeMap
     from mlpot.models import build_model
 
@@ -101,9 +101,9 @@ def mlpot_case(model, dtype, system, threads):
                      str(threads)], cwd=str(HERE.parent))
 
 
-def peer_case(model, dtype, system, threads):
-    r = run_case([PEER_PY, "model_worker.py", PEER_OF[model], dtype, system, str(threads), "raw"],
-                 cwd=str(BENCH))
+def peer_case(model, dtype, system, threads, python, bench):
+    r = run_case([python, "model_worker.py", PEER_OF[model], dtype, system, str(threads), "raw"],
+                 cwd=str(bench))
     if r is None:
         return None
     raw = r["raw"]
@@ -120,14 +120,13 @@ def main():
     p.add_argument("--json", default=str(HERE / "results" / "model_bench.json"))
     p.add_argument("--only", choices=sorted(MLPOT),
                    help="time this model alone; its rows replace its old ones in --json")
+    add_shared_option(p)
+    add_peer_python_option(p)
     args = p.parse_args()
     if args.worker:
         m, d, s, t = args.worker
         print(json.dumps(worker(m, d, s, int(t))), flush=True)
         return
-    sys.path.insert(0, str(BENCH))
-    from common import machine_info, wait_quiet  # type: ignore
-
     systems = ["water192"] if args.quick else ["water192", "water1536"]
     pairs = []
     for model in PEER_OF:
@@ -139,10 +138,15 @@ def main():
                     if threads == 1 and system != "water192":
                         continue
                     pairs.append((model, dtype, system, threads))
+    if pairs:  # the peers' side: their worker in the shared folder, run by the peer venv
+        bench = shared_path(args.shared, "bench", "model_worker.py",
+                            what="the peers' model worker").parent
+        python = peer_python(args.peer_python, args.shared)
     rows, compare = [], []
     for case in pairs:
         res = {}
-        for tool, fn in (("mlpot", mlpot_case), ("peer", peer_case)):
+        for tool, fn in (("mlpot", mlpot_case),
+                         ("peer", lambda *c: peer_case(*c, python=python, bench=bench))):
             wait_quiet(limit=0.3, max_wait=300)
             res[tool] = fn(*case)
         rows += [r for r in res.values() if r]
@@ -177,7 +181,7 @@ def main():
         out = {"machine": out["machine"], "date": old.get("date"),
                "dates": {**old.get("dates", {}), args.only: out["date"]},
                **{k: keep[k] + out[k] for k in keep}}
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)
     print(table(out))
 
 

@@ -1,10 +1,10 @@
 """mlpot's neighbor list beside vesin, vesin.torch, matscipy and ASE, in one process.
 
 Full periodic neighbor lists ('ijS': both (i, j, S) and (j, i, -S)) on water-density boxes of
-~1k, ~10k and ~100k atoms (``water_box(7|15|32)`` from the shared peer benchmarks), cutoffs 5 and
+~1k, ~10k and ~100k atoms (``water_box(7|15|32)``, the peer benchmarks' structures), cutoffs 5 and
 6 A. The tools are interleaved case by case (every tool runs on a structure before the next
 structure is built), and the machine is given time to go quiet before each timing
-(``common.wait_quiet``): the machines here have 2 cores and are shared, so only ratios taken in
+(``wait_quiet``): the machines here have 2 cores and are shared, so only ratios taken in
 one run mean anything.
 
 Tools (names as in the table):
@@ -16,9 +16,9 @@ Tools (names as in the table):
   matscipy     ``matscipy.neighbours.neighbour_list('ijS')``
   ase          ``ase.neighborlist.neighbor_list('ijS')`` (N <= ~10k, it is slow)
 
-Set-up and run (from the repository root):
-  bash /work/shared/bench/setup_venv.sh                  # makes /tmp/peers (~3 min)
-  /tmp/peers/bin/pip install --no-deps -e .              # mlpot into the peer venv
+Set-up and run (from the repository root; the peer venv holds the peer tools):
+  bash ../shared/bench/setup_venv.sh                     # makes the peer venv, /tmp/peers (~3 min)
+  /tmp/peers/bin/pip install --no-deps -e . ninja        # mlpot into the peer venv
   /tmp/peers/bin/python benchmarks/nl_bench.py [--quick] [--rounds R] [--max-wait S] [--tools ...]
 
 --quick: ~1k and ~10k atoms only (JSON goes to results/nl_bench_quick.json).
@@ -46,36 +46,12 @@ import traceback
 import numpy as np
 import torch
 
+from _common import (TICK, command_line, cpu_jiffies, machine_info, portable, timeit,
+                     use_interpreter_bin, wait_quiet, water_box, write_json)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# Benchmarks may use the shared peer-benchmark helpers (tests may not).
-_SHARED_CANDIDATES = [
-    os.environ.get("MLPOT_SHARED_BENCH", ""),
-    os.path.join(os.path.dirname(REPO), "shared", "bench"),
-    "/work/shared/bench",
-]
-for _p in _SHARED_CANDIDATES:
-    if _p and os.path.isfile(os.path.join(_p, "common.py")):
-        sys.path.insert(0, _p)
-        break
-else:
-    sys.exit("nl_bench: cannot find the shared bench helpers (common.py); set MLPOT_SHARED_BENCH")
-
-# torch.utils.cpp_extension looks for `ninja` on PATH; run as /tmp/peers/bin/python the venv's
-# bin folder is not on it, so put it there (mlpot builds its C++ op on first use).
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-
-from common import dump, machine_info, timeit, wait_quiet, water_box  # noqa: E402
-
-try:
-    from common import _TICK, _cpu_jiffies  # noqa: E402  (machine-wide busy/steal jiffies)
-except ImportError:  # an older common.py: read /proc/stat here
-    _TICK = os.sysconf("SC_CLK_TCK")
-
-    def _cpu_jiffies():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[0] + v[1] + v[2] + v[5] + v[6], v[7]
+use_interpreter_bin()  # mlpot builds its C++ op with ninja on first use
 
 SIZES = [7, 15, 32]  # water_box(n): 3 n^3 atoms -> 1029, 10125, 98304
 CUTOFFS = [5.0, 6.0]
@@ -114,7 +90,7 @@ def load_tools():
     else:
         mods["mlpot.neighbors"] = mnl  # the fallback can run even when the op cannot
         cpp = os.path.join(REPO, "cpp", "neighbor_list.cpp")
-        info = {"backend": None, "mlpot_file": mlpot.__file__,
+        info = {"backend": None, "mlpot_file": portable(mlpot.__file__),
                 "cpp_source_sha256_16": _sha256(cpp), "cpp_source_mtime": _mtime(cpp)}
         t0 = time.perf_counter()
         try:
@@ -126,10 +102,10 @@ def load_tools():
         info["backend_select_s"] = round(time.perf_counter() - t0, 2)
         state = getattr(mnl, "_STATE", {})
         info["reason"] = state.get("reason", "")
-        info["library"] = state.get("library")
+        info["library"] = portable(state.get("library"))
         ext = sys.modules.get("mlpot.neighbors._extension")
         if ext is not None and isinstance(getattr(ext, "INFO", None), dict):
-            info["extension"] = {k: ext.INFO.get(k) for k in
+            info["extension"] = {k: portable(ext.INFO.get(k)) for k in
                                  ("action", "build_seconds", "library", "cuda_included")}
         mods["mlpot_info"] = info
     for name in ("vesin", "matscipy.neighbours", "ase.neighborlist"):
@@ -212,7 +188,7 @@ def time_interleaved(tools, min_rounds, max_rounds, target_s):
     """Time the fast tools call by call, round-robin, so that they all see the same conditions.
 
     One untimed warm-up call per tool (its result is kept for the pair check), then rounds of one
-    timed call per tool, alternating forward and reverse order. Each call is timed with the shared
+    timed call per tool, alternating forward and reverse order. Each call is timed with
     ``timeit`` (repeat=1); ``other_load`` (cores used by other processes) is that of the whole
     block, the same for every tool in it. Returns (per-tool timing summaries, per-tool list of call times,
     results).
@@ -227,15 +203,15 @@ def time_interleaved(tools, min_rounds, max_rounds, target_s):
     calls = {name: [] for name in names}
     # Contention is measured over the whole block: per call it would be swamped by the 10 ms
     # granularity of /proc/stat for the millisecond-scale calls.
-    b0, s0 = _cpu_jiffies()
+    b0, s0 = cpu_jiffies()
     c0, w0 = time.process_time(), time.perf_counter()
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             calls[name].append(timeit(tools[name], warmup=0, repeat=1))
-    b1, s1 = _cpu_jiffies()
+    b1, s1 = cpu_jiffies()
     cpu, wall_block = time.process_time() - c0, time.perf_counter() - w0
-    other = round(max(0.0, (b1 - b0) / _TICK - cpu) / wall_block, 2)
-    steal = round((s1 - s0) / _TICK / wall_block, 2)
+    other = round(max(0.0, (b1 - b0) / TICK - cpu) / wall_block, 2)
+    steal = round((s1 - s0) / TICK / wall_block, 2)
     summary = {}
     for name, cs in calls.items():
         ts = [c["median_s"] for c in cs]
@@ -273,6 +249,10 @@ def main():
           + (f"  ({mlpot_info.get('reason')})" if mlpot_info.get("reason") else ""), flush=True)
     for name, why in missing.items():
         print(f"left out: {name}: {why}", flush=True)
+    if set(missing) - {"mlpot"}:
+        print("the peer tools live in the peer venv: make it with `bash ../shared/bench/"
+              "setup_venv.sh` and run this script with its python (see benchmarks/README.md)",
+              flush=True)
     versions = {}
     for name in ("vesin", "matscipy", "ase", "mlpot"):
         try:
@@ -388,19 +368,16 @@ def main():
     all_agree = bool(checks) and all(c["agree"] for c in checks)
     out = args.out or os.path.join(HERE, "results",
                                    "nl_bench_quick.json" if args.quick else "nl_bench.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     payload = {
         "benchmark": "neighbor lists ('ijS', full, periodic, float64), water boxes",
-        "command": " ".join([sys.executable] + sys.argv),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": round(time.time() - t_start, 1),
         "machine": info, "versions": versions, "mlpot": mlpot_info, "left_out": missing,
         "rows": rows, "ratios_mlpot_over_vesin": ratios, "scaling_us_per_atom": scaling,
         "pair_checks": checks, "pair_counts_agree": all_agree,
     }
-    tmp = os.path.abspath(out) + ".tmp"
-    dump(tmp, payload)  # common.dump joins onto its own folder, which keeps absolute paths
-    os.replace(tmp, os.path.abspath(out))
+    write_json(out, payload)
 
     # ---- markdown ----
     tools = [t for t in TOOL_ORDER if any(r["tool"] == t for r in rows)]

@@ -1,12 +1,14 @@
 """Does the neighbor list's time grow linearly with N? mlpot beside vesin from 3k to 375k atoms.
 
-Water-density boxes (``common.water_box(n)``, 3 n^3 atoms) at cutoffs 5 and 6 A. For each size the
-two tools are called alternately (round-robin, after one untimed warm-up each), like repeated calls
-in MD; the table gives the median time, microseconds per atom, nanoseconds per pair, the
-mlpot/vesin ratio, and mlpot's first call (cold: fresh output memory). Linear scaling means the
-time per atom stays constant as N grows.
+Water-density boxes (``water_box(n)``, the peer benchmarks' structures, 3 n^3 atoms) at cutoffs
+5 and 6 A. For each size the two tools are called alternately (round-robin, after one untimed
+warm-up each), like repeated calls in MD; the table gives the median time, microseconds per atom,
+nanoseconds per pair, the mlpot/vesin ratio, and mlpot's first call (cold: fresh output memory).
+Linear scaling means the time per atom stays constant as N grows.
 
     /tmp/peers/bin/python benchmarks/nl_scaling.py [--sizes 10 15 20 26 32 40 50] [--rounds 7]
+
+(the peer venv's python, where vesin is: ``bash ../shared/bench/setup_venv.sh`` makes it).
 
 Writes benchmarks/results/nl_scaling.json. Run it on a quiet machine (it waits for quiet before
 each size, up to --max-wait seconds).
@@ -17,21 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (os.environ.get("MLPOT_SHARED_BENCH", ""),
-           os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "bench"),
-           "/work/shared/bench"):
-    if _p and os.path.isfile(os.path.join(_p, "common.py")):
-        sys.path.insert(0, _p)
-        break
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+from _common import (command_line, machine_info, require_module, use_interpreter_bin, wait_quiet,
+                     water_box, write_json)
 
-from common import machine_info, wait_quiet, water_box  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+use_interpreter_bin()  # mlpot builds its C++ op with ninja on first use
 
 
 def main():
@@ -43,7 +39,7 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results", "nl_scaling.json"))
     args = p.parse_args()
     torch.set_num_threads(2)
-    import vesin
+    vesin = require_module("vesin", "it is the reference this script times mlpot against")
 
     import mlpot
     print("mlpot backend:", mlpot.neighbors.backend(), flush=True)
@@ -85,9 +81,8 @@ def main():
                    "mlpot_ns_per_pair": round(1e9 * med["mlpot"] / pairs, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                          "command": command_line(), "rows": rows})
     print("\n| atoms | cutoff | pairs | mlpot ms | vesin ms | mlpot/vesin | mlpot us/atom | "
           "vesin us/atom | mlpot first call ms |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,14 +1,16 @@
 """Time per atom of the peers' raw model calls from 192 to 12,288 atoms of water (context for the
 scaling rows of model_bench.py). Run with the peer venv's Python:
 
-    /tmp/peers/bin/python benchmarks/peer_scaling.py            # MACE small, float32, 2 threads
+    /tmp/peers/bin/python benchmarks/peer_scaling.py [--shared DIR]  # MACE small, float32, 2 threads
 
-Each size runs in its own process (peak RSS is its own); timing as ../shared/bench/model_worker.py
-(raw call on a prebuilt graph, energy + forces; neighbor list excluded). Writes
+Each size runs in its own process (peak RSS is its own); the model is built by
+<shared>/bench/model_worker.py (``--shared``, default ``shared`` beside the repository) and timed as
+there (raw call on a prebuilt graph, energy + forces; neighbor list excluded). Writes
 benchmarks/results/peer_scaling.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,16 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+from _common import (add_shared_option, command_line, peak_rss_mb, require_module, reset_peak_rss,
+                     shared_path, timeit, wait_quiet, water_box, write_json)
+
 HERE = Path(__file__).resolve().parent
-BENCH = HERE.parents[1] / "shared" / "bench"
 SIZES = {"water192": 4, "water1536": 8, "water12288": 16}
 
 
-def worker(system: str, threads: int) -> dict:
+def worker(system: str, threads: int, bench: Path) -> dict:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(bench))
     import torch
-    from common import peak_rss_mb, reset_peak_rss, timeit, water_box  # type: ignore
+
+    require_module("mace", "MACE is the peer timed here")
     from mace import data as mdata
     from mace.tools import torch_geometric, utils
     from model_worker import build_mace  # type: ignore
@@ -56,24 +61,29 @@ def worker(system: str, threads: int) -> dict:
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]))), flush=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "THREADS"), help=argparse.SUPPRESS)
+    add_shared_option(p)
+    args = p.parse_args()
+    bench = shared_path(args.shared, "bench", "model_worker.py", what="the peers' model worker"
+                        ).parent
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), bench)), flush=True)
         return
-    sys.path.insert(0, str(BENCH))
-    from common import wait_quiet  # type: ignore
+    require_module("mace", "MACE is the peer timed here")
     rows = []
     for system in SIZES:
         wait_quiet(limit=0.3, max_wait=300)
-        out = subprocess.run([sys.executable, __file__, "--worker", system, "2"],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", system, "2",
+                              "--shared", str(args.shared)], capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode or not lines:
             print("FAILED", system, out.stderr[-1500:])
             continue
         rows.append(json.loads(lines[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    (HERE / "results" / "peer_scaling.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1))
+    write_json(HERE / "results" / "peer_scaling.json",
+               {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "rows": rows})
 
 
 if __name__ == "__main__":

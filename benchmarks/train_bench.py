@@ -1,7 +1,8 @@
 """Accuracy at equal budget: mlpot's models trained on the peers' data splits for the peers' budget.
 
 The peers' runs are in ../shared/bench/train (DeePMD-kit se_e2_a on DeePMD water, MACE on 3BPA, each
-15 minutes of wall time for the whole training command on this 2-core machine). This script trains
+15 minutes of wall time for the whole training command on this 2-core machine; ``--shared DIR``
+names another shared folder than ``shared`` beside the repository). This script trains
 one mlpot model on one of those tasks with the same data, the same split and the same wall-clock
 budget for the whole ``mlpot train`` command (start-up, statistics, training, validation, final
 evaluation and plots), then evaluates the best checkpoint on the task's test set with ``mlpot test``
@@ -30,13 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from _common import add_shared_option, portable, shared_path, write_json
+
 HERE = Path(__file__).resolve().parent
-# ../shared beside the repository (or $MLPOT_SHARED, or /work/shared)
-SHARED = next((Path(p) for p in (os.environ.get("MLPOT_SHARED", ""), HERE.parents[1] / "shared",
-                                 "/work/shared") if p and (Path(p) / "bench" / "train").is_dir()),
-              HERE.parents[1] / "shared")
-DATA = SHARED / "data"
-PEERS = SHARED / "bench" / "train"
 
 # Hyperparameters per (task, model). Chosen once from the papers' and peers' settings (no search on
 # the test set); the trainer's time-based schedule spends the budget.
@@ -63,20 +60,24 @@ MODELS = {
     },
 }
 CUTOFF = {"water": 6.0, "3bpa": 5.0}
-PEER = {"water": ("DeePMD-kit se_e2_a", PEERS / "results" / "water_dp_summary.txt", "devtest"),
-        "3bpa": ("MACE 32x0e+32x1o", PEERS / "results" / "mace_3bpa_summary.txt", "test_300K")}
+# the peer's name, its summary under <shared>/bench/train/results, and its test set's key there
+PEER = {"water": ("DeePMD-kit se_e2_a", "water_dp_summary.txt", "devtest"),
+        "3bpa": ("MACE 32x0e+32x1o", "mace_3bpa_summary.txt", "test_300K")}
 
 
-def prepare(task: str, work: Path):
+def prepare(task: str, work: Path, shared: Path):
+    """(data section of the config, test set path) of a task; water is split first."""
     if task == "water":
         split = work / "water_split"
         if not (split / "data_2_test").exists():
-            subprocess.run([sys.executable, str(PEERS / "water_dp" / "split_water.py"), str(split)],
-                           check=True)
+            script = shared_path(shared, "bench", "train", "water_dp", "split_water.py",
+                                 what="the peers' water split")
+            subprocess.run([sys.executable, str(script), str(split)], check=True)
         train = [str(split / d) for d in ("data_0", "data_1", "data_2_train")]
         return {"train": train, "type_map": ["O", "H"]}, str(split / "data_2_test")
-    return ({"train": str(DATA / "3bpa" / "train_300K.xyz"), "type_map": ["C", "H", "N", "O"]},
-            str(DATA / "3bpa" / "test_300K.xyz"))
+    data = shared_path(shared, "data", "3bpa", what="the 3BPA data")
+    return ({"train": str(data / "train_300K.xyz"), "type_map": ["C", "H", "N", "O"]},
+            str(data / "test_300K.xyz"))
 
 
 def make_config(task: str, model: str, data: dict, budget_min: float, threads: int, out: Path,
@@ -103,7 +104,7 @@ def run(args) -> dict:
     if out.exists():
         import shutil
         shutil.rmtree(out)
-    data, test = prepare(args.task, work)
+    data, test = prepare(args.task, work, args.shared)
     # the trainer's clock counts training steps; validation, start-up and the final evaluation
     # come on top, so the steps get the budget less a margin measured in trials
     cfg = make_config(args.task, args.model, data, args.budget_min - args.margin_min, args.threads,
@@ -127,18 +128,21 @@ def evaluate(args, cfg, out: Path, test: str, wall: float) -> dict:
     test_metrics = json.loads(res.stdout[res.stdout.index("{"):res.stdout.rindex("}") + 1])
     train_metrics = json.loads((out / "metrics.json").read_text())
     name, peer_file, peer_key = PEER[args.task]
-    peer = json.loads(peer_file.read_text())
+    peer = json.loads(shared_path(args.shared, "bench", "train", "results", peer_file,
+                                  what="the peer's result").read_text())
     result = {
         "task": args.task, "model": args.model, "threads": args.threads,
         "budget_min": args.budget_min, "train_command_wall_s": round(wall, 1),
-        "epochs": train_metrics["epochs"], "config": cfg,
+        "epochs": train_metrics["epochs"],
+        # paths in the shared folder (--shared) and the work folder (--work) by those names
+        "config": portable(cfg, shared=args.shared, work=args.work),
         "test": test_metrics,
         "peer": {"name": name, "wall_s": peer["train_wall_s"], **peer["tests"][peer_key]},
     }
     # the peers' 15-minute budget gives train_<task>_<model>.json; others train<minutes>_...
     budget = "" if args.budget_min == 15.0 else f"{args.budget_min:g}"
     path = HERE / "results" / f"train{budget}_{args.task}_{args.model}.json"
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
     print(json.dumps({k: result[k] for k in ("task", "model", "train_command_wall_s", "epochs")}))
     print("test:", {k: round(v, 2) for k, v in test_metrics.items() if "rmse" in k})
     print("peer:", result["peer"])
@@ -152,7 +156,7 @@ def force_cost(args) -> None:
     from mlpot.train.config import config_from_dict
 
     work = Path(args.work)
-    data, _ = prepare(args.task, work)
+    data, _ = prepare(args.task, work, args.shared)
     out = {}
     for forces in (False, True):
         cfg = config_from_dict(make_config(args.task, args.model, data, 1.0, args.threads,
@@ -175,7 +179,7 @@ def force_cost(args) -> None:
     path = HERE / "results" / "train_force_cost.json"
     allres = json.loads(path.read_text()) if path.exists() else {}
     allres[f"{args.task}/{args.model}"] = out
-    path.write_text(json.dumps(allres, indent=1))
+    write_json(path, allres)
 
 
 def main():
@@ -186,7 +190,9 @@ def main():
     p.add_argument("--margin-min", type=float, default=1.0,
                    help="budget left for start-up, validation and final evaluation")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default=str(HERE / "runs"))
+    p.add_argument("--work", default=str(HERE / "runs"), help="folder for the runs (default: "
+                   "benchmarks/runs, which git ignores)")
+    add_shared_option(p)
     p.add_argument("--force-cost", action="store_true")
     p.add_argument("--evaluate-only", action="store_true",
                    help="test the finished run in --work again (wall time from its record or "
@@ -202,7 +208,7 @@ def main():
         cfg = yaml.safe_load((work / f"{args.task}_{args.model}.yaml").read_text())
         wall_file = out / "train_command_wall_s.txt"
         wall = float(wall_file.read_text()) if wall_file.exists() else args.wall_s
-        evaluate(args, cfg, out, prepare(args.task, work)[1], wall)
+        evaluate(args, cfg, out, prepare(args.task, work, args.shared)[1], wall)
     else:
         run(args)
 

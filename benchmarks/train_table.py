@@ -2,6 +2,7 @@
 
     python benchmarks/train_table.py
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     rows = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("train_*_*.json"))
             if "force_cost" not in p.name]
     print("| data (test set) | model | threads | train command | epochs | E RMSE meV/atom | "
