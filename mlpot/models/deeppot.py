@@ -183,8 +183,8 @@ class DeepPotSeA(Network):
     def validate_hparams(cls, cutoff: float, hparams: Dict[str, Any]) -> None:
         rcut_smth = need_number(hparams, "rcut_smth", 0.0, strict=False)
         if rcut_smth >= cutoff:
-            raise ValueError(f"hyperparameter rcut_smth = {rcut_smth:g}: must be below the "
-                             f"cutoff ({cutoff:g} A)")
+            raise ValueError(f"hyperparameter rcut_smth = {hparams['rcut_smth']!r}: must be "
+                             f"below the cutoff ({cutoff:g} A)")
         m1 = need_widths(hparams, "embedding")[-1]
         need_int(hparams, "axis_neuron", 1)
         if hparams["axis_neuron"] > m1:

@@ -1,27 +1,42 @@
 """The training configuration: dataclasses loaded from YAML and checked on load.
 
 An unknown key is an error that names the closest valid key, so a typo never silently falls back
-to a default. Every field has a default except the training data.
+to a default. Every field has a default except the training data. Each value is converted to its
+declared type when the file is read (``lr: 1e-3``, a string to YAML 1.1, is the number 0.001) and
+checked against its declared range (``_spec``), the model's hyperparameters with it: a bad value
+is a ``ConfigError`` (exit code 2) whose one line names the key, the value and what is allowed,
+before any data are read.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration error; the message names the key and says what to do."""
+
+class ConfigError(UserError, ValueError):
+    """A configuration error (exit code 2); the message names the key and says what to do."""
+
+
+def _spec(default: Any, *, gt: Optional[float] = None, ge: Optional[float] = None,
+          lt: Optional[float] = None, choices: Optional[List[str]] = None) -> Any:
+    """A field with its allowed range (gt/ge/lt: bounds of a number; choices: allowed values)."""
+    return field(default=default, metadata={"gt": gt, "ge": ge, "lt": lt, "choices": choices})
 
 
 @dataclass
 class DataConfig:
     train: Union[str, List[str]] = ""           # file(s) or DeePMD folder(s)
     validation: Optional[Union[str, List[str]]] = None  # separate validation data, or ...
-    validation_fraction: float = 0.1            # ... this fraction of train, held out by seed
+    validation_fraction: float = _spec(0.1, ge=0.0, lt=1.0)  # ... this fraction of train, by seed
     test: Optional[Union[str, List[str]]] = None
     format: Optional[str] = None                # None: deepmd for folders, else ase.io guesses
     type_map: Optional[List[str]] = None        # default: the elements of the training data
@@ -29,17 +44,17 @@ class DataConfig:
     forces_key: Optional[str] = None
     stress_key: Optional[str] = None
     virial_key: Optional[str] = None
-    energy_unit: str = "eV"
-    length_unit: str = "A"
-    min_distance: Optional[float] = 0.5         # Angstrom; closer atoms are an input error
-    max_frames: Optional[int] = None            # use only the first frames of train (quick runs)
+    energy_unit: str = "eV"                     # a key of readers.ENERGY_UNITS_TO_EV
+    length_unit: str = "A"                      # a key of readers.LENGTH_UNITS_TO_ANGSTROM
+    min_distance: Optional[float] = _spec(0.5, ge=0.0)  # Angstrom; closer atoms: an input error
+    max_frames: Optional[int] = _spec(None, ge=1)  # use only the first frames of train
 
 
 @dataclass
 class ModelConfig:
     name: str = "dp_se_e2_a"                    # dp_se_e2_a | egnn | nequip
-    cutoff: Optional[float] = None              # Angstrom; default: the model's
-    dtype: str = "float32"                      # float32 | float64 (network precision)
+    cutoff: Optional[float] = _spec(None, gt=0.0)  # Angstrom; default: the model's
+    dtype: str = _spec("float32", choices=["float32", "float64"])  # network precision
     hparams: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,38 +65,38 @@ class LossConfig:
     With ``*_start`` set, a weight moves from its start value to the final one in proportion to
     the learning rate (DeePMD-kit's prefactor schedule): w(t) = w + (w_start - w) * lr(t) / lr0.
     """
-    energy: float = 1.0
-    forces: float = 10.0
-    stress: float = 0.0
-    energy_start: Optional[float] = None
-    forces_start: Optional[float] = None
-    stress_start: Optional[float] = None
+    energy: float = _spec(1.0, ge=0.0)
+    forces: float = _spec(10.0, ge=0.0)
+    stress: float = _spec(0.0, ge=0.0)
+    energy_start: Optional[float] = _spec(None, ge=0.0)
+    forces_start: Optional[float] = _spec(None, ge=0.0)
+    stress_start: Optional[float] = _spec(None, ge=0.0)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"                     # adam | adamw
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    scheduler: str = "exponential"              # exponential | plateau | cosine | none
-    lr_final: float = 1e-5                      # exponential and cosine: lr at the end
-    plateau_patience: int = 10                  # plateau: epochs without improvement
-    plateau_factor: float = 0.5
-    ema_decay: float = 0.99                     # 0 disables the weight EMA
-    grad_clip: Optional[float] = 10.0           # max gradient norm; None disables
+    optimizer: str = _spec("adam", choices=["adam", "adamw"])
+    lr: float = _spec(2e-3, gt=0.0)
+    weight_decay: float = _spec(0.0, ge=0.0)
+    scheduler: str = _spec("exponential", choices=["exponential", "plateau", "cosine", "none"])
+    lr_final: float = _spec(1e-5, ge=0.0)       # exponential and cosine: lr at the end
+    plateau_patience: int = _spec(10, ge=1)     # plateau: epochs without improvement
+    plateau_factor: float = _spec(0.5, gt=0.0, lt=1.0)
+    ema_decay: float = _spec(0.99, ge=0.0, lt=1.0)  # 0 disables the weight EMA
+    grad_clip: Optional[float] = _spec(10.0, gt=0.0)  # max gradient norm; None disables
 
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 4
-    max_epochs: int = 100
-    max_time_min: Optional[float] = None        # wall-clock limit for the whole run
-    early_stopping_patience: Optional[int] = None  # epochs without a better validation loss
-    seed: int = 0
-    device: str = "cpu"
-    threads: Optional[int] = None               # torch intra-op threads
+    batch_size: int = _spec(4, ge=1)
+    max_epochs: int = _spec(100, ge=1)
+    max_time_min: Optional[float] = _spec(None, gt=0.0)  # wall-clock limit for the whole run
+    early_stopping_patience: Optional[int] = _spec(None, ge=1)  # epochs without a better loss
+    seed: int = _spec(0, ge=0)
+    device: str = "cpu"                         # cpu | cuda | cuda:N
+    threads: Optional[int] = _spec(None, ge=1)  # torch intra-op threads
     out_dir: str = "mlpot-run"
-    eval_every: int = 1                         # epochs between validations
+    eval_every: int = _spec(1, ge=1)            # epochs between validations
     progress: bool = True
     tensorboard: bool = False                   # also log to out_dir/tensorboard (needs tensorboard)
 
@@ -120,11 +135,14 @@ def config_from_dict(raw: Dict[str, Any], where: str = "config") -> Config:
         value = value or {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: section '{name}' must be a mapping, not {value!r}")
-        valid = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         for key in value:
-            if key not in valid:
-                raise _unknown(key, valid, f"{where}: {name}")
-        sections[name] = cls(**value)
+            if key not in fields:
+                raise _unknown(key, fields, f"{where}: {name}")
+        sections[name] = cls(**{key: _checked(v, hints[key], fields[key].metadata,
+                                              f"{where}: {name}.{key}")
+                                for key, v in value.items()})
     cfg = Config(**sections)
     check_config(cfg, where)
     return cfg
@@ -141,6 +159,89 @@ def load_config(path: str) -> Config:
     return config_from_dict(raw or {}, where=path)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, List):
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "bools"}
+        return f"a list of {plural.get(args[0], 'values')}" if args else "a list"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return _TYPE_NAMES.get(tp, str(tp))
+
+
+def _convert(value: Any, tp) -> Any:
+    """``value`` as type ``tp`` (a number written as a string, such as YAML 1.1's '1e-3', is a
+    number; an integral float an int); TypeError when it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _convert(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise TypeError
+        return [_convert(v, args[0]) for v in value] if args else value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise TypeError
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            raise TypeError
+        return value
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise TypeError from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError
+    if tp is int:
+        if value != int(value):
+            raise TypeError
+        return int(value)
+    return float(value)
+
+
+def _checked(value: Any, tp, spec, key: str) -> Any:
+    """``value`` converted to ``tp`` and checked against the field's ``_spec``; ConfigError."""
+    try:
+        value = _convert(value, tp)
+    except TypeError:
+        raise ConfigError(f"{key} = {value!r}: must be {_type_name(tp)}") from None
+    if value is None:
+        return value
+    choices = spec.get("choices")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key} = {value!r} is not one of {choices}.{hint}")
+    gt, ge, lt = spec.get("gt"), spec.get("ge"), spec.get("lt")
+    if (gt is not None and not value > gt) or (ge is not None and not value >= ge) \
+            or (lt is not None and not value < lt):
+        bounds = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
+                  f"< {lt:g}" if lt is not None else ""]
+        kind = "an integer" if tp is int or int in typing.get_args(tp) else "a number"
+        raise ConfigError(f"{key} = {value!r}: must be {kind} "
+                          f"{' and '.join(b for b in bounds if b)}")
+    return value
+
+
 def _choice(value, options, key):
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
@@ -148,32 +249,38 @@ def _choice(value, options, key):
         raise ConfigError(f"{key} = '{value}' is not one of {options}.{hint}")
 
 
-def check_config(cfg: Config, where: str = "config") -> None:
-    """Value checks that need no data (the data are checked when read)."""
-    from ..models import MODELS, check_hparams
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
+
+def check_config(cfg: Config, where: str = "config") -> None:
+    """Value checks that need no data (the data are checked when read); the types and ranges
+    declared on the fields are checked by ``config_from_dict``, and again here."""
+    from ..data.readers import ENERGY_UNITS_TO_EV, LENGTH_UNITS_TO_ANGSTROM
+    from ..models import available, validate_model_config
+
+    for name, section in (("data", cfg.data), ("model", cfg.model), ("loss", cfg.loss),
+                          ("optim", cfg.optim), ("training", cfg.training)):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            setattr(section, f.name, _checked(getattr(section, f.name), hints[f.name],
+                                              f.metadata, f"{where}: {name}.{f.name}"))
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train is required (a file or folder of training data)")
-    if not 0.0 <= cfg.data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction must be in [0, 1), got "
-                          f"{cfg.data.validation_fraction}")
-    _choice(cfg.model.name, sorted(MODELS), "model.name")
-    _choice(cfg.model.dtype, ["float32", "float64"], "model.dtype")
+    _choice(cfg.data.energy_unit, sorted(ENERGY_UNITS_TO_EV), f"{where}: data.energy_unit")
+    _choice(cfg.data.length_unit, sorted(LENGTH_UNITS_TO_ANGSTROM), f"{where}: data.length_unit")
+    _choice(cfg.model.name, available(), f"{where}: model.name")
     try:
-        check_hparams(cfg.model.name, cfg.model.hparams)
+        validate_model_config(cfg.model.name, cfg.model.hparams, cfg.model.cutoff,
+                              cfg.model.dtype)
     except ValueError as err:
         raise ConfigError(f"{where}: model.hparams: {err}") from None
-    _choice(cfg.optim.optimizer, ["adam", "adamw"], "optim.optimizer")
-    _choice(cfg.optim.scheduler, ["exponential", "plateau", "cosine", "none"], "optim.scheduler")
-    for key in ("energy", "forces", "stress"):
-        if getattr(cfg.loss, key) < 0:
-            raise ConfigError(f"loss.{key} must be >= 0")
     if cfg.loss.energy == 0 and cfg.loss.forces == 0 and cfg.loss.stress == 0:
-        raise ConfigError("loss: all weights are zero; nothing to train")
-    if cfg.optim.lr <= 0:
-        raise ConfigError("optim.lr must be positive")
-    if not 0.0 <= cfg.optim.ema_decay < 1.0:
-        raise ConfigError("optim.ema_decay must be in [0, 1)")
+        raise ConfigError(f"{where}: loss: all weights are zero; nothing to train")
+    if not _DEVICE.fullmatch(cfg.training.device):
+        raise ConfigError(f"{where}: training.device = {cfg.training.device!r}: must be 'cpu', "
+                          "'cuda' or 'cuda:N' (N: the GPU's index)")
+    if not cfg.training.out_dir:
+        raise ConfigError(f"{where}: training.out_dir = '': must name a folder for the run")
     if cfg.training.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -181,5 +288,3 @@ def check_config(cfg: Config, where: str = "config") -> None:
             raise ConfigError("training.tensorboard: the tensorboard package is not installed; "
                               "pip install tensorboard, or set training.tensorboard: false "
                               "(log.csv has the same numbers)") from None
-    if cfg.training.batch_size < 1 or cfg.training.max_epochs < 1:
-        raise ConfigError("training.batch_size and training.max_epochs must be >= 1")
