@@ -12,6 +12,7 @@ numbers or the cell change.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -36,14 +37,19 @@ class MLPotCalculator(Calculator):
     Args:
         model: path of a file written by ``mlpot export``, or a loaded/in-memory model.
         device: torch device to run on ('cpu', 'cuda', 'cuda:1').
+        min_distance: warn (once per calculator) when two atoms come closer than this many
+            Angstrom, as the readers refuse such training data; None: no check.
     Properties: energy, free_energy (= energy), forces, stress (periodic cells), energies
     (per-atom energies, summing to the energy).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model, device: str = "cpu", **kwargs):
+    def __init__(self, model, device: str = "cpu", min_distance: Optional[float] = 0.5,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.min_distance = min_distance
+        self._overlap_warned = False
         self.model = as_exported(model, device)
         self.device = torch.device(device)
         self.dtype = self.model.dtype
@@ -72,6 +78,21 @@ class MLPotCalculator(Calculator):
             self._cell_key = key
         return self._cell, self._pbc
 
+    def _warn_about_overlap(self, positions, cell, pbc) -> None:
+        """One warning when two atoms are closer than ``min_distance`` (an O(N) neighbor list
+        with that short cutoff, run until the first warning)."""
+        from .data.validate import closest_pair
+
+        pair = closest_pair(positions, cell, pbc, float(self.min_distance))
+        if pair is not None:
+            self._overlap_warned = True
+            i, j, d = pair
+            warnings.warn(f"MLPotCalculator: atoms {i} and {j} are {d:.3f} A apart, closer than "
+                          f"{self.min_distance} A (mlpot's readers refuse such training data), so "
+                          "the energy and forces are not to be trusted (overlapping atoms, wrong "
+                          "units or an MD run blowing up?); warned once", RuntimeWarning,
+                          stacklevel=4)
+
     # ------------------------------------------------------------------ ASE API
     def calculate(self, atoms=None, properties: Optional[List[str]] = None,
                   system_changes=all_changes):
@@ -90,6 +111,8 @@ class MLPotCalculator(Calculator):
         data = structure_inputs(
             torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device),
             self._atom_types(self.atoms.numbers), cell, pbc)
+        if self.min_distance is not None and not self._overlap_warned:
+            self._warn_about_overlap(data[K.POSITIONS], cell, pbc)
         out = read_outputs(self.model(data, True, want_stress), 1, want_stress)
         energy = float(out[K.ENERGY][0])
         self.results["energy"] = energy

@@ -1,7 +1,7 @@
 """Checks every structure passes before mlpot uses it; each failure names the frame."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,16 +31,35 @@ def check_structure(data, where: str, min_distance: Optional[float] = 0.5) -> No
     if data.forces is not None and data.forces.shape != (n, 3):
         raise DataError(f"{where}: forces have shape {tuple(data.forces.shape)}; expected ({n}, 3)")
     check_cell(data.cell[0], data.pbc[0], where)
-    if min_distance is not None and n > 1:
-        i, j, s = neighbor_list_batch(data.positions, data.cell, data.pbc, data.ptr,
-                                      float(min_distance))
-        if i.numel():
-            d = pair_vectors(data.positions, data.cell[0], data.batch, i, j, s).norm(dim=1)
-            k = int(torch.argmin(d))
+    if min_distance is not None:
+        pair = closest_pair(data.positions, data.cell[0], data.pbc[0], min_distance)
+        if pair is not None:
+            i, j, d = pair
             raise DataError(
-                f"{where}: atoms {int(i[k])} and {int(j[k])} are {float(d[k]):.3f} A apart, closer "
+                f"{where}: atoms {i} and {j} are {d:.3f} A apart, closer "
                 f"than {min_distance} A: not a physical structure (wrong units? duplicated atoms?). "
                 "Fix or drop the frame, or lower min_distance")
+
+
+def closest_pair(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                 min_distance: float) -> Optional[Tuple[int, int, float]]:
+    """(i, j, distance in A) of the closest pair of atoms (periodic images included) closer than
+    `min_distance` Angstrom, or None. A neighbor list with `min_distance` as cutoff: O(N), and
+    with so short a cutoff it finds few or no pairs (cheap enough to run at every MD step)."""
+    n = positions.shape[0]
+    if n < 2 and not bool(torch.as_tensor(pbc).any()):
+        return None
+    positions = positions.detach()
+    cell = torch.as_tensor(cell).to(device=positions.device, dtype=positions.dtype).reshape(1, 3, 3)
+    pbc = torch.as_tensor(pbc).to(device=positions.device, dtype=torch.bool).reshape(1, 3)
+    ptr = torch.tensor([0, n], dtype=torch.long, device=positions.device)
+    i, j, s = neighbor_list_batch(positions, cell, pbc, ptr, float(min_distance))
+    if i.numel() == 0:
+        return None
+    batch = torch.zeros(n, dtype=torch.long, device=positions.device)
+    d = pair_vectors(positions, cell[0], batch, i, j, s).norm(dim=1)
+    k = int(torch.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
 
 
 def _finite(t: torch.Tensor, name: str, where: str) -> None:
