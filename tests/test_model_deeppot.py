@@ -325,3 +325,21 @@ def test_chunking_is_not_used_for_training_or_graphs_to_positions(model, periodi
     chunked.train()
     out = chunked(dict(inp), True, False)
     assert out[K.FORCES].requires_grad  # create_graph: force losses can be trained
+
+
+def test_state_dicts_with_the_old_step_name_still_load(periodic):
+    """ResidualTanhLayer's residual step scale was called ``timestep`` before the rename to
+    ``step_scale``: checkpoints written then load into the new model with the same numbers."""
+    torch.manual_seed(3)
+    model = build_model("dp_se_e2_a", ["H", "C", "O"], 4.0, "float64", **SMALL).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("step_scale"):
+                p.uniform_(0.05, 0.5)  # not the initial 0.1, so a skipped load would show
+    old = {k.replace("step_scale", "timestep"): v for k, v in model.state_dict().items()}
+    assert sum(k.endswith(".timestep") for k in old) >= 2
+    again = from_config(model.config).eval()
+    again.load_state_dict(old)  # strict: every old key is used, every new key is set
+    a, b = again(periodic.as_dict(), True, True), model(periodic.as_dict(), True, True)
+    for key in (K.ENERGY, K.FORCES, K.STRESS):
+        assert torch.equal(a[key], b[key]), key

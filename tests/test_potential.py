@@ -150,3 +150,42 @@ def test_models_on_cuda_equal_cpu(name):
     """The three model families (and the MACE product basis) run on CUDA: one block of edges and
     atoms there instead of the CPU's blocks, the same numbers."""
     _same_on_device(name, "cuda")
+
+
+def d_pairs(data, cutoff: float) -> int:
+    return int(data.with_neighbors(cutoff).edge_index.shape[1])
+
+
+def test_every_pair_vector_comes_from_neighbors_pair_vectors(monkeypatch):
+    """Potential computes its pair vectors with mlpot.neighbors.pair_vectors (one function for
+    models, data and integrators), whole and in chunks, and that function scripts."""
+    import mlpot.models.potential as potential_module
+    from mlpot.neighbors import pair_vectors
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[3].shape[0])
+        return pair_vectors(*args)
+
+    monkeypatch.setattr(potential_module, "pair_vectors", counted)
+    torch.manual_seed(0)
+    model = Potential(PairNet(2, 3.0), ["O", "H"], 3.0, {}, dtype=torch.float64)
+    data = T.to_data(T.random_periodic(("O", "H"), 12, seed=4), model)
+    model(data.as_dict(), True, True)
+    assert len(calls) == 1 and calls[0] > 0
+    from mlpot.models import build_model
+
+    local = build_model("dp_se_e2_a", ["O", "H"], 3.0, "float64", embedding=[4, 8],
+                        axis_neuron=2, fitting=[8]).eval()
+    local.chunk_atoms = 4  # 12 atoms: three chunks of centres
+    calls.clear()
+    local(data.as_dict(), True, True)
+    assert len(calls) == 3 and sum(calls) == d_pairs(data, 3.0)
+    scripted = torch.jit.script(pair_vectors)
+    d = data.with_neighbors(3.0)
+    i, j = d.edge_index
+    for cell in (d.cell, d.cell[0]):
+        want = pair_vectors(d.positions, cell, d.batch, i, j, d.edge_cell_shift)
+        got = scripted(d.positions, cell, d.batch, i, j, d.edge_cell_shift)
+        assert torch.equal(got, want)
