@@ -121,7 +121,9 @@ def extension(report: Report) -> None:
     else:
         reason = neighbors._STATE.get("reason", "")
         report.line("info", "pure-PyTorch fallback in use", reason)
-        if "MLPOT_NO_EXTENSION" not in reason:
+        if "UnsafeCacheError" in reason:
+            report.advise(reason.split("UnsafeCacheError: ", 1)[-1])  # why, and what to do
+        elif "MLPOT_NO_EXTENSION" not in reason:
             report.advise("the compiled neighbor-list op is not built (models still work, with "
                           "the slower PyTorch neighbor list): run `python -m mlpot.neighbors` "
                           "to see why; it needs a C++ compiler and ninja")

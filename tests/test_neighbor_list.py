@@ -633,6 +633,15 @@ def test_planted_library_is_not_loaded_and_the_fallback_is_used(tmp_path, monkey
     with pytest.warns(RuntimeWarning, match=r"pure-PyTorch.*writable by group and others"):
         assert neighbors.backend() == "torch"
     assert loaded == [] and built == []
+    # mlpot doctor passes on why and what to do
+    import io
+
+    from mlpot.doctor import Report, extension
+
+    report = Report(out=io.StringIO())
+    extension(report)
+    assert any(a.startswith("mlpot: refusing the cached library") and f"chmod go-w {cache}" in a
+               for a in report.advice), report.advice
 
 
 def test_stale_build_folders_are_removed(tmp_path):

@@ -55,6 +55,11 @@ def main() -> int:
     t0 = time.perf_counter()
     try:
         path = _extension.load_library(retry_failed=True)
+    except _extension.UnsafeCacheError as err:
+        print("\nRESULT: the cached op is NOT loaded (it may not be yours); mlpot falls back to "
+              "the pure-PyTorch neighbor list (same results, slower).")
+        _line("why", str(err))
+        return 1
     except Exception as err:  # noqa: BLE001
         info = _extension.INFO
         print("\nRESULT: the op could NOT be built or loaded; mlpot falls back to the pure-PyTorch "
