@@ -212,3 +212,25 @@ def assert_script_equals_eager(model, data: AtomicData, atol: float = 1e-10,
     for key in eager:
         _close(got[key], eager[key], atol, f"scripted vs eager {key}", rtol=1e-6)
         _close(again[key], eager[key], atol, f"saved+loaded vs eager {key}", rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- all of them
+def assert_model_contract(model, seed: int = 1) -> None:
+    """Every check above on one float64 model, on small random periodic structures and a
+    molecule of its first two elements: invariance, forces and stress against finite
+    differences, extensivity, smoothness at the cutoff, batch == single, TorchScript == eager
+    (also after save/load). tests/test_model_contract.py runs it on every registered family; a
+    package that adds a family can run it in its own tests."""
+    symbols = tuple(model.type_map[:2]) if len(model.type_map) > 1 else tuple(model.type_map) * 2
+    periodic = to_data(random_periodic(symbols, n_atoms=10, seed=seed), model)
+    mol = to_data(Atoms(list(symbols) + [symbols[0]],
+                        positions=[[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.1]]), model)
+    for data in (periodic, mol):
+        assert_invariance(model, data, seed=seed)
+    assert_forces_are_gradients(model, periodic, n_checks=3, seed=seed)
+    assert_stress_is_strain_derivative(model, periodic)
+    assert_extensive(model, random_periodic(symbols, n_atoms=6, seed=seed + 1))
+    assert_smooth_at_cutoff(model, symbols)
+    other = to_data(random_periodic(symbols, n_atoms=5, seed=seed + 2), model)
+    assert_batch_equals_single(model, [periodic, other])
+    assert_script_equals_eager(model, periodic)

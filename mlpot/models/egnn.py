@@ -124,8 +124,10 @@ class EGNN(Network):
                  readout_hidden: int = 32, attention: bool = False,
                  avg_num_neighbors: Optional[float] = None, activation: str = "silu"):
         super().__init__()
+        hidden, edge_hidden, num_basis = int(hidden), int(edge_hidden), int(num_basis)
+        num_layers, readout_hidden = int(num_layers), int(readout_hidden)
         self.cutoff = float(cutoff)
-        self.edge_hidden = int(edge_hidden)
+        self.edge_hidden = edge_hidden
         self.envelope_p = float(envelope_p)
         self.fixed_neighbors = avg_num_neighbors is not None
         n_avg = float(avg_num_neighbors) if avg_num_neighbors is not None else 1.0

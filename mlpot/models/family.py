@@ -131,6 +131,9 @@ class Network(nn.Module):
 
 # checks of single values, for validate_hparams; each raises ValueError naming the key
 def _is_int(v: Any) -> bool:
+    """An integer, or a float with an integral value (32.0, as older configs may hold)."""
+    if isinstance(v, float):
+        return math.isfinite(v) and v == int(v)
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "dp_se_e2_a"                    # dp_se_e2_a | egnn | nequip
+    name: str = "dp_se_e2_a"                    # dp_se_e2_a | egnn | nequip | a plugin's
     cutoff: Optional[float] = _spec(None, gt=0.0)  # Angstrom; default: the model's
     dtype: str = _spec("float32", choices=["float32", "float64"])  # network precision
     hparams: Dict[str, Any] = field(default_factory=dict)
