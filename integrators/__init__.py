@@ -9,18 +9,21 @@ Angstrom, amu, K, bar (converted in ``mlpot.units``).
                      reporters=[ThermoCSV("thermo.csv", 10)])
 
 Each integrator has ``init(state, forces)`` and ``step(state, forces)``; the equations are in
-the docstring of its module, with references.
+the docstring of its module, with references. ``simulate`` runs the health check of
+``integrators.health`` after every step (``HealthCheck.for_ase`` and ``HealthCheck.for_openmm``
+run it in ASE and OpenMM).
 """
 from .base import REGISTRY, ForceProvider, Integrator, MDError, MDInputError, MDStopped
 from .bussi import Bussi
 from .checkpoint import load_md_checkpoint, save_md_checkpoint
 from .forces import Harmonic, IdealGas, LennardJones, MLPotForces
+from .health import HealthCheck, HealthCheckFailed
 from .langevin import Langevin
 from .nose_hoover import NoseHooverChain
 from .npt import StochasticCellRescaling
 from .nve import VelocityVerlet
 from .reporters import ProgressBar, Reporter, ThermoCSV, TrajectoryReporter, thermo
-from .runner import check_forces, simulate
+from .runner import MDWarning, check_forces, simulate
 from .state import (MDState, initialize_velocities, kinetic_energy, make_state, pressure_bar,
                     state_from_ase, temperature_K)
 
@@ -28,6 +31,8 @@ __all__ = [
     "Bussi",
     "ForceProvider",
     "Harmonic",
+    "HealthCheck",
+    "HealthCheckFailed",
     "IdealGas",
     "Integrator",
     "Langevin",
@@ -35,6 +40,7 @@ __all__ = [
     "MDError",
     "MDInputError",
     "MDStopped",
+    "MDWarning",
     "MDState",
     "MLPotForces",
     "NoseHooverChain",

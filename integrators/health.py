@@ -364,7 +364,10 @@ class ASEObserver:
         self.calls += 1
         problem = self.health.failure(snap)
         if problem is None:
-            self._last = (snap.step, self.atoms.copy())
+            good = self.atoms.copy()
+            good.calc = None
+            good.info["step"] = snap.step
+            self._last = (snap.step, good)
             return
         step, good = self._last
         saved = _saved(lambda p: good.write(p, format="extxyz"), self.health.last_good_path, step)
@@ -410,6 +413,9 @@ class OpenMMReporter:
         self._last = None
 
     def describeNextReport(self, simulation):
+        if not self.health.started:  # the start of the first ``step`` call: the reference
+            self.report(simulation, simulation.context.getState(
+                getPositions=True, getVelocities=True, getEnergy=True))
         steps = self.interval - simulation.currentStep % self.interval
         return {"steps": steps, "periodic": False, "include": ["positions", "velocities",
                                                                "energy"]}

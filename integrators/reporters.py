@@ -9,7 +9,15 @@
 Each reporter has ``open(state, integrator)``, ``report(state, integrator)`` and ``close()``.
 When a run is resumed (``state.step > 0`` and the file exists), files are cut back to what was
 written up to that step and continued, so a resumed run leaves the same files as an
-uninterrupted one (trajectories: the resumed run must use the same interval).
+uninterrupted one (trajectories: the resumed run must use the same interval). A kill at any
+moment of a resume loses nothing that was written up to that step:
+
+- the CSV is cut in place (``truncate``) at the byte offset of the first row after the step
+  (or of a half-written last line), then appended to;
+- a trajectory is copied frame by frame (in chunks, never whole in memory) up to the step into a
+  temporary file beside it, which is fsync'd and moved over the old one with ``os.replace``; the
+  writer then goes on writing into the moved file. A kill before the move leaves the old file
+  (and a ``.NAME.*.tmp`` that the next resume removes), after it the copy.
 """
 from __future__ import annotations
 
@@ -17,12 +25,13 @@ import csv
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
 from mlpot import units
+from mlpot.files import remove_stale_temporaries
 
 from .base import Integrator
 from .state import MDState, kinetic_energy, pressure_bar, temperature_K
@@ -74,15 +83,14 @@ class ThermoCSV(Reporter):
         self._writer = None
 
     def open(self, state: MDState, integrator: Integrator) -> None:
-        keep: List[List[str]] = []
-        if state.step > 0 and os.path.exists(self.path):
-            with open(self.path, newline="") as fh:
-                rows = list(csv.reader(fh))[1:]
-            keep = [r for r in rows if r and int(r[0]) <= state.step]
+        if state.step > 0 and os.path.exists(self.path) and cut_csv(self.path, state.step):
+            self._fh = open(self.path, "a", newline="")
+            self._writer = csv.writer(self._fh)
+            return
         self._fh = open(self.path, "w", newline="")
         self._writer = csv.writer(self._fh)
         self._writer.writerow(THERMO_COLUMNS)
-        self._writer.writerows(keep)
+        self._fh.flush()
 
     def report(self, state: MDState, integrator: Integrator) -> None:
         q = {k: v.detach().cpu().tolist() for k, v in thermo(state, integrator).items()}
@@ -95,6 +103,30 @@ class ThermoCSV(Reporter):
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def cut_csv(path: str, step: int) -> bool:
+    """Cut a thermo CSV in place after the rows of ``step`` and earlier: at the first row with a
+    later step, or at a half-written (unterminated or unreadable) line. Reads the file line by
+    line; returns False when it has no header (then it is rewritten from scratch)."""
+    with open(path, "rb+") as fh:
+        header = fh.readline()
+        if not header.endswith(b"\n") or not header.startswith(b"step,"):
+            return False
+        offset = fh.tell()
+        for line in iter(fh.readline, b""):
+            try:
+                complete = line.endswith(b"\n")
+                later = int(line.split(b",", 1)[0]) > step
+            except ValueError:
+                complete = later = False
+            if not complete or later:
+                break
+            offset += len(line)
+        fh.truncate(offset)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
 
 
 class ProgressBar(Reporter):
@@ -150,6 +182,54 @@ def mdtraj_topology(atomic_numbers):
     return top
 
 
+#: Frames copied at a time when a trajectory is cut back on resume.
+COPY_CHUNK_FRAMES = 256
+
+
+def _resume_copy(path: str, open_new, copy) -> object:
+    """Cut ``path`` back by copying into a temporary file beside it and moving that over it.
+
+    ``open_new(tmp)`` opens a writer on the temporary file; ``copy(writer)`` copies the frames to
+    keep into it; the writer is flushed, the file fsync'd and moved onto ``path`` with
+    ``os.replace``, and the writer (still open, now writing ``path``) is returned.
+    """
+    remove_stale_temporaries(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.resume.tmp")
+    writer = open_new(tmp)
+    try:
+        copy(writer)
+        flush = getattr(writer, "flush", None)
+        if flush is not None:
+            flush()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+    return writer
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class _MDTrajWriter:
     """One replica's frames in a DCD, XTC or HDF5 file (units converted here: A -> nm, fs -> ps)."""
 
@@ -157,25 +237,41 @@ class _MDTrajWriter:
         self.path, self.kind, self.topology = path, kind, topology
         self._fh = None
 
-    def open(self, keep_frames: Optional[int]) -> None:
-        old = None
-        if keep_frames is not None and os.path.exists(self.path):
-            old = self._read(keep_frames)
+    def _cls(self):
         import mdtraj
 
-        cls = {"dcd": mdtraj.formats.DCDTrajectoryFile, "xtc": mdtraj.formats.XTCTrajectoryFile,
-               "h5": mdtraj.formats.HDF5TrajectoryFile}[self.kind]
-        self._fh = cls(self.path, "w", force_overwrite=True)
+        return {"dcd": mdtraj.formats.DCDTrajectoryFile, "xtc": mdtraj.formats.XTCTrajectoryFile,
+                "h5": mdtraj.formats.HDF5TrajectoryFile}[self.kind]
+
+    def _new(self, path: str):
+        fh = self._cls()(path, "w", force_overwrite=True)
         if self.kind == "h5":
-            self._fh.topology = self.topology
-        if old is not None and len(old.xyz):
-            self._write(old.xyz * 10.0, old.unitcell_vectors * 10.0, old.time * 1e3)
+            fh.topology = self.topology
+        return fh
 
-    def _read(self, keep: int):
-        import mdtraj
+    def open(self, keep_frames: Optional[int]) -> None:
+        if keep_frames is None or not os.path.exists(self.path):
+            self._fh = self._new(self.path)
+            return
+        self._fh = _resume_copy(self.path, self._new, lambda w: self._copy(w, keep_frames))
 
-        t = mdtraj.load(self.path, top=self.topology)
-        return t[:keep]
+    def _copy(self, writer, keep: int) -> None:
+        """The first ``keep`` frames of the file into ``writer``, as stored (no unit change)."""
+        done = 0
+        with self._cls()(self.path, "r") as old:
+            while done < keep:
+                chunk = old.read(n_frames=min(COPY_CHUNK_FRAMES, keep - done))
+                n = len(chunk[0])
+                if n == 0:
+                    break
+                if self.kind == "dcd":  # xyz (A), cell lengths, cell angles
+                    writer.write(chunk[0], chunk[1], chunk[2])
+                elif self.kind == "xtc":  # xyz (nm), time (ps), step, box (nm)
+                    writer.write(chunk[0], time=chunk[1], step=chunk[2], box=chunk[3])
+                else:
+                    writer.write(coordinates=chunk.coordinates, time=chunk.time,
+                                 cell_lengths=chunk.cell_lengths, cell_angles=chunk.cell_angles)
+                done += n
 
     def write(self, x: np.ndarray, cell: np.ndarray, time_fs: float) -> None:
         self._write(x[None], cell[None], np.array([time_fs]))
@@ -183,16 +279,18 @@ class _MDTrajWriter:
     def _write(self, x: np.ndarray, cell: np.ndarray, time_fs: np.ndarray) -> None:
         lengths, angles = cell_lengths_angles(cell)
         nm = units.ANGSTROM_TO_NM
-        if self.kind == "dcd":
+        if self.kind == "dcd":  # written unbuffered by mdtraj
             self._fh.write(x.astype(np.float32), lengths.astype(np.float32),
                            angles.astype(np.float32))
         elif self.kind == "xtc":
             steps = np.zeros(len(x), dtype=np.int32)
             self._fh.write((x * nm).astype(np.float32), time=(time_fs * units.FS_TO_PS).astype(
                 np.float32), step=steps, box=(cell * nm).astype(np.float32))
+            self._fh.flush()  # a kill loses no reported frame
         else:
             self._fh.write(coordinates=(x * nm).astype(np.float32), time=time_fs * units.FS_TO_PS,
                            cell_lengths=lengths * nm, cell_angles=angles)
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
@@ -210,12 +308,24 @@ class _ASEWriter:
     def open(self, keep_frames: Optional[int]) -> None:
         from ase.io.trajectory import Trajectory
 
-        old = []
-        if keep_frames is not None and os.path.exists(self.path):
-            old = [a for a in Trajectory(self.path, "r")][:keep_frames]
-        self._traj = Trajectory(self.path, "w")
-        for atoms in old:
-            self._traj.write(atoms)
+        if keep_frames is None or not os.path.exists(self.path):
+            self._traj = Trajectory(self.path, "w")
+            return
+
+        def copy(writer) -> None:
+            old = Trajectory(self.path, "r")
+            try:
+                for k in range(min(keep_frames, len(old))):  # one frame in memory at a time
+                    writer.write(old[k])
+            finally:
+                old.close()
+
+        def new(tmp):
+            return Trajectory(tmp, "w")
+
+        # ASE writes a frame's data and its index together: close the copy, then append
+        _resume_copy(self.path, new, copy).close()
+        self._traj = Trajectory(self.path, "a")
 
     def write(self, state: MDState, r: int) -> None:
         from ase import Atoms
@@ -274,8 +384,6 @@ class TrajectoryReporter(Reporter):
         top = self.topology
         if self.kind == "h5" and top is None:
             top = mdtraj_topology(state.atomic_numbers.cpu().numpy())
-        elif self.kind in ("dcd", "xtc") and top is None and keep is not None:
-            top = mdtraj_topology(state.atomic_numbers.cpu().numpy())  # needed to read back
         for r, path in self._paths(state.n_replicas).items():
             w = _ASEWriter(path) if self.kind == "traj" else _MDTrajWriter(path, self.kind, top)
             w.open(keep)

@@ -83,33 +83,17 @@ def _fail(state: MDState, last_good: MDState, what: str, path: Optional[str]) ->
                      "structure for overlapping atoms, or the model for this configuration.")
 
 
-def closest_pair(state: MDState, within_A: float):
-    """(distance A, replica, i, j) of the closest pair of atoms nearer than ``within_A`` (the
-    nearest periodic image), or None."""
-    from mlpot.neighbors import neighbor_list_batch, pair_vectors
-
-    r, n = state.n_replicas, state.n_atoms
-    if n < 2:
-        return None
-    flat = state.positions.detach().reshape(r * n, 3)
-    ptr = torch.arange(r + 1, device=state.device) * n
-    pbc = state.pbc.expand(r, 3)
-    batch = torch.arange(r, device=state.device).repeat_interleave(n)
-    i, j, s = neighbor_list_batch(flat, state.cell.detach(), pbc, ptr, float(within_A))
-    if i.numel() == 0:
-        return None
-    d = pair_vectors(flat, state.cell.detach(), batch, i, j, s).norm(dim=-1)
-    k = int(d.argmin())
-    rep = int(batch[i[k]])
-    return float(d[k]), rep, int(i[k]) - rep * n, int(j[k]) - rep * n
-
-
 def overlap_message(state: MDState, within_A: float) -> Optional[str]:
     """A one-line warning when two atoms are closer than ``within_A``, else None."""
-    found = closest_pair(state, within_A)
-    if found is None:
+    from mlpot.data.validate import closest_pair
+
+    for rep in range(state.n_replicas):
+        found = closest_pair(state.positions[rep], state.cell[rep], state.pbc, within_A)
+        if found is not None:
+            break
+    else:
         return None
-    d, rep, i, j = found
+    i, j, d = found
     return (f"atoms {i} and {j} of replica {rep} are {d:.3g} A apart (closer than "
             f"{within_A:g} A): overlapping atoms usually mean a wrong structure or units")
 
