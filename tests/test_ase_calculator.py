@@ -54,19 +54,7 @@ def egnn(dtype="float64", type_map=("H", "C", "O")):
                        edge_hidden=16, num_layers=2, readout_hidden=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small systems: one thread is faster, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # BLAS threads (scipy in ASE's cell filters) spin on a busy machine too
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

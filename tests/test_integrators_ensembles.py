@@ -24,12 +24,8 @@ from mlpot import units
 T0 = 100.0  # K, for the Lennard-Jones liquid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+              pytest.mark.slow]  # every test here samples a distribution: 7-25 s each
 
 
 def mean_and_error(series: np.ndarray, n_blocks: int = 20):

@@ -151,6 +151,7 @@ def test_atom_level_message_linear_equals_edge_level_messages(model, periodic):
             h = got
 
 
+@pytest.mark.slow
 def test_learns_emt_forces():
     torch.manual_seed(0)
     model = build_model("egnn", ["Cu", "Au"], 4.0, "float32", hidden=32, edge_hidden=32,

@@ -22,14 +22,7 @@ SMALL = {"num_features": 8, "num_layers": 3, "radial_mlp": [16], "readout_hidden
 MACE = {**SMALL, "correlation": 3, "feature_l_max": 1, "l_max": 2, "num_layers": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small structures: a second thread only adds synchronisation (and, on a busy machine,
-    waits of milliseconds per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(dtype="float64", seed=0, **hp):
@@ -249,6 +242,7 @@ def test_fit_statistics_sets_the_average_neighbor_count(periodic, mol):
     assert float(fixed.net.avg_num_neighbors) == 8.0
 
 
+@pytest.mark.slow
 def test_learns_emt_forces():
     torch.manual_seed(0)
     model = build_model("nequip", ["Cu", "Au"], 4.0, "float32", num_features=16, l_max=1,

@@ -26,12 +26,7 @@ BACKENDS = [b for b in ("torch", "python") if mo.backend_status(b)[0]]
 KJ = unit.kilojoule_per_mole
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def egnn(dtype="float64"):
@@ -346,6 +341,7 @@ def morse_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nve_conserves_energy(morse_file, backend):
     from test_ase_calculator import crystal
