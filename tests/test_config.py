@@ -31,8 +31,14 @@ def write(tmp_path, text: str) -> str:
 def test_numbers_written_as_yaml_1_1_strings_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3': it is the number 0.001."""
     path = write(tmp_path, "optim:\n  lr: 1e-3\n  lr_final: 1e-6\n"
-                           "training:\n  max_epochs: 1e3\n  max_time_min: 2\n")
+                           "training:\n  max_epochs: 1e3\n  max_time_min: 2\n"
+                           "model:\n  name: egnn\n  hparams: {avg_num_neighbors: 2e1}\n")
     cfg = load_config(path)
+    assert cfg.model.hparams == {"avg_num_neighbors": "2e1"}  # as written; the model reads 20.0
+    from mlpot.models import build_model
+
+    net = build_model("egnn", ["O"], **cfg.model.hparams).net
+    assert float(net.message_scale) == pytest.approx(1 / 20)
     assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.lr_final == 1e-6
     assert cfg.training.max_epochs == 1000 and isinstance(cfg.training.max_epochs, int)

@@ -21,7 +21,8 @@ import difflib
 import functools
 import inspect
 import math
-from typing import Any, Dict, Iterable, Optional, Sequence
+import typing
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -70,6 +71,27 @@ def check_cutoff(cutoff: Any) -> float:
     return float(cutoff)
 
 
+def _number_from_string(cls, key: str, value: Any) -> Any:
+    """A number written as a string ('1e-3', as YAML 1.1 reads it) for a hyperparameter
+    declared as a number; anything else unchanged (``validate_hparams`` judges it)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(key)
+    except Exception:  # noqa: BLE001 - a plugin's annotations need not resolve: no conversion
+        return value
+    kinds = set(typing.get_args(hint)) if typing.get_origin(hint) is Union else {hint}
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if float in kinds and math.isfinite(number):
+        return number
+    if int in kinds and math.isfinite(number) and number == int(number):
+        return int(number)
+    return value
+
+
 def resolve_hparams(cls, hparams: Dict[str, Any], cutoff: Any = None,
                     family: Optional[str] = None) -> Dict[str, Any]:
     """The defaults of ``cls`` updated by ``hparams``, checked: an unknown key is a ValueError
@@ -80,7 +102,7 @@ def resolve_hparams(cls, hparams: Dict[str, Any], cutoff: Any = None,
     for key in hparams:
         if key not in defaults:
             raise unknown_hparam_error(family, key, defaults)
-    hp = {**defaults, **{k: _plain(v) for k, v in hparams.items()}}
+    hp = {**defaults, **{k: _number_from_string(cls, k, _plain(v)) for k, v in hparams.items()}}
     cutoff = check_cutoff(cls.DEFAULT_CUTOFF if cutoff is None else cutoff)
     validate = getattr(cls, "validate_hparams", None)
     if validate is not None:
