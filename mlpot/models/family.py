@@ -119,7 +119,7 @@ class Network(nn.Module):
     ``validate_hparams``). Subclasses set ``DEFAULT_CUTOFF`` and may override
     ``validate_hparams``."""
 
-    DEFAULT_CUTOFF: float = 5.0
+    DEFAULT_CUTOFF: float  # set by every family (Angstrom)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
