@@ -49,9 +49,10 @@ def files(tmp_path_factory):
     (deepmd / "type.raw").write_text("0\n1\n1\n")
     (deepmd / "type_map.raw").write_text("O\nH\n")
     frames = water_frames()
-    np.save(deepmd / "set.000" / "coord.npy", np.stack([a.positions for a in frames]).reshape(2, -1))
-    np.save(deepmd / "set.000" / "energy.npy", np.array([a.get_potential_energy() for a in frames]))
-    np.save(deepmd / "set.000" / "force.npy", np.stack([a.get_forces() for a in frames]).reshape(2, -1))
+    sets = deepmd / "set.000"
+    np.save(sets / "coord.npy", np.stack([a.positions for a in frames]).reshape(2, -1))
+    np.save(sets / "energy.npy", np.array([a.get_potential_energy() for a in frames]))
+    np.save(sets / "force.npy", np.stack([a.get_forces() for a in frames]).reshape(2, -1))
     (deepmd / "nopbc").write_text("")
     return {"root": root, "model": model, "data": data, "structure": structure,
             "deepmd": deepmd}
