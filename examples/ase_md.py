@@ -5,6 +5,8 @@
 Without --model, a small untrained EGNN is built and exported first (its physics is meaningless;
 it only shows the workflow). Steps: cell + positions relaxation (BFGS on a FrechetCellFilter),
 then Langevin MD at 300 K with a trajectory file, then a few NVE steps printing the total energy.
+Both MD runs carry the MD health check (``integrators.HealthCheck.for_ase``): a run that blows up
+stops with a one-line message and its last good structure in --out.
 """
 import argparse
 import os
@@ -25,6 +27,7 @@ import mlpot.export
 from mlpot.ase import MLPotCalculator
 from mlpot.check import water_box
 from mlpot.models import build_model
+from integrators import HealthCheck, HealthCheckFailed
 
 
 def _thermalize(vd):
@@ -63,10 +66,16 @@ def main():
                    rng=np.random.default_rng(1))
     traj = Trajectory(os.path.join(args.out, "md.traj"), "w", atoms)
     dyn.attach(traj.write, interval=20)
+    # stop when T runs away from the thermostat's 300 K (3x), or an atom jumps > 1 A in a step
+    dyn.attach(HealthCheck.for_ase(atoms, dyn, last_good_path=os.path.join(
+        args.out, "langevin_last_good.xyz")), interval=1)
     dyn.attach(lambda: print(f"  step {dyn.nsteps:5d}  T = {atoms.get_temperature():7.1f} K  "
                              f"E_pot = {atoms.get_potential_energy():.4f} eV"), interval=50)
     t0 = time.perf_counter()
-    dyn.run(args.steps)
+    try:
+        dyn.run(args.steps)
+    except HealthCheckFailed as err:  # one line: which rule, where the last good structure is
+        raise SystemExit(f"ase_md.py: {err}")
     elapsed = time.perf_counter() - t0
     print(f"Langevin: {args.steps} steps in {elapsed:.1f} s "
           f"({1e3 * elapsed / args.steps:.1f} ms/step); trajectory in {args.out}/md.traj")
@@ -74,7 +83,13 @@ def main():
     nve = VelocityVerlet(atoms, 0.5 * units.fs)
     energies = []
     nve.attach(lambda: energies.append(atoms.get_total_energy()), interval=10)
-    nve.run(100)
+    # NVE: also the total energy must stay within 0.1 eV/atom of its start
+    nve.attach(HealthCheck.for_ase(atoms, nve, last_good_path=os.path.join(
+        args.out, "nve_last_good.xyz")), interval=1)
+    try:
+        nve.run(100)
+    except HealthCheckFailed as err:
+        raise SystemExit(f"ase_md.py: {err}")
     print(f"NVE: total energy {energies[0]:.5f} -> {energies[-1]:.5f} eV over 100 steps")
     print("stress (GPa):", np.round(atoms.get_stress() / units.GPa, 3))
 

@@ -6,7 +6,8 @@
 Without --model, a small untrained EGNN is built and exported first (its physics is meaningless;
 it only shows the workflow). The water box gets an all-ML System (``mlpot.openmm.create_system``),
 runs in ``openmm.app.Simulation`` with a Langevin integrator, and reports to the terminal, a DCD
-trajectory and a checkpoint file.
+trajectory and a checkpoint file. The MD health check (``integrators.HealthCheck.for_openmm``, a
+reporter) stops a run that blows up with a one-line message and its last good structure in --out.
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ import openmm
 from openmm import app, unit
 
 import mlpot.export
+from integrators import HealthCheck, HealthCheckFailed
 from mlpot import units
 from mlpot.check import water_box
 from mlpot.models import build_model
@@ -61,9 +63,15 @@ def main():
                               speed=True),
         app.DCDReporter(os.path.join(args.out, "md.dcd"), 20),
         app.CheckpointReporter(os.path.join(args.out, "md.chk"), 100),
+        # every 10 steps: T within 3x the integrator's 300 K, no atom jumping > 1 A per step
+        HealthCheck.for_openmm(simulation, 10, last_good_path=os.path.join(
+            args.out, "last_good.xyz")),
     ]
     t0 = time.perf_counter()
-    simulation.step(args.steps)
+    try:
+        simulation.step(args.steps)
+    except HealthCheckFailed as err:
+        raise SystemExit(f"openmm_md.py: {err}")
     elapsed = time.perf_counter() - t0
     print(f"{args.steps} steps in {elapsed:.1f} s ({1e3 * elapsed / args.steps:.1f} ms/step, "
           f"{0.5e-6 * 86400 * args.steps / elapsed:.3f} ns/day at 0.5 fs); files in {args.out}")

@@ -52,6 +52,8 @@ def _md_ase(model_path: str, out: str, steps: int) -> Dict[str, float]:
     from ase.io import Trajectory
     from ase.md.langevin import Langevin
 
+    from integrators import HealthCheck
+
     from .ase import MLPotCalculator
 
     atoms = _diamond_si()
@@ -59,6 +61,10 @@ def _md_ase(model_path: str, out: str, steps: int) -> Dict[str, float]:
     dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=1200, friction=0.02, fixcm=False)
     traj = Trajectory(os.path.join(out, "md_ase.traj"), "w", atoms)
     dyn.attach(traj.write, interval=10)
+    # the MD health check (integrators.health): stops a run that blows up, saving the last good
+    # structure; the target temperature is read from the thermostat
+    dyn.attach(HealthCheck.for_ase(atoms, dyn, last_good_path=os.path.join(
+        out, "md_ase_last_good.xyz")), interval=1)
     t0 = time.perf_counter()
     dyn.run(steps)
     traj.close()
@@ -70,6 +76,8 @@ def _md_openmm(model_path: str, out: str, steps: int) -> Dict[str, float]:
     import torch  # noqa: F401  (first: openmm-torch needs the CUDA libraries torch loads)
     import openmm
     from openmm import app, unit
+
+    from integrators import HealthCheck
 
     from . import units
     from .openmm import create_system, select_backend, topology_from_ase
@@ -84,6 +92,8 @@ def _md_openmm(model_path: str, out: str, steps: int) -> Dict[str, float]:
     sim.context.setPositions(atoms.positions * units.ANGSTROM_TO_NM)
     sim.context.setVelocitiesToTemperature(1200 * unit.kelvin, 1)
     sim.reporters.append(app.DCDReporter(os.path.join(out, "md_openmm.dcd"), 10))
+    sim.reporters.append(HealthCheck.for_openmm(sim, 10, last_good_path=os.path.join(
+        out, "md_openmm_last_good.xyz")))  # the target temperature is the integrator's
     t0 = time.perf_counter()
     sim.step(steps)
     elapsed = time.perf_counter() - t0
@@ -110,7 +120,8 @@ def _md_integrators(model_path: str, out: str, steps: int) -> Dict[str, float]:
     t0 = time.perf_counter()
     final = md.simulate(state, md.Langevin(timestep_fs=1.0, temperature_K=1200.0,
                                            friction_per_fs=0.02),
-                        forces, steps, reporters, last_good_path=os.path.join(out, "last_good.xyz"))
+                        forces, steps, reporters, last_good_path=os.path.join(out, "last_good.xyz"),
+                        health=md.HealthCheck())  # the default thresholds, every step
     return {"steps": steps, "ms_per_step": 1e3 * (time.perf_counter() - t0) / max(steps, 1),
             "final_temperature_K": float(md.temperature_K(final)[0]), "trajectory": traj}
 
