@@ -129,7 +129,7 @@ class EGNN(Network):
         self.cutoff = float(cutoff)
         self.edge_hidden = edge_hidden
         self.envelope_p = float(envelope_p)
-        self.fixed_neighbors = avg_num_neighbors is not None
+        self.fixed_avg = avg_num_neighbors is not None
         n_avg = float(avg_num_neighbors) if avg_num_neighbors is not None else 1.0
         self.register_buffer("message_scale", torch.tensor(1.0 / n_avg))
         self.embedding = nn.Embedding(num_types, hidden)
@@ -169,7 +169,7 @@ class EGNN(Network):
         """Set 1 / n_avg from the mean number of neighbors per atom of the training structures
         (``mean_neighbor_count``; samples: (atom_types, edge_index, edge_vectors) tuples); kept
         when the hyperparameter ``avg_num_neighbors`` was given."""
-        if self.fixed_neighbors:
+        if self.fixed_avg:
             return
         n_avg = mean_neighbor_count(samples)
         if n_avg is not None:
