@@ -86,9 +86,9 @@ def worker(model: str, dtype: str, system: str, threads: int) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def run_case(cmd, cwd=None):
+def run_case(cmd, cwd=None, env=None):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                         env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
+                         env=dict(os.environ, **(env or {})))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         print("FAILED", " ".join(cmd), out.stderr[-1500:], flush=True)
@@ -102,8 +102,10 @@ def mlpot_case(model, dtype, system, threads):
 
 
 def peer_case(model, dtype, system, threads, python, bench):
+    # e3nn 0.4.4 (MACE's pin) unpickles its constants with torch.load: the peer venv needs this;
+    # mlpot's own worker runs without it
     r = run_case([python, "model_worker.py", PEER_OF[model], dtype, system, str(threads), "raw"],
-                 cwd=str(bench))
+                 cwd=str(bench), env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     if r is None:
         return None
     raw = r["raw"]
