@@ -208,6 +208,18 @@ def check_args(args) -> None:
             continue
         if not ok(value):  # NaN fails every test
             raise MDInputError(f"{option} {value}: must be {what}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise MDInputError(f"--device {args.device}: not a device (use cpu, cuda or cuda:N)") \
+            from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MDInputError(f"--device {args.device}: no CUDA GPU is available here; use --device "
+                           "cpu")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise MDInputError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA "
+                           "device(s) here")
 
 
 def read_structure(path: str, frame: int):

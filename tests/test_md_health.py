@@ -83,6 +83,19 @@ def test_exploding_nve_with_bounded_forces_stops_with_the_last_good_frame(tmp_pa
     assert I.temperature_K(unchecked).item() > 1e5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_health_check_on_cuda_stops_where_the_cpu_run_stops():
+    def stop_step(device):
+        st = lattice_state(1200.0).to(device)
+        with pytest.raises(H.HealthCheckFailed) as e:
+            I.simulate(st, I.VelocityVerlet(50.0), Bounded(lj()), 300, last_good_path=None)
+        return str(e.value).split(":")[0]
+
+    assert stop_step("cuda") == stop_step("cpu")
+    st = lattice_state(200.0).to("cuda")
+    assert I.simulate(st, I.VelocityVerlet(5.0), lj(), 100, last_good_path=None).step == 100
+
+
 def test_langevin_runaway_is_stopped():
     st = lattice_state(300.0)
     with pytest.raises(H.HealthCheckFailed):
@@ -179,6 +192,8 @@ def test_md_cli_exploding_run_exits_3_with_one_line(tmp_path, capsys, monkeypatc
     (["--frame", "3"], "--frame 3: .* has 1 frame"),
     (["--frame", "-2"], "--frame -2: .* has 1 frame"),
     (["--resume", "--checkpoint", "nothing.ckpt"], "--resume needs an existing --checkpoint"),
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--device", "cuda:99"], "--device cuda:99: (no CUDA GPU|only \\d+ CUDA device)"),
 ])
 def test_md_cli_bad_values_are_one_line_with_exit_2(tmp_path, capsys, extra, match):
     import re
