@@ -26,6 +26,8 @@ from mlpot.nn import polynomial_cutoff
 
 CUTOFF = 3.5
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def small_model(name: str, dtype: str = "float64", seed: int = 0, **hp):
     torch.manual_seed(seed)
