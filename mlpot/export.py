@@ -29,7 +29,7 @@ import torch
 
 from . import keys as K
 from .checkpoint import file_kind, model_metadata, model_from_checkpoint, read_checkpoint
-from .dtypes import DTYPES, dtype_name, dtype_of
+from .dtypes import DTYPES, dtype_name, dtype_of, usable_device
 from .errors import UserError
 from .files import atomic_write
 from .inputs import structure_inputs
@@ -239,21 +239,6 @@ class ExportedModel:
         cfg = self.metadata.get("config", {})
         return (f"ExportedModel({cfg.get('model', '?')}, type_map={self.type_map}, "
                 f"cutoff={self.cutoff} A, {self.metadata['dtype']}, path='{self.path}')")
-
-
-def usable_device(device: Union[str, torch.device], path: str = "") -> torch.device:
-    """``device`` as a ``torch.device``, or an ExportError when this machine lacks it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ExportError(f"device '{device}' is not a device name: use cpu, cuda or cuda:N "
-                          f"({err})") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ExportError(f"{path + ': ' if path else ''}device '{device}' is not available here "
-                          f"({torch.cuda.device_count()} CUDA devices visible to torch "
-                          f"{torch.__version__}); use --device cpu")
-    return dev
 
 
 def load(path: str, device: Union[str, torch.device] = "cpu") -> ExportedModel:

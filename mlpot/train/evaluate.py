@@ -16,7 +16,8 @@ def load_model_for_eval(path: str, device: str = "cpu") -> Tuple[torch.nn.Module
     """A model from a training checkpoint (EMA weights preferred) or an exported file; the kind
     is decided from the file's zip members, so each file is read once and never unpickled."""
     from ..checkpoint import CheckpointError, file_kind, model_from_checkpoint
-    from ..export import usable_device, load
+    from ..dtypes import usable_device
+    from ..export import load
 
     kind = file_kind(path)
     if kind == "missing":

@@ -28,9 +28,10 @@ from torch.optim.swa_utils import AveragedModel
 from ..checkpoint import (checkpoint_dict, file_kind, read_checkpoint, weights_of,
                           write_checkpoint)
 from ..data import AtomicDataset
+from ..dtypes import usable_device
 from ..files import remove_stale_temporaries
 from ..models import build_model, fit_reference_energies, force_rms
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_config
 from .data import TrainingData, load_training_data
 from .loss import Loss
 from .metrics import MetricAccumulator
@@ -38,6 +39,8 @@ from .metrics import MetricAccumulator
 
 class Trainer:
     def __init__(self, cfg: Config, data: Optional[TrainingData] = None):
+        check_config(cfg)  # a Config built in Python too: every value before any data are read
+        usable_device(cfg.training.device, "training.device")
         self.cfg = cfg
         self.loss_fn = Loss(cfg.loss)
         require = ["energy"] if cfg.loss.energy > 0 or (cfg.loss.energy_start or 0) > 0 else []
