@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from mlpot import keys as K
+from mlpot.inputs import read_outputs, replica_index, replica_inputs
 from mlpot.neighbors import neighbor_list_batch, pair_vectors
 
 from .state import det3, inv3, rows_times
@@ -44,14 +45,9 @@ class MLPotForces:
         """The per-batch integer tensors, built once per (R, device)."""
         key = (r, str(device))
         if key not in self._static:
-            n = self.atom_types.numel()
-            d = {
-                K.ATOM_TYPES: self.atom_types.to(device).repeat(r),
-                K.PBC: self.pbc.to(device).expand(r, 3).clone(),
-                K.PTR: torch.arange(r + 1, device=device) * n,
-                K.BATCH: torch.arange(r, device=device).repeat_interleave(n),
-                K.NUM_ATOMS: torch.full((r,), n, dtype=torch.long, device=device),
-            }
+            d = replica_index(r, self.atom_types.numel(), device)
+            d[K.ATOM_TYPES] = self.atom_types.to(device).repeat(r)
+            d[K.PBC] = self.pbc.to(device).expand(r, 3).clone()
             if self.atomic_numbers is not None:
                 d[K.ATOMIC_NUMBERS] = self.atomic_numbers.to(device).repeat(r)
             self._static[key] = d
@@ -61,14 +57,13 @@ class MLPotForces:
         r, n = positions.shape[:2]
         if n != self.atom_types.numel():
             raise ValueError(f"{n} atoms per replica but {self.atom_types.numel()} atom types")
-        data = dict(self._static_keys(r, positions.device))
-        data[K.POSITIONS] = positions.reshape(r * n, 3)
-        data[K.CELL] = cell
+        static = self._static_keys(r, positions.device)
+        data = replica_inputs(positions, static[K.ATOM_TYPES], cell, static[K.PBC], static)
+        if K.ATOMIC_NUMBERS in static:
+            data[K.ATOMIC_NUMBERS] = static[K.ATOMIC_NUMBERS]
         out = self.model(data, compute_forces=True, compute_stress=compute_stress)
-        res = {"energy": out[K.ENERGY].detach().reshape(r).to(torch.float64),
-               "forces": out[K.FORCES].detach().reshape(r, n, 3)}
-        if compute_stress:
-            res["stress"] = out[K.STRESS].detach().reshape(r, 3, 3)
+        res = read_outputs(out, r, compute_stress)
+        res.pop(K.ATOMIC_ENERGIES, None)
         return res
 
 
