@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from mlpot.errors import UserError
-from mlpot.files import atomic_save, remove_stale_temporaries
+from mlpot.files import atomic_save
 
 from .base import REGISTRY, Integrator
 from .state import FLOAT_FIELDS, TENSOR_FIELDS, MDState, moved_generator
@@ -67,12 +67,6 @@ def save_md_checkpoint(path: str, state: MDState, integrator: Integrator) -> Non
     payload = {"format": FORMAT, "version": VERSION, "state": state_to_dict(state),
                "integrator": {"name": type(integrator).__name__, "params": integrator.params()}}
     atomic_save(payload, path)
-
-
-def remove_md_checkpoint_temporaries(path: str):
-    """Delete ``.NAME.*.tmp`` files that a killed checkpoint write left beside ``path`` (call it
-    when the run that owns ``path`` starts); returns what was removed."""
-    return remove_stale_temporaries(path)
 
 
 def load_md_checkpoint(path: str, device=None) -> Tuple[MDState, Integrator]:

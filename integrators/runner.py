@@ -17,9 +17,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from mlpot import units
+from mlpot.files import remove_stale_temporaries
 
 from .base import ForceProvider, Integrator, MDInputError, MDStopped
-from .checkpoint import remove_md_checkpoint_temporaries, save_md_checkpoint
+from .checkpoint import save_md_checkpoint
 from .health import HealthCheck, HealthCheckFailed, snapshot_of
 from .reporters import Reporter
 from .state import MDState
@@ -143,7 +144,7 @@ def simulate(
         raise MDInputError(f"the starting structure already has non-finite or exploding forces: "
                            f"{problem}; check it for overlapping atoms and its units (Angstrom)")
     if checkpoint_path:
-        remove_md_checkpoint_temporaries(checkpoint_path)
+        remove_stale_temporaries(checkpoint_path)  # left by a kill -9 during a write
     if health:
         health.start(snapshot_of(state, integrator))
     fresh = state.step == 0
