@@ -30,7 +30,8 @@ The rules and their defaults (all configurable; ``mlpot md`` options in brackets
 
 The same check runs three ways:
 
-- in ``integrators.simulate`` (and ``mlpot md``) every step: ``simulate(..., health=HealthCheck())``;
+- in ``integrators.simulate`` (and ``mlpot md``), every step, on by default:
+  ``simulate(..., health=HealthCheck.with_thresholds(max_drift=0.05))``;
 - as an ASE observer: ``dyn.attach(HealthCheck.for_ase(atoms, dyn), interval=1)``;
 - as an OpenMM reporter: ``simulation.reporters.append(HealthCheck.for_openmm(simulation, 10))``.
 

@@ -589,8 +589,7 @@ def test_a_kill_during_resume_loses_no_rows_or_frames(tmp_path, mode, ext):
 def test_thermo_csv_resume_cuts_a_half_written_line(tmp_path):
     st, _ = argon()
     path, ck = str(tmp_path / "t.csv"), str(tmp_path / "t.ckpt")
-    st4 = I.simulate(st, I.Langevin(5.0, 100.0), lj(), 4, [I.ThermoCSV(path, 2)],
-                     checkpoint_path=ck)
+    I.simulate(st, I.Langevin(5.0, 100.0), lj(), 4, [I.ThermoCSV(path, 2)], checkpoint_path=ck)
     whole = open(path).read()
     with open(path, "a") as fh:
         fh.write("6,30,0,0.0")  # killed in the middle of a row
