@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 from ase import units
 from ase.filters import FrechetCellFilter
 from ase.io import Trajectory
@@ -26,20 +25,14 @@ from ase.optimize import BFGS
 import mlpot.export
 from mlpot.ase import MLPotCalculator
 from mlpot.check import water_box
-from mlpot.models import build_model
 from integrators import HealthCheck, HealthCheckFailed
+
+from demo_model import demo_model  # examples/demo_model.py, beside this script
 
 
 def _thermalize(vd):
     """Maxwell-Boltzmann momenta (ASE 3.29 renamed MaxwellBoltzmannDistribution)."""
     return getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-
-
-def demo_model(folder: str) -> str:
-    torch.manual_seed(0)
-    model = build_model("egnn", ["H", "O"], cutoff=4.0, dtype="float32", hidden=32,
-                        edge_hidden=32, num_layers=2, readout_hidden=16)
-    return mlpot.export.export(model, os.path.join(folder, "demo_egnn.pt"))
 
 
 def main():

@@ -15,24 +15,17 @@ import sys
 import tempfile
 import time
 
-import torch  # first: openmm-torch needs the CUDA libraries torch loads
+import torch  # noqa: F401 - first: openmm-torch needs the CUDA libraries torch loads
 
 import openmm
 from openmm import app, unit
 
-import mlpot.export
 from integrators import HealthCheck, HealthCheckFailed
 from mlpot import units
 from mlpot.check import water_box
-from mlpot.models import build_model
 from mlpot.openmm import create_system, select_backend, topology_from_ase
 
-
-def demo_model(folder: str) -> str:
-    torch.manual_seed(0)
-    model = build_model("egnn", ["H", "O"], cutoff=4.0, dtype="float32", hidden=32,
-                        edge_hidden=32, num_layers=2, readout_hidden=16)
-    return mlpot.export.export(model, os.path.join(folder, "demo_egnn.pt"))
+from demo_model import demo_model  # examples/demo_model.py, beside this script
 
 
 def main():

@@ -16,16 +16,16 @@ import sys
 import tempfile
 import time
 
-import torch  # first: openmm-torch needs the CUDA libraries torch loads
+import torch  # noqa: F401 - first: openmm-torch needs the CUDA libraries torch loads
 
 import openmm
 from ase.build import molecule
 from openmm import app, unit
 
-import mlpot.export
 from mlpot import units
-from mlpot.models import build_model
 from mlpot.openmm import create_mixed_system, select_backend, topology_from_ase
+
+from demo_model import demo_model  # examples/demo_model.py, beside this script
 
 # type: (element, charge e, sigma nm, epsilon kJ/mol). The hydroxyl H gets a small LJ sphere
 # (AMBER gives it none): with an untrained demo model nothing else keeps it off water oxygens.
@@ -92,13 +92,6 @@ def force_field(topology) -> app.ForceField:
     return app.ForceField(io.StringIO("".join(x)))
 
 
-def demo_model(folder: str) -> str:
-    torch.manual_seed(0)
-    model = build_model("egnn", ["H", "C", "O"], cutoff=4.0, dtype="float32", hidden=32,
-                        edge_hidden=32, num_layers=2, readout_hidden=16)
-    return mlpot.export.export(model, os.path.join(folder, "demo_egnn_hco.pt"))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="exported model knowing H, C, O (default: a demo model)")
@@ -107,7 +100,7 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=tempfile.mkdtemp(prefix="mlpot-openmm-mlmm-"))
     args = p.parse_args()
-    path = args.model or demo_model(args.out)
+    path = args.model or demo_model(args.out, ("H", "C", "O"))
 
     ethanol = molecule("CH3CH2OH")
     topology = topology_from_ase(ethanol, residue_name="ETH")
