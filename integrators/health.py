@@ -147,16 +147,20 @@ class TemperatureRunaway(Rule):
                 f"above {self.ratio:g} x {ref[r].item():.4g} K ({what})")
 
 
+def _positive(what: str, value: float, unit: str) -> float:
+    """``value`` as a float; ValueError unless it is a finite number > 0."""
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{what} must be a finite number > 0 {unit}, got {value}")
+    return float(value)
+
+
 class EnergyDrift(Rule):
     """|E_c(t) - E_c(0)| / N > tolerance (eV/atom); skipped where E_c is unknown."""
 
     option = "--max-drift"
 
     def __init__(self, max_ev_per_atom: float = DEFAULT_MAX_DRIFT_EV_PER_ATOM):
-        if not max_ev_per_atom > 0 or math.isinf(max_ev_per_atom):
-            raise ValueError(f"the energy drift tolerance must be a finite number > 0 eV/atom, "
-                             f"got {max_ev_per_atom}")
-        self.tol = float(max_ev_per_atom)
+        self.tol = _positive("the energy drift tolerance", max_ev_per_atom, "eV/atom")
 
     def start(self, first: Snapshot) -> None:
         self.e0 = None if first.conserved_eV is None else first.conserved_eV.clone()
@@ -193,10 +197,7 @@ class MaxDisplacement(Rule):
     option = "--max-step-displacement"
 
     def __init__(self, max_A: float = DEFAULT_MAX_STEP_DISPLACEMENT_A):
-        if not max_A > 0 or math.isinf(max_A):
-            raise ValueError(f"the displacement limit must be a finite number > 0 A per step, "
-                             f"got {max_A}")
-        self.max = float(max_A)
+        self.max = _positive("the displacement limit", max_A, "A per step")
 
     def check(self, prev: Snapshot, cur: Snapshot) -> Optional[str]:
         steps = max(cur.step - prev.step, 1)

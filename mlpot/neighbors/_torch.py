@@ -116,18 +116,8 @@ def _floor_div(a: Tensor, b: Tensor) -> Tensor:
 def neighbor_list_torch(
     positions: Tensor, cells: Tensor, pbc: Tensor, ptr: Tensor, cutoff: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Neighbor pairs of a batch of structures (pure PyTorch; same contract as the C++ op).
-
-    Args:
-        positions: [N, 3] float32/float64, Angstrom, all structures concatenated.
-        cells: [B, 3, 3], rows are lattice vectors (ignored along non-periodic directions).
-        pbc: [B, 3] bool.
-        ptr: [B + 1] int64; structure b holds atoms ptr[b]:ptr[b+1].
-        cutoff: Angstrom, > 0.
-
-    Returns:
-        (i, j, S): int64 [P], int64 [P], int64 [P, 3], global atom indices, sorted by i.
-    """
+    """Neighbor pairs of a batch of structures in pure PyTorch: the arguments, results and
+    order of ``mlpot.neighbors.neighbor_list_batch`` (the C++ op's contract), the same pairs."""
     # Chunk sizes: (atom, bin offset) entries and candidate pairs processed at once; they bound
     # the temporary memory (~100 bytes per candidate) whatever the number of atoms.
     return _neighbor_list_chunked(positions, cells, pbc, ptr, cutoff, 1 << 16, 1 << 18)
