@@ -159,3 +159,9 @@ def test_a_real_process_exits_2_with_one_line(files, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert str(notes) in lines[0]
+
+
+def test_test_on_unlabelled_data(files, capsys):
+    """`mlpot test` on frames without labels said nothing and exited 0; now it says why."""
+    one_line_error(capsys, ["test", files["model"], "--data", files["structure"]],
+                   "no energy, force or stress labels")

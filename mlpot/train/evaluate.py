@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..data import AtomicDataset, TypeMap, read
+from ..data import AtomicDataset, DataError, TypeMap, read
 from .metrics import MetricAccumulator
 
 
@@ -41,6 +41,10 @@ def evaluate_file(model_path: str, data_path: str, out_dir: Optional[str] = None
         pred = model(batch.as_dict(), compute_forces=True, compute_stress=stress)
         acc.add(pred, batch)
     metrics = acc.result()
+    if not metrics:
+        raise DataError(f"{data_path}: no energy, force or stress labels to compare the model "
+                        "with; label the frames (REF_energy/energy, REF_forces/forces) or name "
+                        "the keys with --energy-key/--forces-key")
     if out_dir:
         from .plots import parity_from_arrays
 
