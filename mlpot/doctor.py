@@ -171,10 +171,11 @@ def calculations(report: Report, platforms: Optional[List[str]] = None) -> None:
                 cell=np.eye(3) * 5.0, pbc=True)
 
     def python_energy(atoms):
+        from . import keys as K
         from . import testing
 
         data = testing.to_data(atoms, state["model"])
-        return float(state["model"](data.as_dict())["energy"].detach()[0])
+        return float(state["model"](data.as_dict())[K.ENERGY].detach()[0])
 
     ref = {k: python_energy(a) for k, a in (("molecule", water), ("box", box))}
 
