@@ -24,3 +24,14 @@ ATOMIC_ENERGIES = "atomic_energies"  # [N] float64, eV
 FORCES = "forces"                # [N, 3] float, eV/Angstrom
 VIRIAL = "virial"                # [B, 3, 3] float, eV
 STRESS = "stress"                # [B, 3, 3] float, eV/Angstrom^3, = -virial / volume
+
+# Committees (K members) and their model deviation, with DeePMD-kit's definitions (population
+# standard deviation over the members) so that DP-GEN trust levels carry over
+ENERGY_MEMBERS = "energy_members"    # [K, B] float64, eV, each member's total energy
+FORCES_MEMBERS = "forces_members"    # [K, N, 3] float, eV/Angstrom, each member's forces
+VIRIAL_MEMBERS = "virial_members"    # [K, B, 3, 3] float, eV (with compute_stress)
+FORCES_DEV = "forces_dev"            # [N] eV/A: |population std over members of F_i| (norm)
+MAX_FORCE_DEV = "max_force_dev"      # [B] eV/A: max over atoms of FORCES_DEV (max_devi_f)
+ENERGY_DEV = "energy_dev"            # [B] eV/atom: std of the total energy / atoms (devi_e)
+VIRIAL_DEV = "virial_dev"            # [B] eV/atom: max over components of std(virial) / atoms
+CALIBRATED_SUFFIX = "_calibrated"    # e.g. "max_force_dev_calibrated": the calibrated value
