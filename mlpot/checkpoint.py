@@ -199,7 +199,7 @@ def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
                    user: Optional[Dict] = None) -> Dict[str, Any]:
     """The metadata every exported file of ``model`` carries (TorchScript today; the same dict
     for the formats to come): versions, type map, cutoff, units, dtype, config, data hash and
-    the neighbor-list implementation."""
+    the neighbor-list implementation; for a committee its size and calibration factor."""
     return {
         "format_version": format_version,
         "mlpot_version": _version(),
@@ -211,5 +211,7 @@ def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
         "config": model.config,
         "training_data_hash": data_hash,
         "neighbor_list": type(model.neighbor_list).__name__,
+        "committee": int(getattr(model, "num_members", 0)) or None,
+        "calibration": float(model.calibration) if hasattr(model, "num_members") else None,
         "user": dict(user or {}),
     }

@@ -211,6 +211,7 @@ class ExportedModel:
         self.metadata = metadata
         self.path = path
         self.type_map = list(metadata["type_map"])
+        self.committee = int(metadata.get("committee") or 0)  # members; 0: a single model
         self._type_lookup = None
         self.cutoff = float(metadata["cutoff"])
         self.dtype = dtype_of(metadata["dtype"])

@@ -70,7 +70,10 @@ def read_outputs(out: Dict[str, Tensor], replicas: int = 1,
                  compute_stress: bool = False) -> Dict[str, Tensor]:
     """The model's outputs per structure, detached: ``energy`` [R] float64 (eV), ``forces``
     [R, N, 3] (eV/A), ``atomic_energies`` [R, N] (eV) when the model gives them, and with
-    ``compute_stress`` ``stress`` [R, 3, 3] (eV/A^3, ASE's sign)."""
+    ``compute_stress`` ``stress`` [R, 3, 3] (eV/A^3, ASE's sign). For a committee also its
+    members (``energy_members`` [R, K], ``forces_members`` [R, K, N, 3], ``virial_members``
+    [R, K, 3, 3]) and deviations (``forces_dev`` [R, N]; ``max_force_dev``, ``energy_dev``,
+    ``virial_dev`` [R]; the same for ``*_calibrated``)."""
     forces = out[K.FORCES].detach()
     n = forces.shape[0] // replicas
     res = {K.ENERGY: out[K.ENERGY].detach().reshape(replicas).to(torch.float64),
@@ -79,4 +82,18 @@ def read_outputs(out: Dict[str, Tensor], replicas: int = 1,
         res[K.ATOMIC_ENERGIES] = out[K.ATOMIC_ENERGIES].detach().reshape(replicas, n)
     if compute_stress:
         res[K.STRESS] = out[K.STRESS].detach().reshape(replicas, 3, 3)
+    if K.MAX_FORCE_DEV in out:  # a committee: its members and deviations, per replica
+        for key in out.keys():
+            value = out[key].detach()
+            if key == K.ENERGY_MEMBERS:
+                res[key] = value.transpose(0, 1)  # [R, K]
+            elif key == K.FORCES_MEMBERS:
+                res[key] = value.reshape(value.shape[0], replicas, n, 3).transpose(0, 1)
+            elif key == K.VIRIAL_MEMBERS:
+                res[key] = value.transpose(0, 1)  # [R, K, 3, 3]
+            elif key.startswith(K.FORCES_DEV):  # forces_dev and forces_dev_calibrated
+                res[key] = value.reshape(replicas, n)
+            elif key.startswith(K.MAX_FORCE_DEV) or key.startswith(K.ENERGY_DEV) \
+                    or key.startswith(K.VIRIAL_DEV):
+                res[key] = value.reshape(replicas)
     return res

@@ -148,7 +148,11 @@ def build_model(name: str, type_map: List[str], cutoff: Optional[float] = None,
 
 
 def from_config(config: Dict) -> Potential:
-    """Rebuild a Potential (untrained weights) from its ``config``."""
+    """Rebuild a Potential, or a committee of them, (untrained weights) from its ``config``."""
+    if config.get("model") == "committee":
+        from .committee import committee_from_config
+
+        return committee_from_config(config)
     return build_model(config["model"], config["type_map"], config["cutoff"], config["dtype"],
                        **config["hparams"])
 
