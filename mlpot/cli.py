@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_doctor_parser(sub)
     add_md_parser(sub)
+    from .label import add_label_parser
+
+    add_label_parser(sub)
     return parser
 
 

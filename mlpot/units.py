@@ -18,6 +18,9 @@ EV_TO_KCAL_PER_MOL = _ase.eV / (_ase.kcal / _ase.mol)
 HARTREE_TO_EV = _ase.Hartree
 
 # Forces
+# Hartree/Bohr -> eV/A (e.g. PySCF gradients): the Hartree above (ASE's, CODATA 2014:
+# 27.211386 eV) over the Bohr above (CODATA 2018: 0.529177210903 A); ~51.422 eV/A
+HARTREE_PER_BOHR_TO_EV_PER_A = HARTREE_TO_EV / BOHR_TO_ANGSTROM
 EV_PER_A_TO_KJ_PER_MOL_NM = EV_TO_KJ_PER_MOL / ANGSTROM_TO_NM
 
 # Time
