@@ -99,6 +99,8 @@ class TrainingConfig:
     eval_every: int = _spec(1, ge=1)            # epochs between validations
     progress: bool = True
     tensorboard: bool = False                   # also log to out_dir/tensorboard (needs tensorboard)
+    ensemble: int = _spec(1, ge=1)              # 1: a single model; K >= 2: a committee of K
+    bootstrap: bool = False                     # committee: each member fits a bootstrap resample
 
 
 @dataclass
@@ -281,6 +283,10 @@ def check_config(cfg: Config, where: str = "config") -> None:
                           "'cuda' or 'cuda:N' (N: the GPU's index)")
     if not cfg.training.out_dir:
         raise ConfigError(f"{where}: training.out_dir = '': must name a folder for the run")
+    if cfg.training.bootstrap and cfg.training.ensemble < 2:
+        raise ConfigError(f"{where}: training.bootstrap = true needs a committee: set "
+                          "training.ensemble to the number of members (2 or more), or remove "
+                          "training.bootstrap (a committee of one has nothing to resample for)")
     if cfg.training.tensorboard:
         try:
             import tensorboard  # noqa: F401

@@ -1,5 +1,6 @@
 """``mlpot test MODEL --data FILE``: metrics of a trained model on labelled data, as a table, as
-JSON, and as parity plots."""
+JSON, and as parity plots. For a committee (checkpoint or exported file) also the ``uq_*``
+calibration measures of ``mlpot.train.metrics`` on the data, with the model's stored factor."""
 from __future__ import annotations
 
 import json
@@ -62,6 +63,14 @@ def format_table(metrics: Dict[str, float]) -> str:
             ("energy RMSE", "energy_rmse_meV_per_atom", "{:.3f} meV/atom"),
             ("force MAE", "forces_mae_meV_per_A", "{:.2f} meV/A"),
             ("force RMSE", "forces_rmse_meV_per_A", "{:.2f} meV/A"),
-            ("stress RMSE", "stress_rmse_meV_per_A3", "{:.3f} meV/A^3")]
-    lines = [f"{name:<12} {fmt.format(metrics[key])}" for name, key, fmt in rows if key in metrics]
+            ("stress RMSE", "stress_rmse_meV_per_A3", "{:.3f} meV/A^3"),
+            # a committee: how well its force deviation ranks and sizes the error (metrics.py)
+            ("UQ calibration factor", "uq_calibration", "{:.4g} (stored in the model)"),
+            ("UQ Spearman per frame", "uq_spearman_frame", "{:.3f} (max_force_dev vs max |dF|)"),
+            ("UQ Spearman per atom", "uq_spearman_atom", "{:.3f} (forces_dev vs |dF|)"),
+            ("UQ RMS error / RMS dev", "uq_rms_ratio", "{:.3f} (1: calibrated on average)"),
+            ("UQ ENCE", "uq_ence", "{:.3f} (0: calibrated in every bin)")]
+    width = max(len(name) for name, key, _ in rows if key in metrics) if metrics else 12
+    lines = [f"{name:<{max(width, 12)}} {fmt.format(metrics[key])}" for name, key, fmt in rows
+             if key in metrics]
     return "\n".join(lines)

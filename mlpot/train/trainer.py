@@ -9,6 +9,21 @@ that order, every kill leaves a consistent pair: ``last.pt`` never records a bes
 does not hold (a kill between the two replays the epoch on resume, which rewrites both).
 ``resume=True`` continues from ``last.pt``: model, optimizer, EMA, RNG states, epoch, elapsed
 time and log. Checkpoints are read as data only (``mlpot.checkpoint``).
+
+Committees (``training.ensemble: K`` >= 2): the data are read and the neighbor lists built once
+(all members share the same datasets); member k is initialised and shuffles with seed + k (with
+``training.bootstrap``, it trains on a bootstrap resample of the training frames drawn with
+seed + k); the reference energies and statistics are fitted once on the whole training split and
+are the same for every member (also with bootstrap: they are a normalisation of the targets,
+not the fitted function, so sharing them keeps the members' disagreement about what they learned
+rather than about resampling noise in their baselines). The members train in lockstep: at each
+step every member takes its next batch and makes its own optimizer step (own optimizer, own
+EMA), so a time limit gives every member the same training. Validation, "best" and early
+stopping use the loss of the committee mean (the ``Committee`` of the EMA weights);
+``best.pt``/``last.pt`` hold the committee (config ``{"model": "committee", ...}``, weights
+``members.<k>.*``), with per-member optimizer, EMA and loader RNG states as lists. After
+training, ``finalize`` fits the calibration factor on the validation split
+(``MetricAccumulator.calibration_factor``) and stores it in ``best.pt``.
 """
 from __future__ import annotations
 
@@ -31,6 +46,7 @@ from ..data import AtomicDataset
 from ..dtypes import usable_device
 from ..files import remove_stale_temporaries
 from ..models import build_model, fit_reference_energies, force_rms
+from ..models.committee import Committee
 from .config import Config, ConfigError, check_config
 from .data import TrainingData, load_training_data
 from .loss import Loss
@@ -52,22 +68,39 @@ class Trainer:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = torch.device(cfg.training.device)
-        _seed_everything(cfg.training.seed)
         mc = cfg.model
-        self.model = build_model(mc.name, self.data.type_map.symbols, mc.cutoff, mc.dtype,
-                                 **mc.hparams)
-        cutoff = self.model.cutoff
+        seed, k_members = cfg.training.seed, cfg.training.ensemble
+        self.members: List[torch.nn.Module] = []
+        for k in range(k_members):  # member k: weights initialised with seed + k
+            _seed_everything(seed + k)
+            self.members.append(build_model(mc.name, self.data.type_map.symbols, mc.cutoff,
+                                            mc.dtype, **mc.hparams))
+        _seed_everything(seed)
+        cutoff = self.members[0].cutoff
+        # read once, neighbor lists built once: every member trains on these objects
         self.train_set = AtomicDataset(self.data.train, self.data.type_map, cutoff, "training")
         self.val_set = AtomicDataset(self.data.validation, self.data.type_map, cutoff,
                                      "validation")
+        self.member_frames: List[Optional[List[int]]] = [
+            bootstrap_indices(len(self.train_set), seed + k) if cfg.training.bootstrap else None
+            for k in range(k_members)]
         self._fit_statistics()
-        self.model.to(self.device)
-        self.optimizer = _make_optimizer(self.model, cfg)
-        self.ema = None
+        for m in self.members:
+            m.to(self.device)
+        # K = 1: the Potential itself (checkpoint layout as before); K >= 2: the Committee
+        self.model = self.members[0] if k_members == 1 else Committee(self.members)
+        self.optimizers = [_make_optimizer(m, cfg) for m in self.members]
+        self.emas: Optional[List[AveragedModel]] = None
         if cfg.optim.ema_decay > 0:
-            self.ema = AveragedModel(self.model, avg_fn=_ema_avg_fn(cfg.optim.ema_decay),
-                                     use_buffers=True)
-        self.generator = torch.Generator().manual_seed(cfg.training.seed)
+            self.emas = [AveragedModel(m, avg_fn=_ema_avg_fn(cfg.optim.ema_decay),
+                                       use_buffers=True) for m in self.members]
+        self.generators = [torch.Generator().manual_seed(seed + k) for k in range(k_members)]
+        self.optimizer = self.optimizers[0]
+        self.ema = None if self.emas is None else self.emas[0]
+        self.generator = self.generators[0]
+        self._eval_committee = None
+        if k_members > 1 and self.emas is not None:
+            self._eval_committee = Committee([e.module for e in self.emas])
         self.epoch = 0
         self.step = 0
         self.elapsed_s = 0.0
@@ -80,14 +113,32 @@ class Trainer:
         self.out_dir = cfg.training.out_dir
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def committee_size(self) -> int:
+        return len(self.members)
+
     def _fit_statistics(self) -> None:
-        """Reference energies, energy scale and network statistics from the training split."""
+        """Reference energies, energy scale and network statistics from the training split,
+        fitted once and given to every member."""
         items = self.train_set.items
         e0 = fit_reference_energies(items, len(self.data.type_map))
-        self.model.set_reference_energies(e0)
         scale = force_rms(items) if any(s.forces is not None for s in items) else 1.0
-        self.model.energy_scale.fill_(max(scale, 1e-3))
-        self.model.fit_statistics(items[: min(len(items), 200)])
+        for m in self.members:  # the same deterministic statistics from the same frames
+            m.set_reference_energies(e0)
+            m.energy_scale.fill_(max(scale, 1e-3))
+            m.fit_statistics(items[: min(len(items), 200)])
+
+    def member_loader(self, k: int):
+        """Member k's shuffled loader over the shared training set (or its bootstrap resample)."""
+        bs = self.cfg.training.batch_size
+        if self.member_frames[k] is None:
+            return self.train_set.loader(bs, shuffle=True, generator=self.generators[k])
+        from ..data import AtomicData
+
+        subset = torch.utils.data.Subset(self.train_set, self.member_frames[k])
+        return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=True,
+                                           collate_fn=AtomicData.collate,
+                                           generator=self.generators[k])
 
     # ------------------------------------------------------------------ schedule
     def progress(self) -> float:
@@ -111,37 +162,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self) -> Dict[str, float]:
-        self.model.train()
+        """One epoch; a committee's members step in lockstep (each its own next batch and
+        optimizer step per step). Training losses are averaged over steps and members."""
+        for m in self.members:
+            m.train()
         cfg = self.cfg
         sums: Dict[str, float] = {}
         n = 0
-        loader = self.train_set.loader(cfg.training.batch_size, shuffle=True,
-                                       generator=self.generator)
-        for batch in loader:
+        loaders = [self.member_loader(k) for k in range(self.committee_size)]
+        for batches in zip(*loaders):
             t0 = time.perf_counter()
-            batch = batch.to(self.device)
             lr = self.lr()
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            pred = self.model(batch.as_dict(), compute_forces=self.loss_fn.needs_forces,
-                              compute_stress=self.loss_fn.needs_stress)
-            loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"epoch {self.epoch + 1}, step {self.step}: the loss is {float(loss)}; lower "
-                    "optim.lr or check the data (last good checkpoint: last.pt)")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
+            for k, batch in enumerate(batches):
+                batch = batch.to(self.device)
+                model, optimizer = self.members[k], self.optimizers[k]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                pred = model(batch.as_dict(), compute_forces=self.loss_fn.needs_forces,
+                             compute_stress=self.loss_fn.needs_stress)
+                loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr)
+                if not torch.isfinite(loss):
+                    who = f" (committee member {k})" if self.committee_size > 1 else ""
+                    raise FloatingPointError(
+                        f"epoch {self.epoch + 1}, step {self.step}{who}: the loss is "
+                        f"{float(loss)}; lower optim.lr or check the data (last good "
+                        "checkpoint: last.pt)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                if self.emas is not None:
+                    self.emas[k].update_parameters(model)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / len(batches)
+                for key, v in parts.items():
+                    sums["mse_" + key] = sums.get("mse_" + key, 0.0) + v / len(batches)
             self.step += 1
             n += 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in parts.items():
-                sums["mse_" + k] = sums.get("mse_" + k, 0.0) + v
             self.elapsed_s += time.perf_counter() - t0
             if self.time_is_up():  # stop within a step of the limit, not at the epoch's end
                 break
@@ -152,10 +209,17 @@ class Trainer:
         return bool(t) and self.elapsed_s >= 60.0 * t
 
     def eval_model(self) -> torch.nn.Module:
+        """The model validated and saved as the weights to use: the EMA weights (of every
+        member: a Committee of the EMA modules) when the EMA is on."""
+        if self.committee_size > 1:
+            return self._eval_committee if self._eval_committee is not None else self.model
         return self.ema.module if self.ema is not None else self.model
 
     def evaluate(self, dataset) -> Dict[str, float]:
         """Metrics and the final-weight loss of the (EMA) model on a dataset."""
+        return self._evaluate(dataset)[0]
+
+    def _evaluate(self, dataset):
         model = self.eval_model()
         model.eval()
         acc = MetricAccumulator()
@@ -170,7 +234,25 @@ class Trainer:
             acc.add(pred, batch)
         out = acc.result()
         out["loss"] = total / max(count, 1)
-        return out
+        return out, acc
+
+    def calibrate(self) -> float:
+        """Fit the committee's calibration factor on the validation split with the weights it
+        holds now: c = sqrt( mean_i |F_pred,i - F_ref,i|^2 / mean_i forces_dev_i^2 ) over the
+        validation atoms, so that ``forces_dev_calibrated`` is an RMS-calibrated estimate of
+        the per-atom force error. Sets it on the committee and returns it."""
+        model = self.eval_model()
+        model.set_calibration(1.0)
+        _, acc = self._evaluate(self.val_set)
+        try:
+            factor = acc.calibration_factor()
+        except ValueError as err:  # the trained committee stays usable, uncalibrated
+            warnings.warn(f"calibration on the validation split: {err}; the factor stays 1",
+                          stacklevel=2)
+            factor = 1.0
+        model.set_calibration(factor)
+        self.model.set_calibration(factor)
+        return factor
 
     def fit(self, resume: bool = False) -> Dict[str, float]:
         """Train until max_epochs, the time limit or early stopping; returns the last metrics."""
@@ -277,15 +359,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
+        """The checkpoint; for a committee, optimizer, EMA state and loader RNG are per-member
+        lists (a single model's layout is unchanged)."""
+        single = self.committee_size == 1
+        ema_state = None
+        if self.emas is not None:
+            ema_state = self.emas[0].state_dict() if single else [e.state_dict()
+                                                                  for e in self.emas]
         return checkpoint_dict(
-            self.model, ema=None if self.ema is None else self.ema.module.state_dict(),
-            data_hash=self.data.data_hash,
-            ema_state=None if self.ema is None else self.ema.state_dict(),
-            optimizer=self.optimizer.state_dict(), train_config=self.cfg.to_dict(),
+            self.model, ema=None if self.emas is None else self.eval_model().state_dict(),
+            data_hash=self.data.data_hash, ema_state=ema_state,
+            optimizer=self.optimizer.state_dict() if single else [o.state_dict()
+                                                                  for o in self.optimizers],
+            train_config=self.cfg.to_dict(),
             epoch=self.epoch, step=self.step, elapsed_s=self.elapsed_s,
             best_val=self.best_val, best_step=self.best_step,
             epochs_since_best=self.epochs_since_best, plateau_scale=self.plateau_scale,
-            history=self.history, rng=_rng_state(self.generator))
+            history=self.history, rng=_rng_state(self.generators))
 
     def load_state(self, state: Dict) -> None:
         if state["config"] != self.model.config:
@@ -295,14 +385,19 @@ class Trainer:
             raise ConfigError("--resume: the checkpoint's model differs from the config's "
                               f"(key: (checkpoint, config) = {diff}); resume with the same config")
         self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema_state") is not None:
-            self.ema.load_state_dict(state["ema_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        single = self.committee_size == 1
+        ema_states = state.get("ema_state")
+        if self.emas is not None and ema_states is not None:
+            for ema, es in zip(self.emas, [ema_states] if single else ema_states):
+                ema.load_state_dict(es)
+        for opt, os_ in zip(self.optimizers,
+                            [state["optimizer"]] if single else state["optimizer"]):
+            opt.load_state_dict(os_)
         for key in ("epoch", "step", "elapsed_s", "best_val", "epochs_since_best",
                     "plateau_scale", "history"):
             setattr(self, key, state[key])
         self.best_step = int(state.get("best_step", -1))
-        _set_rng_state(state["rng"], self.generator)
+        _set_rng_state(state["rng"], self.generators)
 
     def _write_config(self) -> None:
         import yaml
@@ -360,22 +455,33 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(generator: torch.Generator) -> Dict:
+def bootstrap_indices(n: int, seed: int) -> List[int]:
+    """A bootstrap resample of n training frames (n draws with replacement), from ``seed``
+    alone (numpy's PCG64), so a resumed run draws the same frames."""
+    return [int(i) for i in np.random.default_rng(seed).integers(0, n, size=n)]
+
+
+def _rng_state(generators: List[torch.Generator]) -> Dict:
     """Every random stream as plain data (tensors, numbers, tuples): readable with
-    ``weights_only=True``. numpy's Mersenne-Twister key becomes an int64 tensor."""
+    ``weights_only=True``. numpy's Mersenne-Twister key becomes an int64 tensor. ``loader``: the
+    loader generator's state, a list of them for a committee."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
+    loader = generators[0].get_state() if len(generators) == 1 else [g.get_state()
+                                                                    for g in generators]
     return {"torch": torch.get_rng_state(),
             "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate(), "loader": generator.get_state()}
+            "python": random.getstate(), "loader": loader}
 
 
-def _set_rng_state(state: Dict, generator: torch.Generator) -> None:
+def _set_rng_state(state: Dict, generators: List[torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     name, key, pos, has_gauss, gauss = state["numpy"]  # version 1 held key as a numpy array
     key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
     np.random.set_state((name, key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    generator.set_state(state["loader"])
+    loader = state["loader"]
+    for g, st in zip(generators, [loader] if len(generators) == 1 else loader):
+        g.set_state(st)
 
 
 def _kill_point(name: str) -> None:
@@ -414,9 +520,20 @@ def finalize(trainer: Trainer) -> Dict[str, float]:
     learning-curve and parity plots."""
     from .plots import learning_curve, parity_plot
 
-    best = read_checkpoint(os.path.join(trainer.out_dir, "best.pt"))
+    best_path = os.path.join(trainer.out_dir, "best.pt")
+    best = read_checkpoint(best_path)
     trainer.eval_model().load_state_dict(weights_of(best))
-    results = {"validation": trainer.evaluate(trainer.val_set)}
+    results: Dict = {}
+    if trainer.committee_size > 1:  # the calibration factor, stored in best.pt for export
+        factor = trainer.calibrate()
+        for key in ("model", "ema"):
+            if best.get(key) is not None:
+                best[key]["calibration"] = torch.tensor(factor, dtype=torch.float64)
+        best["calibration"] = factor
+        write_checkpoint(best, best_path)
+        results["committee"] = trainer.committee_size
+        results["calibration_factor"] = factor
+    results["validation"] = trainer.evaluate(trainer.val_set)
     if trainer.data.test:
         test_set = AtomicDataset(trainer.data.test, trainer.data.type_map, trainer.model.cutoff,
                                  "test")
