@@ -17,12 +17,13 @@ from .base import REGISTRY, ForceProvider, Integrator, MDError, MDInputError, MD
 from .bussi import Bussi
 from .checkpoint import load_md_checkpoint, save_md_checkpoint
 from .forces import Harmonic, IdealGas, LennardJones, MLPotForces
-from .health import HealthCheck, HealthCheckFailed
+from .health import HealthCheck, HealthCheckFailed, UncertaintyStop, UncertaintyStopped
 from .langevin import Langevin
 from .nose_hoover import NoseHooverChain
 from .npt import StochasticCellRescaling
 from .nve import VelocityVerlet
-from .reporters import ProgressBar, Reporter, ThermoCSV, TrajectoryReporter, thermo
+from .reporters import (ModelDeviFile, ProgressBar, Reporter, ThermoCSV, TrajectoryReporter,
+                        thermo)
 from .runner import MDWarning, check_forces, simulate
 from .state import (MDState, initialize_velocities, kinetic_energy, make_state, pressure_bar,
                     state_from_ase, temperature_K)
@@ -43,6 +44,7 @@ __all__ = [
     "MDWarning",
     "MDState",
     "MLPotForces",
+    "ModelDeviFile",
     "NoseHooverChain",
     "ProgressBar",
     "REGISTRY",
@@ -50,6 +52,8 @@ __all__ = [
     "StochasticCellRescaling",
     "ThermoCSV",
     "TrajectoryReporter",
+    "UncertaintyStop",
+    "UncertaintyStopped",
     "VelocityVerlet",
     "check_forces",
     "initialize_velocities",

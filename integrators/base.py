@@ -53,7 +53,9 @@ def evaluate(forces: ForceProvider, positions: Tensor, cell: Tensor,
              compute_stress: bool) -> Dict[str, Tensor]:
     """Call the force provider and check the shapes of what it returns.
 
-    Returns energy [R] float64, forces [R, N, 3] (working dtype) and stress [R, 3, 3] or None.
+    Returns energy [R] float64, forces [R, N, 3] (working dtype), stress [R, 3, 3] or None,
+    and "outputs": whatever else the provider returned (a committee's deviations, per replica),
+    detached, which the integrators keep in ``MDState.outputs``.
     """
     out = forces(positions, cell, compute_stress)
     r, n = positions.shape[:2]
@@ -71,7 +73,9 @@ def evaluate(forces: ForceProvider, positions: Tensor, cell: Tensor,
             raise MDError("the force provider returned no 'stress' although it was asked for one "
                           "(needed by the barostat and the pressure column)")
         s = out["stress"].detach().to(positions.dtype).reshape(r, 3, 3)
-    return {"energy": e, "forces": f, "stress": s}
+    extra = {k: v.detach() for k, v in out.items() if k not in ("energy", "forces", "stress")
+             and isinstance(v, torch.Tensor)}
+    return {"energy": e, "forces": f, "stress": s, "outputs": extra}
 
 
 @dataclass
@@ -142,7 +146,8 @@ class Integrator:
         missing = state.forces is None or state.energy is None
         if missing or (self.with_stress and state.stress is None):
             out = evaluate(forces, state.positions, state.cell, self.with_stress)
-            state = state.replace(forces=out["forces"], energy=out["energy"], stress=out["stress"])
+            state = state.replace(forces=out["forces"], energy=out["energy"], stress=out["stress"],
+                                  outputs=out["outputs"])
         return state
 
     def step(self, state: MDState, forces: ForceProvider) -> MDState:
@@ -166,7 +171,8 @@ class Integrator:
                   out: Dict[str, Tensor], **changes) -> MDState:
         """The state one step later with new positions, velocities and force results."""
         return state.replace(positions=positions, velocities=velocities, forces=out["forces"],
-                             energy=out["energy"], stress=out["stress"], step=state.step + 1,
+                             energy=out["energy"], stress=out["stress"],
+                             outputs=out.get("outputs", {}), step=state.step + 1,
                              time_fs=state.time_fs + float(self.timestep_fs), **changes)
 
     def _velocity_verlet(self, state: MDState, forces: ForceProvider,

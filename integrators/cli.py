@@ -10,7 +10,9 @@ MODEL is a model file written by ``mlpot export`` or the name of a built-in anal
 ``add_md_parser(subparsers)`` adds the command to an argparse parser; ``run_md(args)`` runs it.
 
 Exit codes (``mlpot.errors``): 0 done, 2 bad input (one line says what to fix), 3 stopped by the
-health check or by exploding forces (the last good frame is saved; its path is in the message).
+health check or by exploding forces (the last good frame is saved; its path is in the message),
+or by ``--stop-uncertainty`` once every replica passed it (committee models: each replica that
+passes it is written to ``THERMO_uncertain.xyz`` and held while the others go on).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from .langevin import Langevin
 from .nose_hoover import NoseHooverChain
 from .npt import StochasticCellRescaling
 from .nve import VelocityVerlet
-from .reporters import ProgressBar, ThermoCSV, TrajectoryReporter
+from .reporters import ModelDeviFile, ProgressBar, ThermoCSV, TrajectoryReporter
 from .runner import DEFAULT_MAX_FORCE, overlap_message, simulate
 from .state import MDState, initialize_velocities, state_from_ase
 
@@ -108,6 +110,11 @@ def _health_args(h) -> None:
                         "(default %(default)g)")
     h.add_argument("--no-health-check", action="store_true",
                    help="run without the health check (the force limit --max-force stays)")
+    h.add_argument("--stop-uncertainty", type=float, default=None, metavar="EV_PER_A",
+                   help="committee models: stop a replica when its max_force_dev (raw, "
+                        "DeePMD-kit's max_devi_f) passes this; the structure is saved to "
+                        "THERMO_uncertain.xyz, the other replicas go on, the run ends with exit "
+                        "code 3 when all have stopped")
 
 
 def _output_args(o) -> None:
@@ -121,6 +128,9 @@ def _output_args(o) -> None:
     o.add_argument("--checkpoint-every", type=int, default=1000)
     o.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint up to --steps (integrator from the checkpoint)")
+    o.add_argument("--model-devi", default=None, metavar="FILE",
+                   help="committee models: write DP-GEN's model_devi.out (DeePMD-kit's columns) "
+                        "every --thermo-every steps (several replicas: FILE.rK)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -197,6 +207,8 @@ _CHECKS = (
     ("--max-drift", "max_drift", lambda v: 0 < v < math.inf, "a number of eV/atom > 0"),
     ("--max-step-displacement", "max_step_displacement", lambda v: 0 < v < math.inf,
      "a number of Angstrom > 0"),
+    ("--stop-uncertainty", "stop_uncertainty", lambda v: 0 < v < math.inf,
+     "a number of eV/A > 0 (a max_force_dev; DP-GEN's trust levels are 0.05-0.15 eV/A)"),
 )
 
 
@@ -251,10 +263,27 @@ def read_structure(path: str, frame: int):
 
 
 def _health(args) -> Optional[H.HealthCheck]:
-    if args.no_health_check:
-        return None
-    return H.HealthCheck.with_thresholds(args.max_temperature_ratio, args.max_drift,
-                                         args.max_step_displacement, last_good_path=None)
+    stop = getattr(args, "stop_uncertainty", None)
+    rules = [] if args.no_health_check else H.default_rules(
+        args.max_temperature_ratio, args.max_drift, args.max_step_displacement)
+    if stop is not None:
+        rules.append(H.UncertaintyStop(stop, uncertain_path(args)))
+    return H.HealthCheck(rules, last_good_path=None) if rules else None
+
+
+def uncertain_path(args) -> str:
+    """Where ``--stop-uncertainty`` writes the structures that crossed it."""
+    return os.path.splitext(args.thermo)[0] + "_uncertain.xyz"
+
+
+def _check_committee(args, forces) -> None:
+    """--stop-uncertainty and --model-devi need a committee: one line, exit 2, before any step."""
+    wants = [o for o, v in (("--stop-uncertainty", getattr(args, "stop_uncertainty", None)),
+                            ("--model-devi", getattr(args, "model_devi", None))) if v is not None]
+    if wants and not getattr(forces, "committee", 0):
+        raise H.NoDeviation(f"{' and '.join(wants)} need(s) a committee model (several members "
+                            f"that give a max_force_dev); {args.model} is a single model: train "
+                            "one with training.ensemble: K and export it, or drop the option")
 
 
 def _prepare(args):
@@ -262,6 +291,7 @@ def _prepare(args):
     check_args(args)
     atoms = read_structure(args.structure, args.frame)
     forces, model_dtype = _forces(args, atoms, args.device)
+    _check_committee(args, forces)
     dtype = dtype_of(args.dtype) if args.dtype else model_dtype
     if args.resume:
         if not args.checkpoint or not os.path.exists(args.checkpoint):
@@ -293,6 +323,8 @@ def run_md(args: argparse.Namespace) -> int:
         if overlap:
             print(f"mlpot md: warning: {overlap}", file=sys.stderr)
         reporters = [ThermoCSV(args.thermo, args.thermo_every)]
+        if getattr(args, "model_devi", None):
+            reporters.append(ModelDeviFile(args.model_devi, args.thermo_every))
         if args.traj:
             reporters.append(TrajectoryReporter(args.traj, args.traj_every, replica=None
                                                 if args.replicas > 1 else 0))

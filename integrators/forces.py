@@ -31,6 +31,12 @@ class MLPotForces:
         atom_types: [N] int64 type indices (the model's type map) of one replica.
         pbc: three bools.
         atomic_numbers: [N], passed along as ``atomic_numbers`` when given.
+
+    A committee's extra outputs (``max_force_dev`` [R], ``forces_dev`` [R, N], ``energy_dev``
+    [R], ``virial_dev`` [R] with stress, their ``*_calibrated`` values and the members' energies
+    and forces; ``mlpot.inputs.read_outputs``) are returned too: the integrators keep them in
+    ``MDState.outputs``, where the thermo CSV, ``model_devi.out`` and the uncertainty stop read
+    them. ``committee`` is the number of members (0 for a single model).
     """
 
     def __init__(self, model, atom_types, pbc=(True, True, True), atomic_numbers=None):
@@ -40,6 +46,7 @@ class MLPotForces:
         self.atomic_numbers = None if atomic_numbers is None else \
             torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
         self._static: Dict[tuple, Dict[str, Tensor]] = {}
+        self.committee = int(getattr(model, "committee", 0) or 0)
 
     def _static_keys(self, r: int, device: torch.device) -> Dict[str, Tensor]:
         """The per-batch integer tensors, built once per (R, device)."""

@@ -23,6 +23,13 @@ The rules and their defaults (all configurable; ``mlpot md`` options in brackets
     thermostats (``Integrator.conserved_energy``). 0.1 eV/atom is about 800 K of kinetic energy
     per atom; sane runs drift by meV/atom. Skipped where the conserved quantity is unknown (ASE
     and OpenMM thermostats do not report their bath energy).
+``UncertaintyStop`` (``--stop-uncertainty EV_PER_A``, off by default; committees only)
+    Stop when a committee's raw ``max_force_dev`` (DeePMD-kit's ``max_devi_f``, eV/A, not the
+    calibrated value) passes the threshold. The structure that crossed it is written
+    (extxyz, with its step, replica and deviation) to the rule's ``path``. It is a per-replica
+    rule: in ``simulate`` with several replicas, a replica that crosses is saved and held
+    (frozen at that structure, skipped by the reporters) while the others go on; when every
+    replica has stopped, the run ends with ``UncertaintyStopped`` (exit code 3).
 ``MaxDisplacement`` (``--max-step-displacement``, default 1 A per step)
     Stop when an atom moved more than the limit times the number of steps since the previous
     check (minimum-image displacement along periodic directions, so wrapping into the cell does
@@ -51,7 +58,7 @@ import torch
 
 from mlpot import units
 
-from .base import MDStopped
+from .base import MDInputError, MDStopped
 
 Tensor = torch.Tensor
 
@@ -66,6 +73,10 @@ class HealthCheckFailed(MDStopped):
     where the last good structure was written."""
 
 
+class NoDeviation(MDInputError):
+    """An uncertainty rule or output asked of a model that is not a committee (exit code 2)."""
+
+
 @dataclass
 class Snapshot:
     """What the rules look at, for R replicas of N atoms (float64 torch tensors).
@@ -78,6 +89,7 @@ class Snapshot:
         temperature_K: [R].
         conserved_eV: [R] the integrator's conserved quantity, or None when unknown.
         target_K: [R] the thermostat's target, or None without a thermostat.
+        max_force_dev: [R] a committee's raw max_force_dev (eV/A), or None without one.
     """
 
     step: int
@@ -87,6 +99,7 @@ class Snapshot:
     temperature_K: Tensor
     conserved_eV: Optional[Tensor] = None
     target_K: Optional[Tensor] = None
+    max_force_dev: Optional[Tensor] = None
 
     @property
     def n_atoms(self) -> int:
@@ -105,6 +118,7 @@ class Rule:
     None, or what is wrong (a phrase naming the replica, the value and the limit)."""
 
     option = ""  # the ``mlpot md`` option that sets its threshold
+    per_replica = False  # True: ``simulate`` may stop only the replicas in ``crossed``
 
     def start(self, first: Snapshot) -> None:
         pass
@@ -215,6 +229,51 @@ class MaxDisplacement(Rule):
                 f"(limit {self.max:g} A per step)")
 
 
+class UncertaintyStopped(HealthCheckFailed):
+    """The uncertainty stop ended the run (exit code 3): every replica passed the threshold."""
+
+
+class UncertaintyStop(Rule):
+    """A committee's raw ``max_force_dev`` passed ``max_force_dev`` eV/A in a running replica.
+
+    ``crossed`` ([R] bool) holds the replicas that crossed at the last ``check``; ``stopped``
+    those stopped so far (they are not checked again). ``path``: where the structures that
+    crossed are written (extxyz, one frame each, appended), or None.
+    """
+
+    option = "--stop-uncertainty"
+    per_replica = True
+
+    def __init__(self, max_force_dev: float, path: Optional[str] = "md_uncertain.xyz"):
+        self.threshold = _positive("the uncertainty threshold (max_force_dev)", max_force_dev,
+                                   "eV/A")
+        self.path = path
+        self.stopped: Optional[Tensor] = None
+        self.crossed: Optional[Tensor] = None
+
+    def start(self, first: Snapshot) -> None:
+        self.stopped = torch.zeros(first.positions.shape[0], dtype=torch.bool,
+                                   device=first.positions.device)
+
+    def check(self, prev: Snapshot, cur: Snapshot) -> Optional[str]:
+        if cur.max_force_dev is None:
+            raise NoDeviation("--stop-uncertainty needs a committee model (one returning "
+                              "max_force_dev); this model returns none: export a committee "
+                              "(training.ensemble) or drop --stop-uncertainty")
+        dev = cur.max_force_dev.to(self.stopped.device)
+        crossed = ~(dev <= self.threshold) & ~self.stopped  # NaN crosses too
+        r = _first_bad(crossed)
+        if r is None:
+            self.crossed = None
+            return None
+        self.crossed = crossed
+        which = crossed.nonzero().reshape(-1).tolist()
+        names = f"replica {r}" if len(which) == 1 else \
+            "replicas " + ", ".join(str(k) for k in which)
+        return (f"the committee's max_force_dev passed --stop-uncertainty {self.threshold:g} "
+                f"eV/A in {names} (replica {r}: {dev[r].item():.4g} eV/A)")
+
+
 def default_rules(max_temperature_ratio: Optional[float] = DEFAULT_MAX_TEMPERATURE_RATIO,
                   max_drift: Optional[float] = DEFAULT_MAX_DRIFT_EV_PER_ATOM,
                   max_step_displacement: Optional[float] = DEFAULT_MAX_STEP_DISPLACEMENT_A,
@@ -249,6 +308,7 @@ class HealthCheck:
         self.rules = list(default_rules() if rules is None else rules)
         self.last_good_path = last_good_path
         self._prev: Optional[Snapshot] = None
+        self.broken: Optional[Rule] = None  # the rule behind the last failure
 
     @classmethod
     def with_thresholds(cls, max_temperature_ratio=DEFAULT_MAX_TEMPERATURE_RATIO,
@@ -274,15 +334,25 @@ class HealthCheck:
         if self._prev is None:
             self.start(snapshot)
             return None
-        for rule in self.rules:
+        # per-replica rules last: the whole-run rules see every step
+        for rule in sorted(self.rules, key=lambda r: r.per_replica):
             problem = rule.check(self._prev, snapshot)
             if problem:
+                self.broken = rule
                 return problem
         self._prev = snapshot
         return None
 
+    def accept(self, snapshot: Snapshot) -> None:
+        """Take ``snapshot`` as the previous one (after ``simulate`` held stopped replicas)."""
+        self._prev = snapshot
+
     def message(self, step: int, problem: str, saved: str) -> str:
         """The one-line message of a stop."""
+        if isinstance(self.broken, UncertaintyStop):
+            return (f"MD stopped by the uncertainty check at step {step}: {problem}{saved}. The "
+                    "model is extrapolating: label the saved structure(s) and add them to the "
+                    "training data, or raise the threshold (--stop-uncertainty)")
         return (f"MD stopped by the health check at step {step}: {problem}{saved}. Try a smaller "
                 "timestep, check the starting structure, or the model for these configurations "
                 "(thresholds: --max-temperature-ratio, --max-drift, --max-step-displacement; "
@@ -360,10 +430,12 @@ class ASEObserver:
         conserved = None
         if self.target is None:
             conserved = _t([ekin + a.get_potential_energy()])
+        dev = getattr(a.calc, "results", {}).get("max_force_dev")  # MLPotCalculator, committee
         return Snapshot(step=step, positions=_t(a.positions)[None], cell=_t(a.cell.array)[None],
                         pbc=torch.as_tensor(np.asarray(a.pbc, dtype=bool)),
                         temperature_K=_t([temp]), conserved_eV=conserved,
-                        target_K=None if self.target is None else _t([self.target]))
+                        target_K=None if self.target is None else _t([self.target]),
+                        max_force_dev=None if dev is None else _t([dev]))
 
     def __call__(self) -> None:
         snap = self._snapshot()
@@ -469,9 +541,10 @@ def snapshot_of(state, integrator) -> Snapshot:
                     cell=state.cell.detach().double(), pbc=state.pbc,
                     temperature_K=temperature_K(state),
                     conserved_eV=integrator.conserved_energy(state).detach().double(),
-                    target_K=target)
+                    target_K=target, max_force_dev=state.outputs.get("max_force_dev"))
 
 
 __all__ = ["ASEObserver", "EnergyDrift", "HealthCheck", "HealthCheckFailed", "MaxDisplacement",
-           "OpenMMReporter", "Rule", "Snapshot", "TemperatureRunaway", "default_rules",
+           "NoDeviation", "OpenMMReporter", "Rule", "Snapshot", "TemperatureRunaway",
+           "UncertaintyStop", "UncertaintyStopped", "default_rules",
            "minimum_image", "snapshot_of", "write_xyz"]

@@ -2,6 +2,9 @@
 
 - ``ThermoCSV``: step, time, kinetic/potential/conserved energy, temperature, pressure, volume per
   replica, one CSV row per replica and report.
+  With a committee model, also ``max_force_dev`` and ``energy_dev`` (and ``virial_dev`` when
+  the stress is computed): ``UNCERTAINTY_COLUMNS``.
+- ``ModelDeviFile``: DP-GEN's ``model_devi.out`` (DeePMD-kit's columns) of a committee.
 - ``ProgressBar``: a one-line progress bar on stderr (steps, steps/s, time left, mean T).
 - ``TrajectoryReporter``: frames through mdtraj (.dcd, .xtc, .h5 with a topology) or ASE (.traj,
   with velocities, energy, forces and stress).
@@ -22,6 +25,7 @@ moment of a resume loses nothing that was written up to that step:
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 import time
@@ -38,6 +42,17 @@ from .state import MDState, kinetic_energy, pressure_bar, temperature_K
 
 THERMO_COLUMNS = ("step", "time_fs", "replica", "kinetic_eV", "potential_eV", "conserved_eV",
                   "temperature_K", "pressure_bar", "volume_A3")
+
+
+#: A committee's deviations in the thermo CSV (raw, DeePMD-kit's definitions; eV/A, eV/atom).
+UNCERTAINTY_COLUMNS = ("max_force_dev", "energy_dev", "virial_dev")
+
+
+def running_replicas(state: MDState):
+    """The replicas not stopped by a per-replica rule (``MDState.active``)."""
+    if state.active is None:
+        return range(state.n_replicas)
+    return [r for r, a in enumerate(state.active.tolist()) if a]
 
 
 def thermo(state: MDState, integrator: Integrator) -> Dict[str, torch.Tensor]:
@@ -74,29 +89,43 @@ class Reporter:
 
 
 class ThermoCSV(Reporter):
-    """Thermodynamic log as CSV (columns ``THERMO_COLUMNS``; energies eV, T in K, P in bar)."""
+    """Thermodynamic log as CSV (columns ``THERMO_COLUMNS``; energies eV, T in K, P in bar).
+
+    When the state carries a committee's deviations at ``open`` (``MDState.outputs``), the
+    columns of ``UNCERTAINTY_COLUMNS`` it has follow (a resumed file keeps its header's
+    columns). Replicas stopped by the uncertainty stop get no more rows.
+    """
 
     def __init__(self, path: str, interval: int = 100):
         super().__init__(interval)
         self.path = path
         self._fh = None
         self._writer = None
+        self.columns = THERMO_COLUMNS
 
     def open(self, state: MDState, integrator: Integrator) -> None:
         if state.step > 0 and os.path.exists(self.path) and cut_csv(self.path, state.step):
+            with open(self.path, newline="") as fh:
+                self.columns = tuple(next(csv.reader(fh)))
             self._fh = open(self.path, "a", newline="")
             self._writer = csv.writer(self._fh)
             return
+        self.columns = THERMO_COLUMNS + tuple(c for c in UNCERTAINTY_COLUMNS
+                                              if c in state.outputs)
         self._fh = open(self.path, "w", newline="")
         self._writer = csv.writer(self._fh)
-        self._writer.writerow(THERMO_COLUMNS)
+        self._writer.writerow(self.columns)
         self._fh.flush()
 
     def report(self, state: MDState, integrator: Integrator) -> None:
         q = {k: v.detach().cpu().tolist() for k, v in thermo(state, integrator).items()}
-        for r in range(state.n_replicas):
+        for c in self.columns[len(THERMO_COLUMNS):]:
+            v = state.outputs.get(c)
+            q[c] = [math.nan] * state.n_replicas if v is None else \
+                v.detach().double().reshape(-1).cpu().tolist()
+        for r in running_replicas(state):
             self._writer.writerow([state.step, f"{state.time_fs:.6g}", r]
-                                  + [f"{q[c][r]:.10g}" for c in THERMO_COLUMNS[3:]])
+                                  + [f"{q[c][r]:.10g}" for c in self.columns[3:]])
         self._fh.flush()
 
     def close(self) -> None:
@@ -127,6 +156,103 @@ def cut_csv(path: str, step: int) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+class ModelDeviFile(Reporter):
+    """DP-GEN's ``model_devi.out`` of a committee, one row per report and running replica.
+
+    The columns are DeePMD-kit's (``dp model-devi`` and the LAMMPS ``pair_style deepmd``
+    ``out_file``; definitions in deepmd-kit ``doc/test/model-deviation.md``), with population
+    standard deviations over the K members::
+
+        step max_devi_v min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f devi_e
+
+    ``*_devi_f``: max/min/mean over atoms of ``forces_dev`` (eV/A); ``*_devi_v``: max/min/mean
+    over the nine components of the standard deviation of the virial divided by the number of
+    atoms (eV/atom), written as 0 when the run computes no stress (non-periodic cells, as
+    DeePMD-kit does without a virial); ``devi_e``: ``energy_dev``, the standard deviation of
+    the total energy per atom (eV/atom; the eighth column of newer DeePMD-kit versions). With
+    several replicas each has its own file, ``NAME.rK.EXT``, as trajectories do.
+    """
+
+    HEADER = ("#" + "".join(f"{c:>19}" if i else f"{c:>11}" for i, c in enumerate(
+        ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f",
+         "avg_devi_f", "devi_e"))))
+
+    def __init__(self, path: str, interval: int = 100):
+        super().__init__(interval)
+        self.path = path
+        self._files: Dict[int, object] = {}
+
+    def _paths(self, n_replicas: int) -> Dict[int, str]:
+        if n_replicas == 1:
+            return {0: self.path}
+        stem, ext = os.path.splitext(self.path)
+        return {r: f"{stem}.r{r}{ext}" for r in range(n_replicas)}
+
+    def open(self, state: MDState, integrator: Integrator) -> None:
+        from .health import NoDeviation
+
+        if "forces_dev" not in state.outputs and state.step == 0:
+            raise NoDeviation("--model-devi needs a committee model (one returning forces_dev); "
+                              "this model returns none: export a committee or drop --model-devi")
+        for r, path in self._paths(state.n_replicas).items():
+            if state.step > 0 and os.path.exists(path):
+                _cut_rows(path, state.step)
+                self._files[r] = open(path, "a")
+            else:
+                self._files[r] = open(path, "w")
+                self._files[r].write(self.HEADER + "\n")
+                self._files[r].flush()
+
+    @staticmethod
+    def rows(state: MDState) -> Dict[int, list]:
+        """The eight numbers of each running replica."""
+        out = state.outputs
+        fdev = out["forces_dev"].detach().double().reshape(state.n_replicas, -1).cpu()
+        edev = out["energy_dev"].detach().double().reshape(-1).cpu()
+        vm = out.get("virial_members")  # [R, K, 3, 3]
+        rows = {}
+        for r in running_replicas(state):
+            if vm is not None:
+                v = vm[r].detach().double()
+                v = (v - v.mean(0)).pow(2).mean(0).sqrt().reshape(9).cpu() / state.n_atoms
+                dv = [float(v.max()), float(v.min()), float(v.mean())]
+            else:
+                dv = [0.0, 0.0, 0.0]
+            f = fdev[r]
+            rows[r] = dv + [float(f.max()), float(f.min()), float(f.mean()), float(edev[r])]
+        return rows
+
+    def report(self, state: MDState, integrator: Integrator) -> None:
+        for r, values in self.rows(state).items():
+            fh = self._files[r]
+            fh.write(f"{state.step:12d}" + "".join(f"{v:19.6e}" for v in values) + "\n")
+            fh.flush()
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files = {}
+
+
+def _cut_rows(path: str, step: int) -> None:
+    """Cut a whitespace-separated table after the rows of ``step`` and earlier (kept: comment
+    lines; cut at the first later or half-written row)."""
+    with open(path, "rb+") as fh:
+        offset = 0
+        for line in iter(fh.readline, b""):
+            if line.startswith(b"#") and line.endswith(b"\n"):
+                offset += len(line)
+                continue
+            try:
+                ok = line.endswith(b"\n") and int(line.split()[0]) <= step
+            except (ValueError, IndexError):
+                ok = False
+            if not ok:
+                break
+            offset += len(line)
+        fh.truncate(offset)
 
 
 class ProgressBar(Reporter):

@@ -48,6 +48,13 @@ class MDState:
             so that ``K + U (+ P V) + bath_energy`` is conserved up to integration error.
         fixed_com: the centre-of-mass momentum is zero and stays zero (N_f = 3N - 3).
         extras: integrator variables ([R, ...] tensors, e.g. the Nose-Hoover chain).
+        outputs: what the force provider returned beyond energy, forces and stress at
+            ``positions``, per replica (a committee's ``max_force_dev`` [R], ``forces_dev``
+            [R, N], ``energy_dev`` [R], ``virial_dev`` [R], members...: ``mlpot.keys``);
+            recomputed at every force call, not checkpointed.
+        active: [R] bool, False for a replica stopped by a per-replica rule (the uncertainty
+            stop): ``simulate`` holds it at the structure where it stopped and reporters skip it;
+            None: all replicas run.
         rng: the random stream of the stochastic integrators (checkpointed with the state).
     """
 
@@ -66,6 +73,8 @@ class MDState:
     fixed_com: bool = False
     extras: Dict[str, Tensor] = field(default_factory=dict)
     rng: Optional[torch.Generator] = None
+    outputs: Dict[str, Tensor] = field(default_factory=dict)
+    active: Optional[Tensor] = None
 
     @property
     def n_replicas(self) -> int:
@@ -131,7 +140,7 @@ class MDState:
 #: The tensor fields of MDState (saved in checkpoints, moved by ``MDState.to``) and those in
 #: the working precision (energies and bath energies stay float64).
 TENSOR_FIELDS = ("positions", "velocities", "masses", "cell", "pbc", "atomic_numbers", "forces",
-                 "energy", "stress", "bath_energy")
+                 "energy", "stress", "bath_energy", "active")
 FLOAT_FIELDS = ("positions", "velocities", "masses", "cell", "forces", "stress")
 
 

@@ -26,6 +26,10 @@ from .inputs import read_outputs, structure_inputs
 
 __all__ = ["MLPotCalculator"]
 
+#: The committee's outputs copied into ``results`` (plus their ``*_calibrated`` values).
+UNCERTAINTY = (K.MAX_FORCE_DEV, K.FORCES_DEV, K.ENERGY_DEV, K.VIRIAL_DEV, K.ENERGY_MEMBERS,
+               K.FORCES_MEMBERS)
+
 # Voigt order used by ASE: xx, yy, zz, yz, xz, xy
 _VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
 
@@ -41,6 +45,16 @@ class MLPotCalculator(Calculator):
             Angstrom, as the readers refuse such training data; None: no check.
     Properties: energy, free_energy (= energy), forces, stress (periodic cells), energies
     (per-atom energies, summing to the energy).
+
+    Committees (``mlpot.models.committee``): energy, forces and stress are the members' mean,
+    and ``results`` also holds the committee's values for the same structure (``UNCERTAINTY``,
+    DeePMD-kit's definitions, ``mlpot.uncertainty``): ``max_force_dev`` (float, eV/A),
+    ``forces_dev`` (array [N], eV/A), ``energy_dev`` (float, eV/atom), ``virial_dev`` (float,
+    eV/atom; only when the stress was computed), their ``*_calibrated`` values, and the
+    members' ``energy_members`` [K] (eV) and ``forces_members`` [K, N, 3] (eV/A). They ride
+    along in ``results`` (read them after ``get_potential_energy()`` or ``get_forces()``, as
+    with other calculators' extra results) rather than being ASE properties, so ASE's own
+    machinery (trajectories, ``SinglePointCalculator``) stays untouched.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -122,3 +136,12 @@ class MLPotCalculator(Calculator):
         if want_stress:
             s = out[K.STRESS][0].cpu().numpy().astype(np.float64)
             self.results["stress"] = s[_VOIGT[0], _VOIGT[1]]
+        self._committee_results(out)
+
+    def _committee_results(self, out) -> None:
+        """A committee's deviations and members (one structure) into ``results``."""
+        for key in UNCERTAINTY + tuple(k + K.CALIBRATED_SUFFIX for k in UNCERTAINTY[:4]):
+            if key not in out:
+                continue
+            value = out[key][0].detach().cpu().numpy().astype(np.float64)
+            self.results[key] = float(value) if value.ndim == 0 else value

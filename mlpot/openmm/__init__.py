@@ -18,8 +18,10 @@ from .forces import (BACKENDS, OpenMMSetupError, backend_status, create_force,
                      repair_torch_plugins, select_backend)
 from .systems import (atomic_numbers_of, create_mixed_system, create_system, ml_atoms_of,
                       topology_from_ase)
+from .uncertainty import UncertaintyReporter
 from .wrapper import OpenMMWrapper
 
 __all__ = ["create_force", "create_system", "create_mixed_system", "backend_status",
            "select_backend", "repair_torch_plugins", "atomic_numbers_of", "ml_atoms_of",
-           "topology_from_ase", "OpenMMWrapper", "OpenMMSetupError", "BACKENDS"]
+           "topology_from_ase", "OpenMMWrapper", "OpenMMSetupError", "BACKENDS",
+           "UncertaintyReporter"]
