@@ -34,12 +34,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
-import io
 import json
 import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -54,6 +54,11 @@ PROGRESS_FORMAT = 1
 
 class LabelError(UserError):
     """Bad input to ``mlpot label`` (exit code 2)."""
+
+
+class WorkersDied(UserError):
+    """A worker process died (killed, out of memory, a crash inside the labeller): the finished
+    frames are saved; the same command resumes. Exit code 2 with one line."""
 
 
 class FrameFailed(Exception):
@@ -269,7 +274,10 @@ class ASELabeller:
         atoms = atoms.copy()
         atoms.calc = self.calc
         try:
-            energy = float(atoms.get_potential_energy())
+            try:  # the free energy where there is one: with smearing, forces derive from it
+                energy = float(atoms.get_potential_energy(force_consistent=True))
+            except PropertyNotImplementedError:
+                energy = float(atoms.get_potential_energy())
             forces = np.array(atoms.get_forces(), dtype=np.float64)
         except Exception as err:  # noqa: BLE001 - whatever the calculator raises
             raise FrameFailed(f"{type(err).__name__}: {err}") from err
@@ -323,8 +331,21 @@ def make_labeller(spec: LabellerSpec):
 _WORKER_LABELLER = None
 
 
-def _init_worker(spec: LabellerSpec) -> None:
+def _init_worker(spec: LabellerSpec, threads: Optional[int]) -> None:
+    """Build the worker's labeller once; with ``threads``, limit torch's and PySCF's threads
+    so that N workers do not oversubscribe the cores."""
     global _WORKER_LABELLER
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if spec.kind == "pyscf":
+            try:
+                from pyscf import lib
+            except ImportError:
+                pass
+            else:
+                lib.num_threads(threads)
     _WORKER_LABELLER = make_labeller(spec)
 
 
@@ -350,8 +371,14 @@ class _Runner:
         self.pool = None
         if workers > 1:
             method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method),
-                                            initializer=_init_worker, initargs=(spec,))
+            # without OMP_NUM_THREADS, each worker gets its share of the cores
+            threads = (None if os.environ.get("OMP_NUM_THREADS")
+                       else max(1, (os.cpu_count() or 1) // workers))
+            ctx = get_context(method)
+            if method == "forkserver":  # workers fork from a server that has imported mlpot
+                ctx.set_forkserver_preload([__name__])
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                            initializer=_init_worker, initargs=(spec, threads))
 
     def run(self, jobs: Sequence[Tuple[int, Any]]):
         """Yield (index, labels-json or None, failure reason or None) as frames finish."""
@@ -368,7 +395,14 @@ class _Runner:
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                yield fut.result()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as err:
+                    raise WorkersDied(
+                        "a worker process died (killed, out of memory, or a crash inside the "
+                        "labeller); the finished frames are saved: run the same command again "
+                        "to resume (with fewer --workers if memory ran out)") from err
+                yield result
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.add(self.pool.submit(_worker_task, *nxt))
@@ -583,6 +617,8 @@ def spec_from_args(args) -> LabellerSpec:
                              "--calc-kwargs '{\"asap_cutoff\": true}'") from err
         if not isinstance(calc_kwargs, dict):
             raise LabelError("--calc-kwargs must be a JSON object, e.g. '{\"xc\": \"PBE\"}'")
+    if args.max_cycle < 1:
+        raise LabelError(f"--max-cycle {args.max_cycle}: give 1 or more SCF iterations")
     if args.spin < 0:
         raise LabelError(f"--spin {args.spin}: give 2S >= 0 (N_alpha - N_beta)")
     return LabellerSpec(kind=kind, method=args.method, basis=args.basis, charge=args.charge,

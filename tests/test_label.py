@@ -17,7 +17,7 @@ from ase.calculators.emt import EMT
 import mlpot.data
 from mlpot import units
 from mlpot.cli import main as cli
-from mlpot.label import LabellerSpec, label_file, side_files
+from mlpot.label import LabellerSpec, WorkersDied, label_file, side_files
 
 pyscf = pytest.importorskip("pyscf")  # the test extra installs it (mlpot[dft])
 
@@ -26,22 +26,26 @@ THIS = os.path.splitext(os.path.basename(__file__))[0]
 
 
 class CountingEMT(EMT):
-    """EMT that logs each frame it labels (one line per call, to $LABEL_TEST_LOG), fails on
-    frames whose info has fail=True, and kills its process (os._exit, as a kill would) at the
-    call number $LABEL_TEST_EXIT_AT."""
+    """EMT that appends the frame_id of each frame it labels to the file ``log``, fails on
+    frames whose info has fail=True, and kills its process (os._exit, as a kill would) when
+    the file ``log + ".exit_at"`` holds a number and the log reaches that many lines (a file,
+    not an argument, so that the resumed run has the same settings)."""
+
+    def __init__(self, log=None, **kwargs):
+        super().__init__(**kwargs)
+        self.log = log
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         if atoms is not None and atoms.info.get("fail"):
             raise RuntimeError("this frame is meant to fail")
-        log = os.environ.get("LABEL_TEST_LOG")
-        if log:
-            with open(log, "a") as f:
+        if self.log:
+            with open(self.log, "a") as f:
                 f.write(f"{atoms.info.get('frame_id')}\n")
-            exit_at = os.environ.get("LABEL_TEST_EXIT_AT")
-            if exit_at:
-                with open(log) as f:
-                    if sum(1 for _ in f) >= int(exit_at):
-                        os._exit(9)
+            if os.path.exists(self.log + ".exit_at"):
+                with open(self.log) as f:
+                    calls = sum(1 for _ in f)
+                if calls >= int(open(self.log + ".exit_at").read()):
+                    os._exit(9)
         super().calculate(atoms, properties, system_changes)
 
 
@@ -175,7 +179,7 @@ def test_failing_frame_is_recorded_and_skipped(tmp_path, capsys):
     inp, out = tmp_path / "in.xyz", tmp_path / "out.xyz"
     ase.io.write(inp, frames)
     code, stdout, _ = run_cli([inp, "-o", out, "--ase-calculator", f"{THIS}:CountingEMT"],
-                              capsys)
+                              capsys)  # no log: EMT, and fail=True frames raise
     assert code == 0
     assert "labelled 3 of 4 frames" in stdout and "1 failed" in stdout
     labelled = ase.io.read(out, index=":")
@@ -185,18 +189,17 @@ def test_failing_frame_is_recorded_and_skipped(tmp_path, capsys):
     assert "meant to fail" in rows[0]["reason"] and rows[0]["composition"] == "Cu8"
 
 
-def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch, capsys):
+def test_killed_run_resumes_without_recomputing(tmp_path, capsys):
     frames = cu_frames(6)
     inp = tmp_path / "in.xyz"
     ase.io.write(inp, frames)
     out, log = tmp_path / "out.xyz", tmp_path / "calls.log"
-    calc = f"{THIS}:CountingEMT"
-    env = dict(os.environ, LABEL_TEST_LOG=str(log), LABEL_TEST_EXIT_AT="3",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "mlpot.cli", "label", str(inp), "-o", str(out),
-                           "--ase-calculator", calc], env=env, capture_output=True, text=True,
-                          timeout=120)
+    calc = [f"--ase-calculator={THIS}:CountingEMT", "--calc-kwargs", json.dumps({"log": str(log)})]
+    (tmp_path / "calls.log.exit_at").write_text("3")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "mlpot.cli", "label", str(inp), "-o", str(out)]
+                          + calc, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr  # killed at its third frame
     assert not out.exists()
     progress = side_files(str(out))[0]
@@ -204,16 +207,39 @@ def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch, capsys):
     assert open(log).read().split() == ["0", "1", "2"]
 
     log.write_text("")
-    monkeypatch.setenv("LABEL_TEST_LOG", str(log))
-    code, stdout, _ = run_cli([inp, "-o", out, "--ase-calculator", calc], capsys)
+    os.remove(tmp_path / "calls.log.exit_at")
+    code, stdout, _ = run_cli([inp, "-o", out] + calc, capsys)
     assert code == 0 and "2 from an earlier run" in stdout
     assert open(log).read().split() == ["2", "3", "4", "5"]  # 0 and 1 were not recomputed
     assert not os.path.exists(progress)
 
-    monkeypatch.delenv("LABEL_TEST_LOG")
     fresh = tmp_path / "fresh.xyz"
-    assert run_cli([inp, "-o", fresh, "--ase-calculator", calc], capsys)[0] == 0
+    code, _, _ = run_cli([inp, "-o", fresh, "--ase-calculator", "ase.calculators.emt:EMT"],
+                         capsys)
+    assert code == 0
     assert out.read_text() == fresh.read_text()  # the same file, byte for byte
+
+
+def test_a_dead_worker_is_one_line_and_the_rerun_resumes(tmp_path, capsys):
+    inp, out, log = tmp_path / "in.xyz", tmp_path / "out.xyz", tmp_path / "calls.log"
+    ase.io.write(inp, cu_frames(8))
+    spec = LabellerSpec(kind="ase", calculator=f"{THIS}:CountingEMT",
+                        calc_kwargs={"log": str(log)})
+    (tmp_path / "calls.log.exit_at").write_text("4")
+    with pytest.raises(WorkersDied, match="run the same command again"):
+        label_file(str(inp), str(out), spec, workers=2, log=lambda s: None)
+    progress = side_files(str(out))[0]
+    done = [json.loads(line)["index"] for line in open(progress).read().split("\n")[1:] if line]
+    assert 1 <= len(done) <= 3 and not out.exists()
+    os.remove(tmp_path / "calls.log.exit_at")
+    log.write_text("")
+    summary = label_file(str(inp), str(out), spec, workers=2, log=lambda s: None)
+    assert summary["labelled"] == 8 and summary["reused"] == len(done)
+    assert sorted(int(k) for k in log.read_text().split()) == sorted(set(range(8)) - set(done))
+    fresh = tmp_path / "fresh.xyz"
+    label_file(str(inp), str(fresh), LabellerSpec(kind="ase", calculator="ase.calculators.emt:EMT"),
+               log=lambda s: None)
+    assert out.read_text() == fresh.read_text()
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
