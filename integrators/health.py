@@ -29,7 +29,10 @@ The rules and their defaults (all configurable; ``mlpot md`` options in brackets
     (extxyz, with its step, replica and deviation) to the rule's ``path``. It is a per-replica
     rule: in ``simulate`` with several replicas, a replica that crosses is saved and held
     (frozen at that structure, skipped by the reporters) while the others go on; when every
-    replica has stopped, the run ends with ``UncertaintyStopped`` (exit code 3).
+    replica has stopped, the run ends with ``UncertaintyStopped`` (exit code 3). As an ASE
+    observer it reads ``calc.results["max_force_dev"]`` of an ``MLPotCalculator`` running a
+    committee (``HealthCheck(default_rules() + [UncertaintyStop(0.15)])``); in OpenMM, whose
+    TorchForce returns only the energy, ``mlpot.openmm.UncertaintyReporter`` does the same.
 ``MaxDisplacement`` (``--max-step-displacement``, default 1 A per step)
     Stop when an atom moved more than the limit times the number of steps since the previous
     check (minimum-image displacement along periodic directions, so wrapping into the cell does
@@ -447,6 +450,14 @@ class ASEObserver:
             good.info["step"] = snap.step
             self._last = (snap.step, good)
             return
+        rule = self.health.broken
+        if isinstance(rule, UncertaintyStop):  # the structure that crossed, for labelling
+            bad = self.atoms.copy()
+            bad.calc = None
+            bad.info.update(step=snap.step, max_force_dev=float(snap.max_force_dev[0]))
+            saved = _saved(lambda p: bad.write(p, format="extxyz"), rule.path, snap.step)
+            saved = saved.replace("the last good structure", "the structure that crossed it")
+            raise UncertaintyStopped(self.health.message(snap.step, problem, saved))
         step, good = self._last
         saved = _saved(lambda p: good.write(p, format="extxyz"), self.health.last_good_path, step)
         raise HealthCheckFailed(self.health.message(snap.step, problem, saved))

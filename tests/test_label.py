@@ -132,15 +132,16 @@ def test_emt_equals_emt_called_directly_and_reads_back(tmp_path, capsys):
             assert data.virial is None or bool(np.isnan(data.virial.numpy()).all())
 
 
-def test_pyscf_h2o_equals_pyscf_called_directly(tmp_path, capsys):
-    from pyscf import dft, gto
+@pytest.mark.parametrize("method,charge,spin", [("pbe", 0, 0), ("hf", 1, 1)])
+def test_pyscf_h2o_equals_pyscf_called_directly(tmp_path, capsys, method, charge, spin):
+    from pyscf import dft, gto, scf
 
     frames = water_frames(2)
     inp, out = tmp_path / "h2o.xyz", tmp_path / "h2o_pbe.xyz"
     ase.io.write(inp, frames)
     frames = ase.io.read(inp, index=":")
-    code, stdout, _ = run_cli([inp, "-o", out, "--labeller", "pyscf", "--method", "pbe",
-                               "--basis", "sto-3g"], capsys)
+    code, stdout, _ = run_cli([inp, "-o", out, "--labeller", "pyscf", "--method", method,
+                               "--basis", "sto-3g", "--charge", charge, "--spin", spin], capsys)
     assert code == 0, stdout
     labelled = mlpot.data.read(str(out))
     # atomic unit of force, CODATA 2018: 8.2387235e-8 N = 51.42208 eV/A
@@ -148,9 +149,12 @@ def test_pyscf_h2o_equals_pyscf_called_directly(tmp_path, capsys):
     for atoms, data in zip(frames, labelled):
         mol = gto.M(atom=[(s, tuple(p)) for s, p in zip(atoms.get_chemical_symbols(),
                                                         atoms.positions)],
-                    unit="Angstrom", basis="sto-3g", verbose=0)
-        mf = dft.RKS(mol)
-        mf.xc = "pbe"
+                    unit="Angstrom", basis="sto-3g", charge=charge, spin=spin, verbose=0)
+        if method == "hf":
+            mf = scf.UHF(mol)  # H2O+ (a doublet): unrestricted
+        else:
+            mf = dft.RKS(mol)
+            mf.xc = method
         mf.conv_tol = 1e-9
         e = mf.kernel()
         grad = mf.nuc_grad_method().kernel()
@@ -206,6 +210,8 @@ def test_killed_run_resumes_without_recomputing(tmp_path, capsys):
     assert len(open(progress).read().strip().split("\n")) == 3  # header + 2 finished frames
     assert open(log).read().split() == ["0", "1", "2"]
 
+    with open(progress, "a") as f:  # a kill while writing a line leaves it torn
+        f.write('{"index": 4, "labels": {"energy": 1.')
     log.write_text("")
     os.remove(tmp_path / "calls.log.exit_at")
     code, stdout, _ = run_cli([inp, "-o", out] + calc, capsys)

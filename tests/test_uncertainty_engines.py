@@ -316,3 +316,26 @@ def test_openmm_reporter_stops_the_run_and_saves_the_ml_atoms(files, tmp_path):
         assert [r["step"] for r in csv.DictReader(fh)] == ["2"]
     with pytest.raises(mlpot.errors.UserError, match="committee"):
         UncertaintyReporter(single, None, csv_path, 10)
+
+
+def test_ase_observer_stops_on_uncertainty_and_saves_the_structure(files, tmp_path):
+    from ase.md.verlet import VelocityVerlet
+    from ase.units import fs
+
+    committee, _, xyz = files
+    atoms = read(xyz)
+    atoms.calc = MLPotCalculator(committee)
+    atoms.get_forces()
+    start = atoms.calc.results["max_force_dev"]
+    dyn = VelocityVerlet(atoms, 1.0 * fs)
+    path = str(tmp_path / "crossed.xyz")
+    check = H.HealthCheck(H.default_rules() + [H.UncertaintyStop(start * 0.5, path)],
+                          last_good_path=None)
+    dyn.attach(H.HealthCheck.for_ase(atoms, dyn, health=check), interval=1)
+    with pytest.raises(I.UncertaintyStopped, match="uncertainty check at step 1") as err:
+        dyn.run(5)
+    assert err.value.exit_code == EXIT_STOPPED and path in str(err.value)
+    saved = read(path)
+    np.testing.assert_allclose(saved.positions, atoms.positions, atol=1e-6)
+    assert saved.info["max_force_dev"] == pytest.approx(atoms.calc.results["max_force_dev"])
+    assert saved.info["max_force_dev"] > start * 0.5
