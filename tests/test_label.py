@@ -19,7 +19,7 @@ from mlpot import units
 from mlpot.cli import main as cli
 from mlpot.label import LabellerSpec, WorkersDied, label_file, side_files
 
-pyscf = pytest.importorskip("pyscf")  # the test extra installs it (mlpot[dft])
+# PySCF is not skipped when missing: the test extra installs it (pyproject: test includes pyscf)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THIS = os.path.splitext(os.path.basename(__file__))[0]

@@ -88,7 +88,8 @@ class Trainer:
         for m in self.members:
             m.to(self.device)
         # K = 1: the Potential itself (checkpoint layout as before); K >= 2: the Committee
-        self.model = self.members[0] if k_members == 1 else Committee(self.members)
+        self.model = self.members[0] if k_members == 1 else \
+            Committee(self.members).to(self.device)
         self.optimizers = [_make_optimizer(m, cfg) for m in self.members]
         self.emas: Optional[List[AveragedModel]] = None
         if cfg.optim.ema_decay > 0:
@@ -100,7 +101,7 @@ class Trainer:
         self.generator = self.generators[0]
         self._eval_committee = None
         if k_members > 1 and self.emas is not None:
-            self._eval_committee = Committee([e.module for e in self.emas])
+            self._eval_committee = Committee([e.module for e in self.emas]).to(self.device)
         self.epoch = 0
         self.step = 0
         self.elapsed_s = 0.0
