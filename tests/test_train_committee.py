@@ -186,6 +186,11 @@ def test_resumed_committee_equals_an_uninterrupted_one(data_file, tmp_path):
     rows_full = list(csv.DictReader(open(tmp_path / "full" / "log.csv")))
     rows_res = list(csv.DictReader(open(tmp_path / "part" / "log.csv")))
     assert [r["val_loss"] for r in rows_full] == [r["val_loss"] for r in rows_res]
+    # a resume with another committee size is refused with what to do
+    other = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "part", epochs=4,
+                                              ensemble=2)))
+    with pytest.raises(ConfigError, match="holds a committee of 3 but training.ensemble = 2"):
+        other.fit(resume=True)
 
 
 def test_bootstrap_gives_members_different_frames(data_file, tmp_path):

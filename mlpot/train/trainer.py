@@ -379,6 +379,12 @@ class Trainer:
             history=self.history, rng=_rng_state(self.generators))
 
     def load_state(self, state: Dict) -> None:
+        held = state["config"]
+        held_k = len(held.get("members", [])) if held.get("model") == "committee" else 1
+        if held_k != self.committee_size:
+            what = f"a committee of {held_k}" if held_k > 1 else "a single model"
+            raise ConfigError(f"--resume: the checkpoint holds {what} but training.ensemble = "
+                              f"{self.committee_size}; resume with training.ensemble: {held_k}")
         if state["config"] != self.model.config:
             old, new = _flat(state["config"]), _flat(self.model.config)
             diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
