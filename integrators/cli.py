@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from collections import deque
 from typing import Optional
 
@@ -38,7 +39,7 @@ from .nose_hoover import NoseHooverChain
 from .npt import StochasticCellRescaling
 from .nve import VelocityVerlet
 from .reporters import ModelDeviFile, ProgressBar, ThermoCSV, TrajectoryReporter
-from .runner import DEFAULT_MAX_FORCE, overlap_message, simulate
+from .runner import DEFAULT_MAX_FORCE, MDWarning, overlap_message, simulate
 from .state import MDState, initialize_velocities, state_from_ase
 
 ENSEMBLES = ("nve", "langevin", "nose-hoover", "bussi", "npt")
@@ -314,6 +315,16 @@ def _prepare(args):
     return state, integrator, forces, max(0, args.steps - state.step)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, MDWarning):
+        print(f"\nmlpot md: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def run_md(args: argparse.Namespace) -> int:
     """Run ``mlpot md``; returns the exit status: 0 done, 2 bad input, 3 stopped by the health
     check or exploding forces (one line on stderr says why). Other errors are bugs: raised."""
@@ -331,10 +342,13 @@ def run_md(args: argparse.Namespace) -> int:
         if not args.no_progress:
             reporters.append(ProgressBar(n, max(1, min(100, n // 100 or 1))))
         last_good = os.path.splitext(args.thermo)[0] + "_last_good.xyz"
-        state = simulate(state, integrator, forces, n, reporters, checkpoint_path=args.checkpoint,
-                         checkpoint_interval=args.checkpoint_every, max_force=args.max_force,
-                         last_good_path=last_good, health=_health(args),
-                         overlap_warning_A=None)
+        with warnings.catch_warnings():  # a replica held by --stop-uncertainty: one line
+            warnings.showwarning = _one_line_warning
+            state = simulate(state, integrator, forces, n, reporters,
+                             checkpoint_path=args.checkpoint,
+                             checkpoint_interval=args.checkpoint_every, max_force=args.max_force,
+                             last_good_path=last_good, health=_health(args),
+                             overlap_warning_A=None)
     except (UserError, RunStopped) as err:
         kind = "stopped" if isinstance(err, RunStopped) else "error"
         print(f"mlpot md: {kind}: {' '.join(str(err).split())}", file=sys.stderr)

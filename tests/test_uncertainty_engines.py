@@ -339,3 +339,39 @@ def test_ase_observer_stops_on_uncertainty_and_saves_the_structure(files, tmp_pa
     np.testing.assert_allclose(saved.positions, atoms.positions, atol=1e-6)
     assert saved.info["max_force_dev"] == pytest.approx(atoms.calc.results["max_force_dev"])
     assert saved.info["max_force_dev"] > start * 0.5
+
+
+def test_md_cli_holds_each_replica_at_its_crossing_and_runs_the_rest(files, tmp_path, capsys):
+    """Replicas cross at their own steps: each is saved and held there, the last one runs on.
+    (The held replicas still take their random numbers, so the others follow the same
+    trajectory as in a run without the threshold.)"""
+    committee, _, xyz = files
+    base = ["md", committee, xyz, "--steps", "30", "--no-progress", "--thermo-every", "1",
+            "--temperature", "2000", "--replicas", "3", "--seed", "4"]
+    free = str(tmp_path / "free.csv")
+    assert md_cli.main(base + ["--thermo", free]) == 0
+    with open(free) as fh:
+        rows = list(csv.DictReader(fh))
+    dev = np.zeros((31, 3))
+    for row in rows:
+        dev[int(row["step"]), int(row["replica"])] = float(row["max_force_dev"])
+    peaks = np.sort(dev[1:].max(0))
+    assert peaks[0] < peaks[1]
+    limit = 0.5 * (peaks[0] + peaks[1])  # the lowest replica never crosses, the others do
+    first = {r: int(np.argmax(dev[1:, r] > limit)) + 1 for r in range(3)
+             if dev[1:, r].max() > limit}
+    thermo = str(tmp_path / "held.csv")
+    capsys.readouterr()
+    assert md_cli.main(base + ["--thermo", thermo, "--stop-uncertainty", repr(float(limit))]) == 0
+    err = capsys.readouterr().err
+    assert err.count("mlpot md: warning:") == len(first) == 2
+    saved = read(str(tmp_path / "held_uncertain.xyz"), index=":")
+    assert {a.info["replica"]: a.info["step"] for a in saved} == first
+    with open(thermo) as fh:
+        held = list(csv.DictReader(fh))
+    for r in range(3):
+        steps = [int(row["step"]) for row in held if int(row["replica"]) == r]
+        assert steps == list(range(first.get(r, 31)))
+    for row in held:  # the same numbers as the free run up to each replica's stop
+        assert float(row["max_force_dev"]) == pytest.approx(dev[int(row["step"]),
+                                                                int(row["replica"])], rel=1e-9)
