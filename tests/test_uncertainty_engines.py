@@ -375,3 +375,24 @@ def test_md_cli_holds_each_replica_at_its_crossing_and_runs_the_rest(files, tmp_
     for row in held:  # the same numbers as the free run up to each replica's stop
         assert float(row["max_force_dev"]) == pytest.approx(dev[int(row["step"]),
                                                                 int(row["replica"])], rel=1e-9)
+
+
+def test_resumed_run_leaves_the_same_thermo_and_model_devi(files, tmp_path):
+    committee, _, xyz = files
+
+    def run(folder, steps, *extra):
+        folder.mkdir(exist_ok=True)
+        return md_cli.main(["md", committee, xyz, "--steps", str(steps), "--no-progress",
+                            "--thermo-every", "2", "--thermo", str(folder / "t.csv"),
+                            "--model-devi", str(folder / "model_devi.out"),
+                            "--checkpoint", str(folder / "md.ckpt"), "--checkpoint-every", "4",
+                            "--temperature", "500"] + list(extra))
+
+    assert run(tmp_path / "a", 12) == 0
+    assert run(tmp_path / "b", 8) == 0
+    with open(tmp_path / "b" / "model_devi.out", "a") as fh:  # a half-written line of a kill
+        fh.write("          10       1.0")
+    assert run(tmp_path / "b", 12, "--resume") == 0
+    for name in ("t.csv", "model_devi.out"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert len((tmp_path / "a" / "model_devi.out").read_text().splitlines()) == 1 + 7
