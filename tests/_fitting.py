@@ -62,3 +62,23 @@ def fit_emt_forces(model, steps, lr=1e-2, cutoff=4.0):
     end = float(losses()[0].detach())
     print(f"force RMSE {start:.3f} -> {end:.3f} eV/A")
     return start, end
+
+
+def labelled_cu_cells(n, seed=0, stress=True):
+    """Rattled 2x2x1 fcc Cu cells labelled by ASE's EMT under the REF_ keys the readers know
+    (REF_energy, REF_forces and, with ``stress``, REF_stress): training data for tests."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))
+        a.rattle(0.08, seed=seed + k)
+        a.calc = EMT()
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        if stress:
+            a.info["REF_stress"] = a.get_stress()
+        a.calc = None
+        frames.append(a)
+    return frames

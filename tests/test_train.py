@@ -7,10 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
-from ase.calculators.emt import EMT
 from ase.io import write
 
+from _fitting import labelled_cu_cells
 from mlpot.cli import main as cli
 from mlpot.data import DataError
 from mlpot.train import ConfigError, Trainer, config_from_dict, load_config
@@ -21,17 +20,7 @@ TINY = {"name": "egnn", "cutoff": 3.6, "hparams": {"hidden": 16, "num_layers": 2
 
 
 def cu_frames(n=12):
-    frames = []
-    for k in range(n):
-        a = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))
-        a.rattle(0.08, seed=k)
-        a.calc = EMT()
-        a.info["REF_energy"] = a.get_potential_energy()
-        a.arrays["REF_forces"] = a.get_forces()
-        a.info["REF_stress"] = a.get_stress()
-        a.calc = None
-        frames.append(a)
-    return frames
+    return labelled_cu_cells(n, seed=0, stress=True)
 
 
 @pytest.fixture(scope="module")

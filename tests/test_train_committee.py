@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ase.build import bulk
-from ase.calculators.emt import EMT
 from ase.io import write
 
+from _fitting import labelled_cu_cells
 from mlpot import keys as K
 from mlpot.checkpoint import model_from_checkpoint, read_checkpoint
 from mlpot.cli import main as cli
 from mlpot.export import export, load, read_metadata
 from mlpot.models.committee import Committee
-from mlpot.train import ConfigError, Trainer, config_from_dict, train
+from mlpot.train import ConfigError, Trainer, config_from_dict
 from mlpot.train.metrics import MetricAccumulator, ence
 from mlpot.train.trainer import bootstrap_indices
 
@@ -27,16 +26,7 @@ TINY = {"name": "egnn", "cutoff": 3.6, "hparams": {"hidden": 8, "num_layers": 1}
 
 
 def cu_frames(n=10):
-    frames = []
-    for k in range(n):
-        a = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))
-        a.rattle(0.08, seed=100 + k)
-        a.calc = EMT()
-        a.info["REF_energy"] = a.get_potential_energy()
-        a.arrays["REF_forces"] = a.get_forces()
-        a.calc = None
-        frames.append(a)
-    return frames
+    return labelled_cu_cells(n, seed=100, stress=False)
 
 
 @pytest.fixture(scope="module")
