@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .label import add_label_parser
 
     add_label_parser(sub)
+    from .learn import add_learn_parser
+
+    add_learn_parser(sub)
     return parser
 
 

@@ -1,0 +1,812 @@
+"""``mlpot learn CONFIG.yaml``: the active-learning loop (query by committee).
+
+Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
+
+1. **train** a committee (``training.ensemble`` >= 2) on the initial data plus every earlier
+   iteration's ``labelled.xyz`` (``train/``: an ``mlpot train`` run), warm-started from
+   iteration i-1's ``best.pt`` weights (the EMA weights are loaded into every member and its
+   EMA before the first step; the optimizer starts afresh; ``warm_start: false`` starts from a
+   fresh initialisation), then exported to ``model.pt``;
+2. **explore** with MD through ``integrators`` (``explore``): for each starting structure (and,
+   for periodic cells with ``explore.pressures``, each pressure) one batched run of
+   ``replicas`` replicas per temperature, with the default health check and the uncertainty
+   stop (``integrators.health.UncertaintyStop``) at the upper trust level: a replica whose raw
+   ``max_force_dev`` passes it is held there and its structure saved (``uncertain.xyz``). Every
+   ``collect_every`` steps each running replica's frame is collected with its raw
+   ``max_force_dev`` (``explored.xyz``). Classes (DP-GEN's, raw deviations, eV/A):
+   accurate ``dev < lower``, candidate ``lower <= dev < upper``, failed ``dev >= upper``; each
+   replica stopped by the uncertainty stop (or lost to another health rule) counts as one
+   failed frame. The fractions are over all collected frames plus these;
+3. **select** at most ``selection.max_labels`` candidates, thinned for diversity by farthest
+   point sampling (FPS) on a per-structure descriptor (``structure_descriptor``), starting from
+   the candidate of largest deviation (``selected.xyz``);
+4. **label** them with ``mlpot.label.label_file`` (``labelled.xyz``; its progress file makes
+   the labelling resumable frame by frame) and add them to the data set.
+
+``labeller: {kind: pool, pool: FILE}`` skips the MD (for benchmarks): the committee scores
+every frame of the labelled pool not chosen before (its raw ``max_force_dev``: query by
+committee), the FPS selection picks among the candidates (the whole unchosen pool when
+``selection.pool_all_candidates``, the default: in a pool every frame may be labelled), and
+the chosen frames take their labels from the file: nothing is recomputed.
+
+Stopping rules, checked after each iteration: the fraction of explored frames below the lower
+level >= ``stop.accurate_fraction``; ``stop.max_iterations``; ``stop.max_wall_hours`` (wall time
+of the loop, summed over resumed runs); ``stop.max_labels`` (labels added by the loop).
+
+State: ``learn_dir/state.json`` (written atomically, ``mlpot.files.atomic_write``) records the
+iteration and the last phase finished (``trained``, ``explored``, ``selected``, ``labelled``) and
+the table. The same command after a kill at any moment resumes: a finished phase is not redone;
+a killed training continues from its ``last.pt`` (``--resume`` semantics, exact); a killed
+exploration or selection is redone from its start (deterministic: seeds come from
+``explore.seed`` and the iteration); a killed labelling keeps every finished label.
+
+Outputs: the per-iteration table on screen and in ``learn_dir/learning.csv`` (iteration,
+labels in the training set, labels added, fractions accurate/candidate/failed, the committee's
+validation force and energy RMSE) and ``learn_dir/learning.png`` (validation force RMSE against
+the number of labels).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+from .files import atomic_write
+from .train.config import ConfigError, _checked, _spec, _unknown
+
+PHASES = ("trained", "explored", "selected", "labelled")
+STATE_FORMAT = 1
+
+
+class LearnConfigError(ConfigError):
+    """Bad input to ``mlpot learn`` (exit code 2), found before any work starts."""
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ExploreConfig:
+    structures: Union[str, List[str]] = ""       # starting structures (any ASE format)
+    temperatures: List[float] = field(default_factory=lambda: [300.0])  # K
+    pressures: Optional[List[float]] = None      # bar; periodic cells only (NPT)
+    steps: int = _spec(1000, ge=1)               # MD steps per run
+    replicas: int = _spec(2, ge=1)               # replicas per temperature
+    timestep: float = _spec(1.0, gt=0.0)         # fs
+    ensemble: str = _spec("langevin", choices=["langevin", "npt"])
+    friction: float = _spec(0.01, gt=0.0)        # 1/fs (Langevin)
+    tau_t: float = _spec(100.0, gt=0.0)          # fs (NPT thermostat)
+    tau_p: float = _spec(1000.0, gt=0.0)         # fs (NPT barostat)
+    collect_every: int = _spec(10, ge=1)         # steps between collected frames
+    seed: int = _spec(0, ge=0)
+    device: str = "cpu"
+
+
+@dataclass
+class SelectionConfig:
+    lower: float = _spec(0.05, gt=0.0)           # eV/A, raw max_force_dev (DP-GEN's common)
+    upper: float = _spec(0.15, gt=0.0)           # eV/A
+    max_labels: int = _spec(10, ge=1)            # new labels per iteration
+    pool_all_candidates: bool = True             # pool mode: every unchosen frame may be picked
+
+
+@dataclass
+class LabellerConfig:
+    kind: str = _spec("ase", choices=["ase", "pyscf", "model", "pool"])
+    ase_calculator: Optional[str] = None         # module:Class
+    calc_kwargs: Dict[str, Any] = field(default_factory=dict)
+    method: str = "pbe"
+    basis: str = "def2-svp"
+    charge: int = 0
+    spin: int = _spec(0, ge=0)
+    max_cycle: int = _spec(100, ge=1)
+    model: Optional[str] = None
+    device: str = "cpu"
+    workers: int = _spec(1, ge=1)
+    pool: Optional[str] = None                   # pool mode: a labelled file
+
+
+@dataclass
+class StopConfig:
+    accurate_fraction: Optional[float] = _spec(0.99, gt=0.0)  # <= 1
+    max_iterations: int = _spec(10, ge=1)
+    max_wall_hours: Optional[float] = _spec(None, gt=0.0)
+    max_labels: Optional[int] = _spec(None, ge=1)
+
+
+@dataclass
+class LearnConfig:
+    learn_dir: str = "mlpot-learn"
+    data: Union[str, List[str]] = ""             # initial labelled data
+    training: Dict[str, Any] = field(default_factory=dict)  # an `mlpot train` config
+    warm_start: bool = True
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    labeller: LabellerConfig = field(default_factory=LabellerConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+
+
+_SECTIONS = {"explore": ExploreConfig, "selection": SelectionConfig,
+             "labeller": LabellerConfig, "stop": StopConfig}
+
+
+def _fill(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LearnConfigError(f"{where} must be a mapping, not {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown(key, fields, where)
+        if key in _SECTIONS and cls is LearnConfig:
+            kwargs[key] = _fill(_SECTIONS[key], value, f"{where}: {key}")
+            continue
+        try:
+            kwargs[key] = _checked(value, hints[key], fields[key].metadata, f"{where}.{key}")
+        except ConfigError as err:
+            raise LearnConfigError(str(err)) from None
+    return cls(**kwargs)
+
+
+def _files(value) -> List[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def learn_config_from_dict(raw: Dict[str, Any], where: str = "config",
+                           base_dir: str = ".") -> LearnConfig:
+    """A checked LearnConfig (the checks that need no work: see ``check_inputs`` for those
+    that read the structures and build the labeller). Relative paths are relative to
+    ``base_dir`` (the config file's folder)."""
+    if not isinstance(raw, dict):
+        raise LearnConfigError(f"{where}: expected a mapping with keys learn_dir, data, "
+                               "training, explore, selection, labeller, stop")
+    cfg = _fill(LearnConfig, raw, where)
+
+    def rel(p):
+        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+
+    cfg.learn_dir = rel(cfg.learn_dir)
+    cfg.data = [rel(p) for p in _files(cfg.data)]
+    cfg.explore.structures = [rel(p) for p in _files(cfg.explore.structures)]
+    cfg.labeller.pool = rel(cfg.labeller.pool)
+    if cfg.labeller.model:
+        cfg.labeller.model = rel(cfg.labeller.model)
+    if not cfg.data:
+        raise LearnConfigError(f"{where}: data is required: the initial labelled structures "
+                               "(a file or a list of files)")
+    s, st = cfg.selection, cfg.stop
+    if not s.lower < s.upper:
+        raise LearnConfigError(f"{where}: selection.lower = {s.lower:g} must be below "
+                               f"selection.upper = {s.upper:g} (eV/A, raw max_force_dev; e.g. "
+                               "lower: 0.05, upper: 0.15)")
+    if st.accurate_fraction is not None and st.accurate_fraction > 1:
+        raise LearnConfigError(f"{where}: stop.accurate_fraction = {st.accurate_fraction:g}: "
+                               "must be a fraction in (0, 1]")
+    lab = cfg.labeller
+    if lab.kind == "pool":
+        if not lab.pool:
+            raise LearnConfigError(f"{where}: labeller.kind = pool needs labeller.pool: a "
+                                   "labelled file whose frames are scored and picked")
+    else:
+        if lab.kind == "ase" and not lab.ase_calculator:
+            raise LearnConfigError(f"{where}: labeller.kind = ase needs labeller.ase_calculator "
+                                   "(module:Class, e.g. ase.calculators.emt:EMT)")
+        if lab.kind == "model" and not lab.model:
+            raise LearnConfigError(f"{where}: labeller.kind = model needs labeller.model (a "
+                                   "file written by `mlpot export`)")
+        if not cfg.explore.structures:
+            raise LearnConfigError(f"{where}: explore.structures is required: the starting "
+                                   "structures of the MD (or use labeller.kind: pool)")
+    e = cfg.explore
+    if not e.temperatures or any(not t > 0 for t in e.temperatures):
+        raise LearnConfigError(f"{where}: explore.temperatures = {e.temperatures}: give a list "
+                               "of temperatures > 0 K")
+    if e.ensemble == "npt" and not e.pressures:
+        raise LearnConfigError(f"{where}: explore.ensemble = npt needs explore.pressures (bar)")
+    # the committee's training config, checked now with the initial data
+    tcfg = training_config(cfg, cfg.data, os.path.join(cfg.learn_dir, "check"), where)
+    if tcfg.training.ensemble < 2:
+        raise LearnConfigError(
+            f"{where}: training.training.ensemble = {tcfg.training.ensemble}: active learning "
+            "needs a committee to measure its uncertainty; set training.ensemble to 2 or more "
+            "(4 is common)")
+    return cfg
+
+
+def training_config(cfg: LearnConfig, train_files: List[str], out_dir: str, where="config"):
+    """The `mlpot train` Config of one iteration: the user's ``training`` section with
+    data.train set to ``train_files`` and training.out_dir to ``out_dir``."""
+    from .train import config_from_dict
+
+    raw = copy.deepcopy(cfg.training or {})
+    if not isinstance(raw, dict):
+        raise LearnConfigError(f"{where}: training must be a mapping (an `mlpot train` config)")
+    data = dict(raw.get("data") or {})
+    if "train" in data:
+        raise LearnConfigError(f"{where}: training.data.train is set by the loop (the initial "
+                               "data and the labels so far); give the initial data as data:")
+    data["train"] = list(train_files)
+    raw["data"] = data
+    training = dict(raw.get("training") or {})
+    training["out_dir"] = out_dir
+    training.setdefault("progress", False)
+    raw["training"] = training
+    try:
+        return config_from_dict(raw, where=f"{where}: training")
+    except ConfigError as err:
+        raise LearnConfigError(str(err)) from None
+
+
+def load_learn_config(path: str) -> LearnConfig:
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise LearnConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise LearnConfigError(f"{path}: not valid YAML ({err})") from err
+    return learn_config_from_dict(raw or {}, where=path,
+                                  base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def labeller_spec(cfg: LearnConfig):
+    from .label import LabellerSpec
+
+    lab = cfg.labeller
+    return LabellerSpec(kind=lab.kind, method=lab.method, basis=lab.basis, charge=lab.charge,
+                        spin=lab.spin, max_cycle=lab.max_cycle, calculator=lab.ase_calculator,
+                        calc_kwargs=dict(lab.calc_kwargs), model=lab.model, device=lab.device)
+
+
+def _read(path: str, what: str):
+    import ase.io
+
+    if not os.path.isfile(path):
+        raise LearnConfigError(f"{what} {path}: no such file")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as err:  # noqa: BLE001 - re-raised with the file's name
+        raise LearnConfigError(f"{what} {path}: ASE could not read it "
+                               f"({type(err).__name__}: {err})") from err
+    if not frames:
+        raise LearnConfigError(f"{what} {path}: no frames")
+    return frames
+
+
+def check_inputs(cfg: LearnConfig):
+    """Checks that read inputs, before any work: the data files exist, the labeller imports and
+    can handle every starting structure (PySCF: molecules only; EMT: its elements), the pool
+    reads. Returns the starting structures (or the pool's frames)."""
+    for path in cfg.data:
+        if not os.path.exists(path):
+            raise LearnConfigError(f"data {path}: no such file or folder")
+    if cfg.labeller.kind == "pool":
+        return _read(cfg.labeller.pool, "labeller.pool")
+    from .label import make_labeller
+
+    labeller = make_labeller(labeller_spec(cfg))  # LabelError (exit 2) if it cannot import
+    starts = []
+    for path in cfg.explore.structures:
+        for k, atoms in enumerate(_read(path, "explore.structures")):
+            labeller.check(atoms, f"explore.structures {path}: frame {k}")
+            starts.append(atoms)
+    return starts
+
+
+# --------------------------------------------------------------------------- descriptor
+def structure_descriptor(atoms, cutoff: float, bins: int = 24, width: float = 0.15):
+    """A species-resolved radial distribution of one structure, the descriptor of the FPS.
+
+    For each ordered pair of species (a, b) present in ``species``, the distances r_ij < cutoff
+    from atoms i of species a to neighbours j of species b are smeared with Gaussians of
+    ``width`` Angstrom on ``bins`` points in [0, cutoff] and summed, divided by the number of
+    atoms (an intensive histogram). Why this one: it is invariant to translations, rotations
+    and permutations, does not depend on the committee being trained (so distances between
+    structures mean the same thing in every iteration, and a pool scored in several iterations
+    is thinned consistently), costs one ASE neighbor list, and separates what MD at different
+    temperatures and pressures explores (bond-length spread, density, coordination). It does
+    not see angles; the candidates it thins are already chosen by the committee's force
+    deviation, which does."""
+    from ase.neighborlist import neighbor_list
+
+    z = atoms.numbers
+    species = sorted(set(int(x) for x in z))
+    centres = np.linspace(0.0, cutoff, bins)
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
+    parts = []
+    for a in species:
+        for b in species:
+            sel = (z[i] == a) & (z[j] == b)
+            g = np.exp(-0.5 * ((d[sel, None] - centres[None, :]) / width) ** 2).sum(0)
+            parts.append(g / len(atoms))
+    return np.concatenate(parts)
+
+
+def farthest_point_sampling(x: np.ndarray, k: int, first: int = 0) -> List[int]:
+    """Indices of ``k`` rows of ``x`` chosen greedily, each the farthest (Euclidean) from those
+    chosen before, starting with ``first``."""
+    n = len(x)
+    if n == 0 or k <= 0:
+        return []
+    chosen = [int(first)]
+    dist = np.linalg.norm(x - x[first], axis=1)
+    while len(chosen) < min(k, n):
+        dist[chosen] = -1.0
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return chosen
+
+
+def classify(devs: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """0 accurate (dev < lower), 1 candidate (lower <= dev < upper), 2 failed (dev >= upper
+    or NaN)."""
+    devs = np.asarray(devs, dtype=np.float64)
+    out = np.full(devs.shape, 2, dtype=np.int64)
+    out[devs < upper] = 1
+    out[devs < lower] = 0
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+def _kill_point(name: str) -> None:
+    """Test hook: ``MLPOT_TEST_KILL_AT=<name>`` ends the process here as ``kill -9`` would."""
+    if os.environ.get("MLPOT_TEST_KILL_AT") == name:
+        os._exit(137)
+
+
+class Learner:
+    def __init__(self, cfg: LearnConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.dir = cfg.learn_dir
+        self.state_path = os.path.join(self.dir, "state.json")
+
+    # ------------------------------------------------------------ state
+    def read_state(self) -> Dict[str, Any]:
+        if not os.path.exists(self.state_path):
+            return {"format": STATE_FORMAT, "iteration": 0, "phase": None, "elapsed_s": 0.0,
+                    "rows": [], "pool_chosen": [], "stopped": None}
+        with open(self.state_path) as f:
+            state = json.load(f)
+        if state.get("format") != STATE_FORMAT:
+            raise LearnConfigError(f"{self.state_path}: written by another version of mlpot "
+                                   "learn; use a new learn_dir")
+        return state
+
+    def write_state(self, state: Dict[str, Any]) -> None:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=1)
+
+        atomic_write(self.state_path, write)
+
+    def iter_dir(self, i: int) -> str:
+        return os.path.join(self.dir, f"iter_{i:03d}")
+
+    def train_files(self, i: int) -> List[str]:
+        files = list(self.cfg.data)
+        for j in range(i):
+            path = os.path.join(self.iter_dir(j), "labelled.xyz")
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                files.append(path)
+        return files
+
+    def labels_added(self, i: int) -> int:
+        """Labelled frames added by iterations before ``i``."""
+        import ase.io
+
+        n = 0
+        for path in self.train_files(i)[len(self.cfg.data):]:
+            n += len(ase.io.read(path, index=":"))
+        return n
+
+    # ------------------------------------------------------------ run
+    def run(self) -> Dict[str, Any]:
+        frames = check_inputs(self.cfg)  # bad input: before any work
+        self.pool_size = len(frames)
+        os.makedirs(self.dir, exist_ok=True)
+        state = self.read_state()
+        if state.get("stopped"):
+            self.log(f"{self.dir}: the loop already stopped ({state['stopped']})")
+            self.print_table(state["rows"])
+            return state
+        t_start, elapsed0 = time.time(), float(state["elapsed_s"])
+        while True:
+            i, phase = state["iteration"], state["phase"]
+            idir = self.iter_dir(i)
+            os.makedirs(idir, exist_ok=True)
+            if phase is None:
+                self.train(i, state)
+                phase = self.advance(state, "trained", t_start, elapsed0)
+            if phase == "trained":
+                self.explore(i, state, frames)
+                phase = self.advance(state, "explored", t_start, elapsed0)
+            if phase == "explored":
+                self.select(i, state, frames)
+                phase = self.advance(state, "selected", t_start, elapsed0)
+            if phase == "selected":
+                self.label(i, state, frames)
+                phase = self.advance(state, "labelled", t_start, elapsed0)
+            why = self.stop_reason(state)
+            self.print_table(state["rows"])
+            if why:
+                state["stopped"] = why
+                self.write_state(state)
+                self.log(f"stopped after iteration {i}: {why}; the last committee is "
+                         f"{os.path.join(idir, 'model.pt')}")
+                self.plot(state["rows"])
+                return state
+            state["iteration"], state["phase"] = i + 1, None
+            self.write_state(state)
+            _kill_point(f"learn-iteration-{i + 1}")
+
+    def advance(self, state, phase: str, t_start: float, elapsed0: float) -> str:
+        state["phase"] = phase
+        state["elapsed_s"] = elapsed0 + time.time() - t_start
+        self.write_state(state)
+        _kill_point(f"learn-{phase}-{state['iteration']}")
+        return phase
+
+    def row(self, state, i: int) -> Dict[str, Any]:
+        rows = state["rows"]
+        while len(rows) <= i:
+            rows.append({"iteration": len(rows)})
+        return rows[i]
+
+    # ------------------------------------------------------------ phases
+    def train(self, i: int, state) -> None:
+        from .checkpoint import model_from_checkpoint, read_checkpoint, weights_of
+        from .export import export
+        from .train.trainer import Trainer, finalize
+
+        idir = self.iter_dir(i)
+        out = os.path.join(idir, "train")
+        cfg = training_config(self.cfg, self.train_files(i), out)
+        trainer = Trainer(cfg)
+        resume = os.path.exists(os.path.join(out, "last.pt"))
+        prev = os.path.join(self.iter_dir(i - 1), "train", "best.pt")
+        if not resume and i > 0 and self.cfg.warm_start and os.path.exists(prev):
+            weights = weights_of(read_checkpoint(prev))
+            try:
+                trainer.model.load_state_dict(weights)
+                if trainer.emas is not None:
+                    for k, ema in enumerate(trainer.emas):
+                        pre = f"members.{k}."
+                        ema.module.load_state_dict({n[len(pre):]: v for n, v in weights.items()
+                                                    if n.startswith(pre)})
+            except (RuntimeError, KeyError) as err:
+                warnings.warn(f"iteration {i}: the committee of iteration {i - 1} does not fit "
+                              f"this one ({str(err).splitlines()[0]}); training starts fresh",
+                              stacklevel=2)
+        self.log(f"iteration {i}: training the committee of {cfg.training.ensemble} on "
+                 f"{len(trainer.train_set)} + {len(trainer.val_set)} frames"
+                 + (" (resumed)" if resume else ""))
+        trainer.fit(resume=resume)
+        results = finalize(trainer)
+        model = model_from_checkpoint(os.path.join(out, "best.pt"))
+        export(model, os.path.join(idir, "model.pt"))
+        val = results["validation"]
+        row = self.row(state, i)
+        row["labels"] = len(trainer.train_set) + len(trainer.val_set)
+        row["labels_added_so_far"] = self.labels_added(i)
+        row["val_forces_rmse_eV_per_A"] = _get(val, "forces_rmse_meV_per_A", 1e-3)
+        row["val_energy_rmse_meV_per_atom"] = _get(val, "energy_rmse_meV_per_atom", 1.0)
+
+    def _model(self, i: int):
+        from .export import load
+
+        return load(os.path.join(self.iter_dir(i), "model.pt"),
+                    device=self.cfg.explore.device)
+
+    def explore(self, i: int, state, starts) -> None:
+        import ase.io
+
+        idir = self.iter_dir(i)
+        if self.cfg.labeller.kind == "pool":
+            devs = self.score_pool(i, state, starts)
+            chosen = set(state["pool_chosen"])
+            frames = []
+            for k, atoms in enumerate(starts):
+                if k in chosen:
+                    continue
+                a = atoms.copy()
+                a.info = {"pool_index": k, "max_force_dev": float(devs[k])}
+                frames.append(a)
+            failed_runs = 0
+        else:
+            frames, failed_runs = self.run_md(i, starts)
+        atomic_write(os.path.join(idir, "explored.xyz"),
+                     lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
+        devs = np.array([a.info["max_force_dev"] for a in frames], dtype=np.float64)
+        cls = classify(devs, self.cfg.selection.lower, self.cfg.selection.upper)
+        n = len(frames) + failed_runs
+        row = self.row(state, i)
+        row["frames"] = n
+        row["accurate"] = float((cls == 0).sum() / n) if n else 0.0
+        row["candidate"] = float((cls == 1).sum() / n) if n else 0.0
+        row["failed"] = float(((cls == 2).sum() + failed_runs) / n) if n else 0.0
+
+    def score_pool(self, i: int, state, pool) -> np.ndarray:
+        """Raw max_force_dev of every pool frame by iteration i's committee."""
+        from .ase import MLPotCalculator
+
+        calc = MLPotCalculator(self._model(i), device=self.cfg.explore.device, min_distance=None)
+        devs = np.full(len(pool), np.nan)
+        chosen = set(state["pool_chosen"])
+        for k, atoms in enumerate(pool):
+            if k in chosen:
+                continue
+            a = atoms.copy()
+            a.calc = calc
+            a.get_forces()
+            devs[k] = float(calc.results["max_force_dev"])
+        return devs
+
+    def run_md(self, i: int, starts):
+        """(collected frames with their raw max_force_dev, number of replicas stopped)."""
+        import torch
+
+        import integrators as I
+        from integrators import health as H
+
+        e = self.cfg.explore
+        model = self._model(i)
+        idir = self.iter_dir(i)
+        uncertain = os.path.join(idir, "uncertain.xyz")
+        if os.path.exists(uncertain):
+            os.remove(uncertain)  # a killed exploration is redone from its start
+        temps = [float(t) for t in e.temperatures]
+        frames, failed = [], 0
+        run = 0
+        for s, atoms in enumerate(starts):
+            periodic = bool(np.all(atoms.pbc))
+            pressures = (e.pressures or [None]) if periodic else [None]
+            types = model.atom_types(atoms.numbers, where=f"explore.structures frame {s}")
+            provider = I.MLPotForces(model, types, pbc=tuple(bool(p) for p in atoms.pbc),
+                                     atomic_numbers=atoms.numbers)
+            for p in pressures:
+                r = len(temps) * e.replicas
+                t_rep = torch.tensor([t for t in temps for _ in range(e.replicas)],
+                                     dtype=torch.float64)
+                st = I.state_from_ase(atoms, replicas=r, seed=e.seed + 1000 * i + run,
+                                      device=e.device, dtype=model.dtype)
+                st = I.initialize_velocities(st, t_rep, remove_com=True)
+                if p is not None and e.ensemble == "npt":
+                    integ = I.StochasticCellRescaling(e.timestep, t_rep, float(p), e.tau_t,
+                                                      e.tau_p)
+                else:
+                    integ = I.Langevin(e.timestep, t_rep, e.friction)
+                rule = H.UncertaintyStop(self.cfg.selection.upper, uncertain)
+                health = H.HealthCheck(H.default_rules() + [rule], last_good_path=None)
+                collector = _Collector(e.collect_every, run, t_rep.tolist(), p)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", I.MDWarning)
+                    try:
+                        I.simulate(st, integ, provider, e.steps, [collector], health=health,
+                                   last_good_path=None)
+                        stopped = 0 if rule.stopped is None else int(rule.stopped.sum())
+                    except H.UncertaintyStopped:
+                        stopped = r
+                    except (H.HealthCheckFailed, I.MDStopped) as err:
+                        # another rule broke: the replicas still running count as failed
+                        live = r if rule.stopped is None else r - int(rule.stopped.sum())
+                        stopped = r
+                        self.log(f"  run {run}: MD stopped ({' '.join(str(err).split())[:200]}"
+                                 f"); {live} running replica(s) counted as failed")
+                frames += collector.frames
+                failed += stopped
+                run += 1
+        return frames, failed
+
+    def select(self, i: int, state, starts) -> None:
+        import ase.io
+
+        idir = self.iter_dir(i)
+        frames = ase.io.read(os.path.join(idir, "explored.xyz"), index=":") \
+            if os.path.getsize(os.path.join(idir, "explored.xyz")) > 0 else []
+        sel = self.cfg.selection
+        devs = np.array([a.info["max_force_dev"] for a in frames], dtype=np.float64)
+        if self.cfg.labeller.kind == "pool" and sel.pool_all_candidates:
+            cand = np.flatnonzero(np.isfinite(devs))
+        else:
+            cand = np.flatnonzero(classify(devs, sel.lower, sel.upper) == 1)
+        budget = sel.max_labels
+        if self.cfg.stop.max_labels is not None:
+            budget = min(budget, self.cfg.stop.max_labels - self.labels_added(i))
+        picked: List[int] = []
+        if len(cand) and budget > 0:
+            cutoff = float(self._model(i).cutoff)
+            x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
+            first = int(np.argmax(devs[cand]))
+            picked = [int(cand[k]) for k in farthest_point_sampling(x, budget, first)]
+        chosen = []
+        for k in picked:
+            a = frames[k].copy()
+            a.calc = None
+            chosen.append(a)
+        atomic_write(os.path.join(idir, "selected.xyz"),
+                     lambda tmp: ase.io.write(tmp, chosen, format="extxyz"))
+        row = self.row(state, i)
+        row["selected"] = len(chosen)
+        if self.cfg.labeller.kind == "pool":
+            state["pool_chosen"] = sorted(set(state["pool_chosen"])
+                                          | {int(a.info["pool_index"]) for a in chosen})
+
+    def label(self, i: int, state, pool) -> None:
+        import ase.io
+
+        from .label import label_file
+
+        idir = self.iter_dir(i)
+        selected = os.path.join(idir, "selected.xyz")
+        out = os.path.join(idir, "labelled.xyz")
+        chosen = ase.io.read(selected, index=":") if os.path.getsize(selected) > 0 else []
+        if not chosen:
+            atomic_write(out, lambda tmp: open(tmp, "w").close())
+            n = 0
+        elif self.cfg.labeller.kind == "pool":  # labels from the pool file, never recomputed
+            frames = [pool[int(a.info["pool_index"])] for a in chosen]
+            atomic_write(out, lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
+            n = len(frames)
+        else:
+            s = label_file(selected, out, labeller_spec(self.cfg),
+                           workers=self.cfg.labeller.workers, log=self.log)
+            n = s["labelled"]
+            if s["failed"]:
+                self.log(f"  {s['failed']} frame(s) failed to label (listed in "
+                         f"{s['failed_file']})")
+        self.row(state, i)["labels_added"] = n
+
+    # ------------------------------------------------------------ stopping and reports
+    def stop_reason(self, state) -> Optional[str]:
+        st = self.cfg.stop
+        i = state["iteration"]
+        row = state["rows"][i]
+        if st.accurate_fraction is not None and row.get("frames") and \
+                row["accurate"] >= st.accurate_fraction:
+            return (f"{100 * row['accurate']:.1f} % of the explored frames are below the lower "
+                    f"trust level (target {100 * st.accurate_fraction:g} %)")
+        if i + 1 >= st.max_iterations:
+            return f"stop.max_iterations = {st.max_iterations} reached"
+        if st.max_wall_hours is not None and state["elapsed_s"] >= 3600 * st.max_wall_hours:
+            return f"stop.max_wall_hours = {st.max_wall_hours:g} reached"
+        added = row.get("labels_added_so_far", 0) + row.get("labels_added", 0)
+        if st.max_labels is not None and added >= st.max_labels:
+            return f"stop.max_labels = {st.max_labels} labels added"
+        if self.cfg.labeller.kind == "pool" and \
+                len(state["pool_chosen"]) >= self.pool_size:
+            return "the pool is used up"
+        return None
+
+    COLUMNS = ["iteration", "labels", "labels_added", "frames", "accurate", "candidate",
+               "failed", "val_forces_rmse_eV_per_A", "val_energy_rmse_meV_per_atom"]
+
+    def print_table(self, rows) -> None:
+        path = os.path.join(self.dir, "learning.csv")
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(path, write)
+        head = (f"{'iter':>4} {'labels':>6} {'added':>5} {'frames':>6} {'accur.':>6} "
+                f"{'cand.':>6} {'failed':>6} {'F RMSE':>8} {'E RMSE':>9}")
+        lines = [head, f"{'':>4} {'':>6} {'':>5} {'':>6} {'':>6} {'':>6} {'':>6} "
+                       f"{'eV/A':>8} {'meV/atom':>9}"]
+        for r in rows:
+            def f(key, fmt):
+                v = r.get(key)
+                return format(v, fmt) if v is not None else "-"
+            lines.append(f"{r['iteration']:>4} {f('labels', 'd'):>6} "
+                         f"{f('labels_added', 'd'):>5} {f('frames', 'd'):>6} "
+                         f"{f('accurate', '.3f'):>6} {f('candidate', '.3f'):>6} "
+                         f"{f('failed', '.3f'):>6} {f('val_forces_rmse_eV_per_A', '.4f'):>8} "
+                         f"{f('val_energy_rmse_meV_per_atom', '.2f'):>9}")
+        self.log("\n".join(lines))
+        self.plot(rows)
+
+    def plot(self, rows) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = [(r["labels"], r["val_forces_rmse_eV_per_A"]) for r in rows
+               if r.get("labels") is not None and r.get("val_forces_rmse_eV_per_A") is not None]
+        if not pts:
+            return
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_xlabel("labelled structures (train + validation)")
+        ax.set_ylabel("validation force RMSE (eV/A)")
+        ax.set_title("mlpot learn")
+        fig.tight_layout()
+        path = os.path.join(self.dir, "learning.png")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+
+
+def _get(d: Dict[str, Any], key: str, scale: float) -> Optional[float]:
+    v = d.get(key)
+    return None if v is None else float(v) * scale
+
+
+class _Collector:
+    """Collects every ``interval`` steps the running replicas' frames with their raw
+    max_force_dev (a reporter of ``integrators.simulate``)."""
+
+    def __init__(self, interval: int, run: int, temps, pressure):
+        self.interval = int(interval)
+        self.run, self.temps, self.pressure = run, temps, pressure
+        self.frames: List[Any] = []
+
+    def open(self, state, integrator) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def report(self, state, integrator) -> None:
+        from ase import Atoms
+
+        if state.step == 0:  # the starting structure is not explored yet
+            return
+        dev = state.outputs.get("max_force_dev")
+        if dev is None:
+            raise LearnConfigError("the exploration model returns no max_force_dev: it is not "
+                                   "a committee")
+        for r in range(state.n_replicas):
+            if state.active is not None and not bool(state.active[r]):
+                continue
+            a = Atoms(numbers=state.atomic_numbers.cpu().numpy(),
+                      positions=state.positions[r].detach().double().cpu().numpy(),
+                      cell=state.cell[r].detach().double().cpu().numpy(),
+                      pbc=state.pbc.cpu().numpy())
+            a.info.update(max_force_dev=float(dev[r]), step=int(state.step), run=self.run,
+                          replica=r, temperature_K=float(self.temps[r]))
+            if self.pressure is not None:
+                a.info["pressure_bar"] = float(self.pressure)
+            self.frames.append(a)
+
+
+def learn(cfg: LearnConfig, log=print) -> Dict[str, Any]:
+    """Run (or resume) the loop of ``cfg``; returns the final state (see the module doc)."""
+    return Learner(cfg, log).run()
+
+
+def run_learn(args) -> int:
+    cfg = load_learn_config(args.config)
+    learn(cfg)
+    print(f"outputs in {cfg.learn_dir}/ (learning.csv, learning.png, iter_*/)")
+    return 0
+
+
+def add_learn_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "learn", help="active learning: train a committee, explore with MD, label, repeat",
+        description="The active-learning loop of CONFIG.yaml (see examples/learn_config.yaml): "
+                    "train a committee, explore with MD, pick the structures where the "
+                    "committee disagrees, label them, repeat. The same command after a kill "
+                    "resumes. Exit code 2 for bad input (checked before any work).")
+    p.add_argument("config", help="YAML file (see examples/learn_config.yaml)")
+    p.set_defaults(func=run_learn)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_learn(type("A", (), {"config": sys.argv[1]})()))

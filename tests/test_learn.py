@@ -1,0 +1,217 @@
+"""`mlpot learn`: the active-learning loop with the EMT labeller on an 8-atom Cu cell (two
+iterations grow the data set; a kill between the iterations resumes to the same data set), the
+pool mode (query by committee, labels taken from the pool, never recomputed) and bad input
+(one line, exit code 2, before any work)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import read, write
+
+from mlpot.cli import main as cli
+from mlpot.learn import (classify, farthest_point_sampling, learn, learn_config_from_dict,
+                         structure_descriptor)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POOL_OFFSET = 1.0  # eV added to the pool's energies: a recomputed label would lack it
+
+
+def cu_cells(n, seed, offset=0.0):
+    frames = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+        a.rattle(0.1, seed=seed + k)
+        a.calc = EMT()
+        a.info["REF_energy"] = a.get_potential_energy() + offset
+        a.arrays["REF_forces"] = a.get_forces()
+        a.calc = None
+        frames.append(a)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("learn_inputs")
+    write(d / "init.xyz", cu_cells(6, 0), format="extxyz")
+    write(d / "start.xyz", bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1)),
+          format="extxyz")
+    write(d / "pool.xyz", cu_cells(10, 100, POOL_OFFSET), format="extxyz")
+    return d
+
+
+def config(inputs, learn_dir, **changes):
+    cfg = {"learn_dir": str(learn_dir), "data": str(inputs / "init.xyz"),
+           "training": {"model": {"name": "egnn", "cutoff": 3.6,
+                                  "hparams": {"hidden": 8, "num_layers": 1}},
+                        "loss": {"energy": 1.0, "forces": 10.0}, "optim": {"lr": 5e-3},
+                        "data": {"validation_fraction": 0.3},
+                        "training": {"batch_size": 3, "max_epochs": 2, "seed": 5,
+                                     "ensemble": 2}},
+           "explore": {"structures": str(inputs / "start.xyz"), "temperatures": [300, 900],
+                       "replicas": 1, "steps": 20, "timestep": 2.0, "collect_every": 5},
+           # tiny members barely disagree (max_force_dev ~1e-3 eV/A): levels that make every
+           # explored frame a candidate, so that each iteration adds max_labels labels
+           "selection": {"lower": 1e-5, "upper": 1.0, "max_labels": 3},
+           "labeller": {"kind": "ase", "ase_calculator": "ase.calculators.emt:EMT"},
+           "stop": {"max_iterations": 2}}
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(tmp_path, cfg):
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def loop(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn") / "run"
+    state = learn(learn_config_from_dict(config(inputs, out)), log=lambda *a: None)
+    return out, state
+
+
+def labelled(run, i):
+    return read(str(run / f"iter_{i:03d}" / "labelled.xyz"), index=":")
+
+
+def test_two_iterations_grow_the_data_set_with_emt_labels(loop):
+    run, state = loop
+    assert state["stopped"] == "stop.max_iterations = 2 reached"
+    rows = list(csv.DictReader(open(run / "learning.csv")))
+    assert [int(r["iteration"]) for r in rows] == [0, 1]
+    # iteration 0 trains on the 6 initial frames, iteration 1 on those plus its 3 labels
+    assert [int(r["labels"]) for r in rows] == [6, 9]
+    assert [int(r["labels_added"]) for r in rows] == [3, 3]
+    for r in rows:  # 2 temperatures x 1 replica, 20 steps, a frame every 5: 8 frames
+        assert int(r["frames"]) == 8 and float(r["candidate"]) == 1.0
+        assert float(r["val_forces_rmse_eV_per_A"]) > 0
+    assert (run / "learning.png").stat().st_size > 0
+    assert (run / "iter_001" / "model.pt").exists()
+    cfg = yaml.safe_load(open(run / "iter_001" / "train" / "config.yaml"))
+    assert cfg["data"]["train"][-1].endswith("iter_000/labelled.xyz")
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    for i in (0, 1):
+        frames = labelled(run, i)
+        assert len(frames) == 3
+        for a in frames:  # the labels are EMT's at these positions
+            b = a.copy()
+            b.calc = EMT()
+            assert a.info["REF_energy"] == pytest.approx(b.get_potential_energy(), abs=1e-6)
+            np.testing.assert_allclose(a.arrays["REF_forces"], b.get_forces(), atol=1e-6)
+    # the labelled frames are explored frames (MD snapshots, not the starting cell)
+    pos = [a.positions for a in explored]
+    for a in labelled(run, 0):
+        assert any(np.allclose(a.positions, p, atol=1e-8) for p in pos)
+        assert a.info["step"] > 0
+
+
+def _learn_in_subprocess(path, kill_at=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MLPOT_TEST_KILL_AT", None)
+    if kill_at:
+        env["MLPOT_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "mlpot.cli", "learn", path], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_kill_between_iterations_resumes_to_the_same_data_set(loop, inputs, tmp_path):
+    ref, _ = loop
+    run = tmp_path / "run"
+    path = write_config(tmp_path, config(inputs, run))
+    killed = _learn_in_subprocess(path, kill_at="learn-iteration-1")
+    assert killed.returncode == 137, killed.stderr
+    state = json.load(open(run / "state.json"))
+    assert state["iteration"] == 1 and state["phase"] is None
+    assert not (run / "iter_001").exists()
+    done = _learn_in_subprocess(path)
+    assert done.returncode == 0, done.stderr
+    assert "iteration 0: training" not in done.stdout  # iteration 0 was not redone
+    for i in (0, 1):
+        got, want = labelled(run, i), labelled(ref, i)
+        assert len(got) == len(want) == 3
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.positions, b.positions)
+            assert a.info["REF_energy"] == b.info["REF_energy"]
+            np.testing.assert_array_equal(a.arrays["REF_forces"], b.arrays["REF_forces"])
+    assert list(csv.DictReader(open(run / "learning.csv")))[-1]["labels"] == "9"
+    # the same command once more: the loop has stopped, nothing is redone
+    again = _learn_in_subprocess(path)
+    assert again.returncode == 0 and "training" not in again.stdout
+    assert "already stopped" in again.stdout
+
+
+def test_pool_mode_picks_pool_frames_and_never_relabels(inputs, tmp_path):
+    run = tmp_path / "pool"
+    cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                 explore={"structures": []})
+    state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    pool = read(str(inputs / "pool.xyz"), index=":")
+    chosen = []
+    for i in (0, 1):
+        explored = read(str(run / f"iter_{i:03d}" / "explored.xyz"), index=":")
+        # every unchosen pool frame is scored by the committee; chosen ones are not again
+        assert len(explored) == 10 - 3 * i
+        assert all(a.info["max_force_dev"] > 0 for a in explored)
+        assert not set(a.info["pool_index"] for a in explored) & set(chosen)
+        assert not (run / f"iter_{i:03d}" / "uncertain.xyz").exists()  # no MD
+        sel = read(str(run / f"iter_{i:03d}" / "selected.xyz"), index=":")
+        idx = [a.info["pool_index"] for a in sel]
+        # FPS starts from the frame the committee doubts most
+        assert idx[0] == max(explored, key=lambda a: a.info["max_force_dev"]).info["pool_index"]
+        for k, a in zip(idx, labelled(run, i)):  # the pool's labels, offset included
+            assert a.info["REF_energy"] == pytest.approx(pool[k].info["REF_energy"], abs=1e-9)
+            np.testing.assert_allclose(a.arrays["REF_forces"], pool[k].arrays["REF_forces"],
+                                       atol=1e-9)
+            np.testing.assert_allclose(a.positions, pool[k].positions, atol=1e-9)
+        chosen += idx
+    assert len(set(chosen)) == 6 and sorted(state["pool_chosen"]) == sorted(chosen)
+
+
+def test_fps_and_classes():
+    x = np.array([[0.0], [0.1], [5.0], [2.4], [0.2]])
+    assert farthest_point_sampling(x, 3, first=0) == [0, 2, 3]
+    assert classify(np.array([0.01, 0.05, 0.1, 0.15, np.nan]), 0.05, 0.15).tolist() == \
+        [0, 1, 1, 2, 2]
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    b = a.copy()
+    b.rattle(0.1, seed=1)
+    da, db = structure_descriptor(a, 3.6), structure_descriptor(b, 3.6)
+    rotated = b.copy()
+    rotated.rotate(30, "z", rotate_cell=True)
+    np.testing.assert_allclose(structure_descriptor(rotated, 3.6), db, atol=1e-9)
+    assert np.linalg.norm(da - db) > 1e-2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training": {"training": {"ensemble": 1}}}, "ensemble = 1: active learning needs a "
+                                                  "committee"),
+    ({"selection": {"lower": 0.2, "upper": 0.1}}, "selection.lower = 0.2 must be below "
+                                                  "selection.upper = 0.1"),
+    ({"labeller": {"kind": "ase", "ase_calculator": "no_such_pkg.calc:Calc"}},
+     "cannot import no_such_pkg.calc"),
+    ({"labeller": {"kind": "pyscf"}}, "is periodic"),
+])
+def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, capsys, change, message):
+    cfg = config(inputs, tmp_path / "run")
+    if "training" in change:
+        cfg["training"]["training"] = {**cfg["training"]["training"], "ensemble": 1}
+    else:
+        cfg.update({k: {**cfg[k], **v} if k == "selection" else v for k, v in change.items()})
+    code = cli(["learn", write_config(tmp_path, cfg)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # no work started
