@@ -4,9 +4,10 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
 
 1. **train** a committee (``training.ensemble`` >= 2) on the initial data plus every earlier
    iteration's ``labelled.xyz`` (``train/``: an ``mlpot train`` run), warm-started from
-   iteration i-1's ``best.pt`` weights (the EMA weights are loaded into every member and its
-   EMA before the first step; the optimizer starts afresh; ``warm_start: false`` starts from a
-   fresh initialisation), then exported to ``model.pt``;
+   iteration i-1's ``best.pt`` weights (its EMA weights are loaded into every member and the
+   member's EMA before the first step; the optimizer starts afresh; ``warm_start: false``
+   starts from a fresh initialisation; a committee that does not fit, e.g. after a change of
+   the type map, is a warning and a fresh start), then exported to ``model.pt``;
 2. **explore** with MD through ``integrators`` (``explore``): for each starting structure (and,
    for periodic cells with ``explore.pressures``, each pressure) one batched run of
    ``replicas`` replicas per temperature, with the default health check and the uncertainty
@@ -288,8 +289,10 @@ def _read(path: str, what: str):
 
 def check_inputs(cfg: LearnConfig):
     """Checks that read inputs, before any work: the data files exist, the labeller imports and
-    can handle every starting structure (PySCF: molecules only; EMT: its elements), the pool
-    reads. Returns the starting structures (or the pool's frames)."""
+    can handle every starting structure (PySCF: molecules only, with basis functions for every
+    element; EMT and a model: their elements; any other ASE calculator: a dry run labelling the
+    first starting structure of each composition), the pool reads. Returns the starting
+    structures (or the pool's frames)."""
     for path in cfg.data:
         if not os.path.exists(path):
             raise LearnConfigError(f"data {path}: no such file or folder")
@@ -297,11 +300,24 @@ def check_inputs(cfg: LearnConfig):
         return _read(cfg.labeller.pool, "labeller.pool")
     from .label import make_labeller
 
+    from .label import FrameFailed, LabelError, composition
+
     labeller = make_labeller(labeller_spec(cfg))  # LabelError (exit 2) if it cannot import
-    starts = []
+    starts, seen = [], set()
     for path in cfg.explore.structures:
         for k, atoms in enumerate(_read(path, "explore.structures")):
-            labeller.check(atoms, f"explore.structures {path}: frame {k}")
+            where = f"explore.structures {path}: frame {k}"
+            labeller.check(atoms, where)  # PySCF: molecules only; EMT, a model: its elements
+            key = composition(atoms)
+            if getattr(labeller, "needs_dry_run", False) and key not in seen:
+                # any other ASE calculator: one frame per composition, labelled now
+                try:
+                    labeller.label(atoms)
+                except FrameFailed as err:
+                    raise LabelError(f"{where} ({key}): the dry run of "
+                                     f"{cfg.labeller.ase_calculator} failed: {err}; check that "
+                                     "the calculator handles these elements and settings") from err
+            seen.add(key)
             starts.append(atoms)
     return starts
 

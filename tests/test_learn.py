@@ -21,7 +21,18 @@ from mlpot.learn import (classify, farthest_point_sampling, learn, learn_config_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+from ase.calculators.calculator import Calculator
+
 POOL_OFFSET = 1.0  # eV added to the pool's energies: a recomputed label would lack it
+
+
+class BrokenCalculator(Calculator):
+    """An ASE calculator that knows no copper (for the dry run before the loop)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=None, system_changes=None):
+        raise ValueError("no parameters for Cu")
 
 
 def cu_cells(n, seed, offset=0.0):
@@ -203,6 +214,8 @@ def test_fps_and_classes():
     ({"labeller": {"kind": "ase", "ase_calculator": "no_such_pkg.calc:Calc"}},
      "cannot import no_such_pkg.calc"),
     ({"labeller": {"kind": "pyscf"}}, "is periodic"),
+    ({"labeller": {"kind": "ase", "ase_calculator": "test_learn:BrokenCalculator"}},
+     "the dry run of test_learn:BrokenCalculator failed: ValueError: no parameters for Cu"),
 ])
 def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, capsys, change, message):
     cfg = config(inputs, tmp_path / "run")
@@ -215,3 +228,12 @@ def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, capsys, change,
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # no work started
+
+
+def test_the_example_config_loads():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from mlpot.learn import load_learn_config
+
+    cfg = load_learn_config(os.path.join(root, "examples", "learn_config.yaml"))
+    assert cfg.selection.lower == 0.05 and cfg.selection.upper == 0.15
+    assert cfg.labeller.kind == "ase" and cfg.stop.max_iterations >= 1
