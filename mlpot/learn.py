@@ -213,6 +213,9 @@ def learn_config_from_dict(raw: Dict[str, Any], where: str = "config",
     if not e.temperatures or any(not t > 0 for t in e.temperatures):
         raise LearnConfigError(f"{where}: explore.temperatures = {e.temperatures}: give a list "
                                "of temperatures > 0 K")
+    if e.pressures and e.ensemble != "npt":
+        raise LearnConfigError(f"{where}: explore.pressures needs explore.ensemble: npt (or "
+                               "remove explore.pressures for NVT Langevin runs)")
     if e.ensemble == "npt" and not e.pressures:
         raise LearnConfigError(f"{where}: explore.ensemble = npt needs explore.pressures (bar)")
     # the committee's training config, checked now with the initial data
@@ -665,7 +668,7 @@ class Learner:
     def label(self, i: int, state, pool) -> None:
         import ase.io
 
-        from .label import label_file
+        from .label import label_file, side_files
 
         idir = self.iter_dir(i)
         selected = os.path.join(idir, "selected.xyz")
@@ -678,6 +681,10 @@ class Learner:
             frames = [pool[int(a.info["pool_index"])] for a in chosen]
             atomic_write(out, lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
             n = len(frames)
+        elif os.path.exists(out) and not os.path.exists(side_files(out)[0]):
+            # label_file wrote the output, then removed its progress file: labelled already
+            # (a kill before the phase was recorded); not labelled again
+            n = len(ase.io.read(out, index=":")) if os.path.getsize(out) > 0 else 0
         else:
             s = label_file(selected, out, labeller_spec(self.cfg),
                            workers=self.cfg.labeller.workers, log=self.log)
@@ -685,6 +692,7 @@ class Learner:
             if s["failed"]:
                 self.log(f"  {s['failed']} frame(s) failed to label (listed in "
                          f"{s['failed_file']})")
+        _kill_point(f"learn-labels-written-{i}")
         self.row(state, i)["labels_added"] = n
 
     # ------------------------------------------------------------ stopping and reports

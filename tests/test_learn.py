@@ -130,7 +130,7 @@ def test_two_iterations_grow_the_data_set_with_emt_labels(loop):
 
 
 def _learn_in_subprocess(path, kill_at=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # output before os._exit
     env.pop("MLPOT_TEST_KILL_AT", None)
     if kill_at:
         env["MLPOT_TEST_KILL_AT"] = kill_at
@@ -138,12 +138,20 @@ def _learn_in_subprocess(path, kill_at=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_kill_between_iterations_resumes_to_the_same_data_set(loop, inputs, tmp_path):
+def test_kills_mid_iteration_and_between_iterations_resume_to_the_same_data_set(loop, inputs, tmp_path):
     ref, _ = loop
     run = tmp_path / "run"
     path = write_config(tmp_path, config(inputs, run))
+    # killed after iteration 0's labels were written, before its phase was recorded
+    killed = _learn_in_subprocess(path, kill_at="learn-labels-written-0")
+    assert killed.returncode == 137, killed.stderr
+    assert json.load(open(run / "state.json"))["phase"] == "selected"
+    assert len(labelled(run, 0)) == 3
+    # resumed: the labels are not computed again; then killed between the iterations
     killed = _learn_in_subprocess(path, kill_at="learn-iteration-1")
     assert killed.returncode == 137, killed.stderr
+    assert "iter labels" in killed.stdout  # the table of iteration 0
+    assert "frames (0 failed)" not in killed.stdout and "training" not in killed.stdout
     state = json.load(open(run / "state.json"))
     assert state["iteration"] == 1 and state["phase"] is None
     assert not (run / "iter_001").exists()
@@ -214,6 +222,7 @@ def test_fps_and_classes():
     ({"labeller": {"kind": "ase", "ase_calculator": "no_such_pkg.calc:Calc"}},
      "cannot import no_such_pkg.calc"),
     ({"labeller": {"kind": "pyscf"}}, "is periodic"),
+    ({"explore": {"pressures": [1.0]}}, "explore.pressures needs explore.ensemble: npt"),
     ({"labeller": {"kind": "ase", "ase_calculator": "test_learn:BrokenCalculator"}},
      "the dry run of test_learn:BrokenCalculator failed: ValueError: no parameters for Cu"),
 ])
@@ -222,7 +231,8 @@ def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, capsys, change,
     if "training" in change:
         cfg["training"]["training"] = {**cfg["training"]["training"], "ensemble": 1}
     else:
-        cfg.update({k: {**cfg[k], **v} if k == "selection" else v for k, v in change.items()})
+        cfg.update({k: {**cfg[k], **v} if k in ("selection", "explore") else v
+                    for k, v in change.items()})
     code = cli(["learn", write_config(tmp_path, cfg)])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -237,3 +247,30 @@ def test_the_example_config_loads():
     cfg = load_learn_config(os.path.join(root, "examples", "learn_config.yaml"))
     assert cfg.selection.lower == 0.05 and cfg.selection.upper == 0.15
     assert cfg.labeller.kind == "ase" and cfg.stop.max_iterations >= 1
+
+
+def test_replicas_past_the_upper_level_are_held_and_count_as_failed(inputs, tmp_path):
+    """Trust levels inside the tiny committee's range (max_force_dev ~ 2e-4 .. 3e-3 eV/A here):
+    a replica that passes the upper level is stopped by integrators' UncertaintyStop (its
+    structure in uncertain.xyz) and counts as one failed frame; no collected frame is above it."""
+    run = tmp_path / "run"
+    cfg = config(inputs, run, selection={"lower": 5e-4, "upper": 1e-3, "max_labels": 2},
+                 explore={"replicas": 2}, stop={"max_iterations": 1})
+    state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    it = run / "iter_000"
+    crossed = read(str(it / "uncertain.xyz"), index=":")
+    explored = read(str(it / "explored.xyz"), index=":")
+    assert 0 < len(crossed) <= 4 and all(a.info["max_force_dev"] > 1e-3 for a in crossed)
+    assert all(a.info["max_force_dev"] <= 1e-3 for a in explored)
+    for a in crossed:  # no frame of a stopped replica after its stop
+        assert all(b.info["step"] < a.info["step"] for b in explored
+                   if b.info["replica"] == a.info["replica"])
+    row = state["rows"][0]
+    n = len(explored) + len(crossed)
+    assert row["frames"] == n and row["failed"] == pytest.approx(len(crossed) / n)
+    devs = np.array([a.info["max_force_dev"] for a in explored])
+    assert row["accurate"] == pytest.approx((devs < 5e-4).sum() / n)
+    assert row["candidate"] == pytest.approx(((devs >= 5e-4) & (devs < 1e-3)).sum() / n)
+    # the selected frames are candidates
+    for a in read(str(it / "selected.xyz"), index=":"):
+        assert 5e-4 <= a.info["max_force_dev"] < 1e-3
