@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from ase.build import bulk
+from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 from ase.io import read, write
 
@@ -20,8 +21,6 @@ from mlpot.learn import (classify, farthest_point_sampling, learn, learn_config_
                          structure_descriptor)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-from ase.calculators.calculator import Calculator
 
 POOL_OFFSET = 1.0  # eV added to the pool's energies: a recomputed label would lack it
 
@@ -274,3 +273,23 @@ def test_replicas_past_the_upper_level_are_held_and_count_as_failed(inputs, tmp_
     # the selected frames are candidates
     for a in read(str(it / "selected.xyz"), index=":"):
         assert 5e-4 <= a.info["max_force_dev"] < 1e-3
+
+
+def test_a_kill_inside_the_training_restarts_it_cleanly(loop, inputs, tmp_path):
+    """Killed by the trainer's own hook right after the first best.pt of iteration 0 (no
+    last.pt yet): the same command trains that iteration again and ends with the same data set
+    as an uninterrupted run."""
+    ref, _ = loop
+    run = tmp_path / "run"
+    path = write_config(tmp_path, config(inputs, run))
+    killed = _learn_in_subprocess(path, kill_at="between-best-and-last")
+    assert killed.returncode == 137, killed.stderr
+    train = run / "iter_000" / "train"
+    assert (train / "best.pt").exists() and not (train / "last.pt").exists()
+    assert not (run / "state.json").exists()
+    done = _learn_in_subprocess(path)
+    assert done.returncode == 0, done.stderr
+    for i in (0, 1):
+        for a, b in zip(labelled(run, i), labelled(ref, i), strict=True):
+            np.testing.assert_array_equal(a.positions, b.positions)
+            assert a.info["REF_energy"] == b.info["REF_energy"]
