@@ -137,7 +137,8 @@ def _learn_in_subprocess(path, kill_at=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_kills_mid_iteration_and_between_iterations_resume_to_the_same_data_set(loop, inputs, tmp_path):
+def test_kills_mid_iteration_and_between_iterations_resume_to_the_same_data_set(
+        loop, inputs, tmp_path):
     ref, _ = loop
     run = tmp_path / "run"
     path = write_config(tmp_path, config(inputs, run))
