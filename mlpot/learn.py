@@ -44,7 +44,9 @@ exploration or selection is redone from its start (deterministic: seeds come fro
 Outputs: the per-iteration table on screen and in ``learn_dir/learning.csv`` (iteration,
 labels in the training set, labels added, fractions accurate/candidate/failed, the committee's
 validation force and energy RMSE) and ``learn_dir/learning.png`` (validation force RMSE against
-the number of labels).
+the number of labels). The validation split is ``training.data.validation_fraction`` of each
+iteration's data set; a fixed ``training.data.validation`` file makes the column comparable
+across iterations.
 """
 from __future__ import annotations
 
