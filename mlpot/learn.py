@@ -324,7 +324,37 @@ def check_inputs(cfg: LearnConfig):
                                      "the calculator handles these elements and settings") from err
             seen.add(key)
             starts.append(atoms)
+    known = _training_elements(cfg)
+    for k, atoms in enumerate(starts):
+        missing = sorted(set(atoms.get_chemical_symbols()) - known) if known else []
+        if missing:
+            raise LearnConfigError(
+                f"explore.structures: structure {k} has {', '.join(missing)}, which the initial "
+                f"data ({', '.join(sorted(known))}) do not have, so the committee cannot run on "
+                "it; add labelled structures with these elements to data (or list them in "
+                "training.data.type_map)")
     return starts
+
+
+def _training_elements(cfg: LearnConfig) -> Optional[set]:
+    """The elements the committee will know: training.data.type_map, else those of the initial
+    data files (None when they are not files ASE reads, e.g. DeePMD folders: the trainer checks
+    them)"""
+    import ase.io
+
+    type_map = ((cfg.training or {}).get("data") or {}).get("type_map")
+    if type_map:
+        return set(type_map)
+    elements: set = set()
+    for path in cfg.data:
+        if not os.path.isfile(path):
+            return None
+        try:
+            for atoms in ase.io.iread(path, index=":"):
+                elements |= set(atoms.get_chemical_symbols())
+        except Exception:  # noqa: BLE001 - the trainer's reader reports what is wrong
+            return None
+    return elements
 
 
 # --------------------------------------------------------------------------- descriptor

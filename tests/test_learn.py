@@ -223,11 +223,18 @@ def test_fps_and_classes():
      "cannot import no_such_pkg.calc"),
     ({"labeller": {"kind": "pyscf"}}, "is periodic"),
     ({"explore": {"pressures": [1.0]}}, "explore.pressures needs explore.ensemble: npt"),
+    ({"explore": {"structures": "AU"}}, "structure 0 has Au, which the initial data (Cu) do "
+                                        "not have"),
     ({"labeller": {"kind": "ase", "ase_calculator": "test_learn:BrokenCalculator"}},
      "the dry run of test_learn:BrokenCalculator failed: ValueError: no parameters for Cu"),
 ])
 def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, capsys, change, message):
     cfg = config(inputs, tmp_path / "run")
+    if change.get("explore", {}).get("structures") == "AU":
+        au = bulk("Cu", "fcc", a=3.61, cubic=True)
+        au.symbols[0] = "Au"
+        write(tmp_path / "cuau.xyz", au, format="extxyz")
+        change = {"explore": {"structures": str(tmp_path / "cuau.xyz")}}
     if "training" in change:
         cfg["training"]["training"] = {**cfg["training"]["training"], "ensemble": 1}
     else:
