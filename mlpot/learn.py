@@ -55,7 +55,6 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 import time
 import typing
 import warnings
@@ -862,7 +861,3 @@ def add_learn_parser(subparsers) -> None:
                     "resumes. Exit code 2 for bad input (checked before any work).")
     p.add_argument("config", help="YAML file (see examples/learn_config.yaml)")
     p.set_defaults(func=run_learn)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_learn(type("A", (), {"config": sys.argv[1]})()))
