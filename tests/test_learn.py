@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -89,7 +90,11 @@ def write_config(tmp_path, cfg):
 @pytest.fixture(scope="module")
 def loop(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("learn") / "run"
-    state = learn(learn_config_from_dict(config(inputs, out)), log=lambda *a: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = learn(learn_config_from_dict(config(inputs, out)), log=lambda *a: None)
+    # iteration 1 was warm-started from iteration 0's weights (a mismatch warns and starts fresh)
+    assert not [w for w in caught if "training starts fresh" in str(w.message)]
     return out, state
 
 
