@@ -36,7 +36,9 @@ of the loop, summed over resumed runs); ``stop.max_labels`` (labels added by the
 
 State: ``learn_dir/state.json`` (written atomically, ``mlpot.files.atomic_write``) records the
 iteration and the last phase finished (``trained``, ``explored``, ``selected``, ``labelled``) and
-the table. The same command after a kill at any moment resumes: a finished phase is not redone;
+the table, and the config (everything but ``stop``, which may change: a loop that stopped
+goes on when the new stopping rules let it; any other change is an error). The same command
+after a kill at any moment resumes: a finished phase is not redone;
 a killed training continues from its ``last.pt`` (``--resume`` semantics, exact); a killed
 exploration or selection is redone from its start (deterministic: seeds come from
 ``explore.seed`` and the iteration); a killed labelling keeps every finished label.
@@ -444,6 +446,12 @@ class Learner:
 
         atomic_write(self.state_path, write)
 
+    def signature(self) -> Dict[str, Any]:
+        """The config a resumed run must match: everything but ``stop``."""
+        d = dataclasses.asdict(self.cfg)
+        d.pop("stop")
+        return json.loads(json.dumps(d))
+
     def iter_dir(self, i: int) -> str:
         return os.path.join(self.dir, f"iter_{i:03d}")
 
@@ -470,10 +478,23 @@ class Learner:
         self.pool_size = len(frames)
         os.makedirs(self.dir, exist_ok=True)
         state = self.read_state()
+        signature = self.signature()
+        if state.setdefault("config", signature) != signature:
+            old, new = _flat(state["config"]), _flat(signature)
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise LearnConfigError(f"{self.dir} holds a loop run with another config ({diff}); "
+                                   "resume with the same config (only stop: may change) or "
+                                   "choose a new learn_dir")
         if state.get("stopped"):
-            self.log(f"{self.dir}: the loop already stopped ({state['stopped']})")
-            self.print_table(state["rows"])
-            return state
+            why = self.stop_reason(state)
+            if why:
+                self.log(f"{self.dir}: the loop already stopped ({why})")
+                self.print_table(state["rows"])
+                return state
+            # the stop rules were relaxed (stop: may change between runs): go on
+            state.update(stopped=None, iteration=state["iteration"] + 1, phase=None)
+            self.write_state(state)
         t_start, elapsed0 = time.time(), float(state["elapsed_s"])
         while True:
             i, phase = state["iteration"], state["phase"]
@@ -795,6 +816,16 @@ class Learner:
         path = os.path.join(self.dir, "learning.png")
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _get(d: Dict[str, Any], key: str, scale: float) -> Optional[float]:

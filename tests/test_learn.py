@@ -18,6 +18,7 @@ from ase.calculators.emt import EMT
 from ase.io import read, write
 
 from mlpot.cli import main as cli
+from mlpot.train import ConfigError
 from mlpot.learn import (classify, farthest_point_sampling, learn, learn_config_from_dict,
                          structure_descriptor)
 
@@ -202,6 +203,14 @@ def test_pool_mode_picks_pool_frames_and_never_relabels(inputs, tmp_path):
             np.testing.assert_allclose(a.positions, pool[k].positions, atol=1e-9)
         chosen += idx
     assert len(set(chosen)) == 6 and sorted(state["pool_chosen"]) == sorted(chosen)
+    # a stopped loop goes on when its stopping rules are relaxed (only stop: may change)
+    cfg["stop"] = {"max_iterations": 3}
+    state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    assert len(state["rows"]) == 3 and len(set(state["pool_chosen"])) == 9
+    assert set(state["pool_chosen"]) > set(chosen)
+    cfg["selection"] = {**cfg["selection"], "max_labels": 4}
+    with pytest.raises(ConfigError, match="another config .selection.max_labels: 3 -> 4"):
+        learn(learn_config_from_dict(cfg), log=lambda *a: None)
 
 
 def test_fps_and_classes():
