@@ -256,16 +256,9 @@ def training_config(cfg: LearnConfig, train_files: List[str], out_dir: str, wher
 
 
 def load_learn_config(path: str) -> LearnConfig:
-    import yaml
+    from .train.config import read_yaml
 
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise LearnConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as err:
-        raise LearnConfigError(f"{path}: not valid YAML ({err})") from err
-    return learn_config_from_dict(raw or {}, where=path,
+    return learn_config_from_dict(read_yaml(path, LearnConfigError), where=path,
                                   base_dir=os.path.dirname(os.path.abspath(path)))
 
 

@@ -82,3 +82,23 @@ def labelled_cu_cells(n, seed=0, stress=True):
         a.calc = None
         frames.append(a)
     return frames
+
+
+def periodic_water_and_ethanol(box_molecules_per_side):
+    """A rattled periodic water box and an ethanol molecule: the structures on which every
+    engine must give the same numbers."""
+    from mlpot import testing as T
+    from mlpot.check import water_box
+
+    box = water_box(box_molecules_per_side)
+    box.rattle(0.02, seed=1)
+    return {"periodic water": box, "ethanol": T.small_molecule("CH3CH2OH")}
+
+
+def write_frames(tmp_path_factory, frames, name="cu.xyz"):
+    """``frames`` written as extxyz into a fresh temporary folder; the file's path."""
+    from ase.io import write
+
+    path = tmp_path_factory.mktemp("data") / name
+    write(path, frames, format="extxyz")
+    return str(path)

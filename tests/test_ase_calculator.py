@@ -8,6 +8,7 @@ from ase.build import molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from torch import nn
 
+from _fitting import periodic_water_and_ethanol
 from mlpot import keys as K
 from mlpot import testing as T
 from mlpot.ase import MLPotCalculator
@@ -73,9 +74,7 @@ def morse_file(tmp_path_factory):
 
 
 def structures():
-    box = water_box(2)
-    box.rattle(0.02, seed=1)
-    return {"periodic water": box, "ethanol": T.small_molecule("CH3CH2OH")}
+    return periodic_water_and_ethanol(2)
 
 
 @pytest.mark.parametrize("name", ["periodic water", "ethanol"])

@@ -11,6 +11,7 @@ from openmm import app, unit
 from ase.build import molecule
 
 import mlpot.openmm as mo
+from _fitting import periodic_water_and_ethanol
 from mlpot import keys as K
 from mlpot import testing as T
 from mlpot import units
@@ -57,9 +58,7 @@ def evaluate(system, positions_A, platform="Reference", group=None):
 
 
 def structures():
-    box = water_box(3)
-    box.rattle(0.02, seed=1)
-    return {"periodic water": box, "ethanol": T.small_molecule("CH3CH2OH")}
+    return periodic_water_and_ethanol(3)
 
 
 # ---------------------------------------------------------------------------- agreement

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ase.io import write
 
-from _fitting import labelled_cu_cells
+from _fitting import labelled_cu_cells, write_frames
 from mlpot.cli import main as cli
 from mlpot.data import DataError
 from mlpot.train import ConfigError, Trainer, config_from_dict, load_config
@@ -25,9 +25,7 @@ def cu_frames(n=12):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "cu.xyz"
-    write(path, cu_frames(), format="extxyz")
-    return str(path)
+    return write_frames(tmp_path_factory, cu_frames())
 
 
 def cfg_dict(data_file, out_dir, epochs=3, **over):

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ase.io import write
 
-from _fitting import labelled_cu_cells
+from _fitting import labelled_cu_cells, write_frames
 from mlpot import keys as K
 from mlpot.checkpoint import model_from_checkpoint, read_checkpoint
 from mlpot.cli import main as cli
@@ -31,9 +30,7 @@ def cu_frames(n=10):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "cu.xyz"
-    write(path, cu_frames(), format="extxyz")
-    return str(path)
+    return write_frames(tmp_path_factory, cu_frames())
 
 
 def cfg_dict(data_file, out_dir, epochs=2, **training):

@@ -150,15 +150,27 @@ def config_from_dict(raw: Dict[str, Any], where: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str) -> Config:
+def read_yaml(path: str, error=None) -> Dict[str, Any]:
+    """The mapping in a YAML config file ({} for an empty file); ``error`` (default ConfigError)
+    with one line for a missing file, invalid YAML or a top level that is not a mapping."""
+    error = error or ConfigError
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise error(f"{path}: no such config file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    return config_from_dict(raw or {}, where=path)
+        raise error(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected sections (a YAML mapping) at the top level, found "
+                    f"{type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str) -> Config:
+    return config_from_dict(read_yaml(path), where=path)
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
