@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Absolute paths of one machine. Spelled in pieces, so that this file does not match itself; a
-# path character before the slash (``../work/``, ``http://host/home/x``) is not a match.
+# folder name preceded by a path character (a relative path, or a URL's path) is not a match.
 _NOT_AFTER = r"(?<![\w.~/-])"
 MACHINE_PATH = re.compile(_NOT_AFTER + "/(?:" + "|".join([
     "wo" + r"rk/", "ro" + r"ot/", "ho" + r"me/[A-Za-z_][\w.-]*", "tm" + r"p/bash_jobs"]) + ")")
