@@ -59,12 +59,23 @@ from pathlib import Path
 from _common import add_shared_option, command_line, portable, shared_path, write_json
 
 HERE = Path(__file__).resolve().parent
-TASK = "acac"
-FILES = {"train": "train_300K.xyz", "in_distribution": "test_MD_300K.xyz",
-         "out_of_distribution": "train_600K.xyz"}
+# per data set: the training file, and the sets evaluated (in and, where the data has one, out of
+# distribution)
+TASKS = {
+    "acac": {"what": "acetylacetone", "type_map": ["C", "H", "O"],
+             "files": {"train": "train_300K.xyz", "in_distribution": "test_MD_300K.xyz",
+                       "out_of_distribution": "train_600K.xyz"}},
+    "3bpa": {"what": "3BPA", "type_map": ["C", "H", "N", "O"],
+             "files": {"train": "train_300K.xyz", "in_distribution": "test_300K.xyz"}},
+}
 MODEL = "nequip"        # train_bench's model for molecules (its 3BPA task)
 MODEL_TASK = "3bpa"     # whose cutoff and batch size train_bench.make_config gives it
 K_MEMBERS = 4
+
+
+def run_name(args) -> str:
+    """The run's folder (and config) name under --work."""
+    return f"uq_{args.task}_{MODEL}_k{K_MEMBERS}"
 
 
 def train(args, data: Path) -> tuple[dict, float]:
@@ -76,17 +87,17 @@ def train(args, data: Path) -> tuple[dict, float]:
     from train_bench import make_config
 
     work = Path(args.work)
-    out = work / f"uq_{TASK}_{MODEL}_k{K_MEMBERS}"
+    out = work / run_name(args)
     if out.exists():
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
     # as train_bench: the trainer's clock counts training steps, so they get the budget less a
     # margin for start-up, validation, the final evaluation and the calibration
-    cfg = make_config(MODEL_TASK, MODEL, {"train": str(data / FILES["train"]),
-                                          "type_map": ["C", "H", "O"]},
+    cfg = make_config(MODEL_TASK, MODEL, {"train": str(data / TASKS[args.task]["files"]["train"]),
+                                          "type_map": TASKS[args.task]["type_map"]},
                       args.budget_min - args.margin_min, args.threads, out)
     cfg["training"]["ensemble"] = K_MEMBERS
-    cfg_path = work / f"uq_{TASK}_{MODEL}_k{K_MEMBERS}.yaml"
+    cfg_path = work / f"{run_name(args)}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     t0 = time.time()
@@ -187,24 +198,25 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
     from mlpot.train.evaluate import load_model_for_eval
 
     torch.set_num_threads(args.threads)
-    out = Path(args.work) / f"uq_{TASK}_{MODEL}_k{K_MEMBERS}"
+    out = Path(args.work) / run_name(args)
+    files = TASKS[args.task]["files"]
     model, type_map, cutoff = load_model_for_eval(str(out / "best.pt"))
     t0 = time.time()
-    sets = {name: evaluate_set(model, type_map, cutoff, data / FILES[name], args.random_seeds)
-            for name in ("in_distribution", "out_of_distribution")}
+    sets = {name: evaluate_set(model, type_map, cutoff, data / files[name], args.random_seeds)
+            for name in ("in_distribution", "out_of_distribution") if name in files}
     train_metrics = json.loads((out / "metrics.json").read_text())
-    ood = sets["out_of_distribution"]
+    ood = sets.get("out_of_distribution")
     result = {
-        "task": TASK, "model": MODEL, "members": K_MEMBERS, "threads": args.threads,
+        "task": args.task, "model": MODEL, "members": K_MEMBERS, "threads": args.threads,
         "budget_min": args.budget_min, "train_command_wall_s": round(wall, 1),
         "epochs": train_metrics.get("epochs"),
         "calibration_factor": float(model.calibration),
         "evaluation_wall_s": round(time.time() - t0, 1),
-        "train_file": FILES["train"],
+        "train_file": files["train"],
         "sets": sets,
         "target": {"what": "Spearman >= 0.6 per frame at 600 K (out_of_distribution)",
                    "met_norm": ood["spearman_frame_norm"] >= 0.6,
-                   "met_component": ood["spearman_frame_component"] >= 0.6},
+                   "met_component": ood["spearman_frame_component"] >= 0.6} if ood else None,
         "cheap_single_model_method": "not implemented in mlpot yet; not measured",
         "config": portable(cfg, shared=args.shared, work=args.work),
         # the command that trained (with --evaluate-only: the earlier run's) and this one
@@ -214,7 +226,7 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
         "machine": machine_info(),
     }
     budget = "" if args.budget_min == 15.0 else f"{args.budget_min:g}"
-    path = HERE / "results" / f"uq{budget}_{TASK}.json"
+    path = HERE / "results" / f"uq{budget}_{args.task}.json"
     write_json(path, result)
     for name, s in sets.items():
         print(f"{name:20s} {s['file']:18s} Spearman frame norm/comp "
@@ -230,6 +242,8 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="acac",
+                   help="data set (default acac; 3bpa has no out-of-distribution set here)")
     p.add_argument("--budget-min", type=float, default=15.0,
                    help="whole train command (minutes; train_bench's budget by default)")
     p.add_argument("--margin-min", type=float, default=1.0,
@@ -245,14 +259,15 @@ def main():
     mode.add_argument("--evaluate-only", action="store_true",
                       help="evaluate the finished run in --work again (wall time from its record)")
     args = p.parse_args()
-    data = shared_path(args.shared, "data", TASK, what="the acetylacetone data")
-    for name in FILES.values():
-        shared_path(args.shared, "data", TASK, name, what="an acetylacetone file")
+    what = TASKS[args.task]["what"]
+    data = shared_path(args.shared, "data", args.task, what=f"the {what} data")
+    for name in TASKS[args.task]["files"].values():
+        shared_path(args.shared, "data", args.task, name, what=f"a {what} file")
     if args.evaluate_only:
         import yaml
         work = Path(args.work)
-        cfg = yaml.safe_load((work / f"uq_{TASK}_{MODEL}_k{K_MEMBERS}.yaml").read_text())
-        wall = float((work / f"uq_{TASK}_{MODEL}_k{K_MEMBERS}" / "train_command_wall_s.txt")
+        cfg = yaml.safe_load((work / f"{run_name(args)}.yaml").read_text())
+        wall = float((work / run_name(args) / "train_command_wall_s.txt")
                      .read_text())
     else:
         cfg, wall = train(args, data)

@@ -209,3 +209,20 @@ def test_tensorboard_logging(data_file, tmp_path):
     train(config_from_dict(raw))
     assert any(name.startswith("events.out.tfevents")
                for name in os.listdir(tmp_path / "tb" / "tensorboard"))
+
+
+def test_max_steps_stops_mid_epoch_and_sets_the_schedule(tmp_path, data_file):
+    """9 training frames, batch 3: 3 steps per epoch; max_steps 5 ends in epoch 2, validated,
+    and the learning rate reaches lr_final at step 5 whatever max_epochs says."""
+    cfg = config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=50,
+                                    training={"max_steps": 5},
+                                    optim={"lr": 5e-3, "lr_final": 5e-5}))
+    t = Trainer(cfg)
+    t.fit()
+    assert t.step == 5 and t.epoch == 2
+    assert t.progress() == pytest.approx(1.0)
+    assert t.lr() == pytest.approx(5e-5)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 5]
+    with pytest.raises(ConfigError, match="max_steps"):
+        config_from_dict(cfg_dict(data_file, tmp_path / "bad", training={"max_steps": 0}))

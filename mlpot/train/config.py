@@ -90,6 +90,9 @@ class OptimConfig:
 class TrainingConfig:
     batch_size: int = _spec(4, ge=1)
     max_epochs: int = _spec(100, ge=1)
+    # optimizer steps for the whole run (None: max_epochs decides); with max_steps the learning-
+    # rate schedule follows the steps, so a slow machine gives the same model, only later
+    max_steps: Optional[int] = _spec(None, ge=1)
     max_time_min: Optional[float] = _spec(None, gt=0.0)  # wall-clock limit for the whole run
     early_stopping_patience: Optional[int] = _spec(None, ge=1)  # epochs without a better loss
     seed: int = _spec(0, ge=0)

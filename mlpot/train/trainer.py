@@ -145,7 +145,10 @@ class Trainer:
     def progress(self) -> float:
         """Fraction of the run done: by epochs or by wall-clock time, whichever is further."""
         steps_per_epoch = max(1, math.ceil(len(self.train_set) / self.cfg.training.batch_size))
-        p = self.step / (steps_per_epoch * self.cfg.training.max_epochs)
+        total = steps_per_epoch * self.cfg.training.max_epochs
+        if self.cfg.training.max_steps:
+            total = min(total, self.cfg.training.max_steps)
+        p = self.step / total
         if self.cfg.training.max_time_min:
             p = max(p, self.elapsed_s / (60.0 * self.cfg.training.max_time_min))
         return min(p, 1.0)
@@ -201,9 +204,13 @@ class Trainer:
             self.step += 1
             n += 1
             self.elapsed_s += time.perf_counter() - t0
-            if self.time_is_up():  # stop within a step of the limit, not at the epoch's end
+            if self.time_is_up() or self.steps_are_done():  # within a step, not at epoch end
                 break
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def steps_are_done(self) -> bool:
+        n = self.cfg.training.max_steps
+        return bool(n) and self.step >= n
 
     def time_is_up(self) -> bool:
         t = self.cfg.training.max_time_min
@@ -256,7 +263,7 @@ class Trainer:
         return factor
 
     def fit(self, resume: bool = False) -> Dict[str, float]:
-        """Train until max_epochs, the time limit or early stopping; returns the last metrics."""
+        """Train until max_epochs, max_steps, the time limit or early stopping; returns the last metrics."""
         os.makedirs(self.out_dir, exist_ok=True)
         last = os.path.join(self.out_dir, "last.pt")
         best = os.path.join(self.out_dir, "best.pt")
@@ -325,7 +332,7 @@ class Trainer:
         t = self.cfg.training
         if self.epoch >= t.max_epochs:
             return True
-        if self.time_is_up():
+        if self.time_is_up() or self.steps_are_done():
             return True
         return bool(t.early_stopping_patience) and self.epochs_since_best >= t.early_stopping_patience
 
