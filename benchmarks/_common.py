@@ -272,3 +272,16 @@ def write_json(path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def rmd17_split(shared: Path, molecule: str, pool: int = 800, seed: int = 0):
+    """rMD17 split of the trust and distillation benchmarks: the 1,000 frames of
+    ``<shared>/data/rmd17/<molecule>_train_01.xyz`` permuted with numpy's default_rng(seed); the
+    first ``pool`` frames are the pool (training side), the rest (200) the test part, used for
+    nothing else. Returns (path, pool indices, test indices) as sorted lists of frame numbers."""
+    import numpy as np
+
+    path = shared_path(shared, "data", "rmd17", f"{molecule}_train_01.xyz",
+                       what=f"the rMD17 {molecule} file")
+    order = np.random.default_rng(seed).permutation(1000)
+    return path, sorted(int(i) for i in order[:pool]), sorted(int(i) for i in order[pool:])
