@@ -11,7 +11,8 @@ Angstrom, amu, K, bar (converted in ``mlpot.units``).
 Each integrator has ``init(state, forces)`` and ``step(state, forces)``; the equations are in
 the docstring of its module, with references. ``simulate`` runs the health check of
 ``integrators.health`` after every step (``HealthCheck.for_ase`` and ``HealthCheck.for_openmm``
-run it in ASE and OpenMM).
+run it in ASE and OpenMM). ``integrators.stability`` holds the one definition of a stable run
+(``BlowupRule``, ``run_nvt``, ``run_nve``, ``nve_drift``) used by the benchmarks.
 """
 from .base import REGISTRY, ForceProvider, Integrator, MDError, MDInputError, MDStopped
 from .bussi import Bussi
@@ -25,10 +26,14 @@ from .nve import VelocityVerlet
 from .reporters import (ModelDeviFile, ProgressBar, Reporter, ThermoCSV, TrajectoryReporter,
                         thermo)
 from .runner import MDWarning, check_forces, simulate
+from .stability import (Blowup, BlowupRule, ReplicaOutcome, StabilityRun, blowup_reason,
+                        bonds_from_structure, nve_drift, run_nve, run_nvt)
 from .state import (MDState, initialize_velocities, kinetic_energy, make_state, pressure_bar,
                     state_from_ase, temperature_K)
 
 __all__ = [
+    "Blowup",
+    "BlowupRule",
     "Bussi",
     "ForceProvider",
     "Harmonic",
@@ -48,19 +53,26 @@ __all__ = [
     "NoseHooverChain",
     "ProgressBar",
     "REGISTRY",
+    "ReplicaOutcome",
     "Reporter",
+    "StabilityRun",
     "StochasticCellRescaling",
     "ThermoCSV",
     "TrajectoryReporter",
     "UncertaintyStop",
     "UncertaintyStopped",
     "VelocityVerlet",
+    "blowup_reason",
+    "bonds_from_structure",
     "check_forces",
     "initialize_velocities",
     "kinetic_energy",
     "load_md_checkpoint",
     "make_state",
+    "nve_drift",
     "pressure_bar",
+    "run_nve",
+    "run_nvt",
     "save_md_checkpoint",
     "simulate",
     "state_from_ase",
