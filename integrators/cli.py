@@ -278,13 +278,16 @@ def uncertain_path(args) -> str:
 
 
 def _check_committee(args, forces) -> None:
-    """--stop-uncertainty and --model-devi need a committee: one line, exit 2, before any step."""
+    """--stop-uncertainty and --model-devi need a model with an uncertainty (a committee or a
+    variance network): one line, exit 2, before any step."""
     wants = [o for o, v in (("--stop-uncertainty", getattr(args, "stop_uncertainty", None)),
                             ("--model-devi", getattr(args, "model_devi", None))) if v is not None]
-    if wants and not getattr(forces, "committee", 0):
-        raise H.NoDeviation(f"{' and '.join(wants)} need(s) a committee model (several members "
-                            f"that give a max_force_dev); {args.model} is a single model: train "
-                            "one with training.ensemble: K and export it, or drop the option")
+    if wants and not getattr(forces, "uncertainty", None):
+        raise H.NoDeviation(f"{' and '.join(wants)} need(s) a model with an uncertainty (one that "
+                            f"gives a max_force_dev); {args.model} is a single model without "
+                            "one: train a committee (training.ensemble: K) or a model with a "
+                            "variance network (model.uncertainty: mve) and export it, or drop "
+                            "the option")
 
 
 def _prepare(args):

@@ -36,7 +36,9 @@ class MLPotForces:
     [R], ``virial_dev`` [R] with stress, their ``*_calibrated`` values and the members' energies
     and forces; ``mlpot.inputs.read_outputs``) are returned too: the integrators keep them in
     ``MDState.outputs``, where the thermo CSV, ``model_devi.out`` and the uncertainty stop read
-    them. ``committee`` is the number of members (0 for a single model).
+    them. ``committee`` is the number of members (0 for a single model); ``uncertainty`` says
+    what gives the deviations (``"committee"``, ``"mve"``: a variance network, or None). A model
+    with a variance network (``mlpot.models.mve``) gives the same deviations without members.
     """
 
     def __init__(self, model, atom_types, pbc=(True, True, True), atomic_numbers=None):
@@ -47,6 +49,12 @@ class MLPotForces:
             torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
         self._static: Dict[tuple, Dict[str, Tensor]] = {}
         self.committee = int(getattr(model, "committee", 0) or 0)
+        # what gives the deviations: "committee", "mve" (a variance network) or None
+        self.uncertainty = getattr(model, "uncertainty", None)
+        if self.uncertainty is None and hasattr(model, "config_json"):  # a module, not a file
+            from mlpot.checkpoint import uncertainty_kind
+
+            self.uncertainty = uncertainty_kind(model)
 
     def _static_keys(self, r: int, device: torch.device) -> Dict[str, Tensor]:
         """The per-batch integer tensors, built once per (R, device)."""

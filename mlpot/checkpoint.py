@@ -195,11 +195,30 @@ def hash_data(paths: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- metadata
+def uncertainty_kind(model) -> Optional[str]:
+    """``"committee"``, ``"mve"`` (a variance network, ``mlpot.models.mve``) or None: what gives
+    the model's ``max_force_dev`` and the other deviations."""
+    kind = model.config.get("model")
+    return kind if kind in ("committee", "mve") else None
+
+
+def repulsion_of(config: Dict[str, Any]) -> Any:
+    """The short-range prior of a model config ("zbl" or None; mlpot.nn.zbl): a committee's
+    when its members share it (else the list of theirs), a variance-network model's mean's."""
+    if config.get("model") == "committee":
+        kinds = [repulsion_of(c) for c in config.get("members", [])]
+        return kinds[0] if kinds and all(k == kinds[0] for k in kinds) else kinds
+    if config.get("model") == "mve":
+        return repulsion_of(config.get("potential", {}))
+    return config.get("repulsion")
+
+
 def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
                    user: Optional[Dict] = None) -> Dict[str, Any]:
     """The metadata every exported file of ``model`` carries (TorchScript today; the same dict
     for the formats to come): versions, type map, cutoff, units, dtype, config, data hash and
-    the neighbor-list implementation; for a committee its size and calibration factor."""
+    the neighbor-list implementation; for a committee its size; for a model with an uncertainty
+    (committee or variance network) its kind and calibration factor."""
     return {
         "format_version": format_version,
         "mlpot_version": _version(),
@@ -210,8 +229,10 @@ def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
         "dtype": dtype_name(model.model_dtype),
         "config": model.config,
         "training_data_hash": data_hash,
+        "repulsion": repulsion_of(model.config),
         "neighbor_list": type(model.neighbor_list).__name__,
         "committee": int(getattr(model, "num_members", 0)) or None,
-        "calibration": float(model.calibration) if hasattr(model, "num_members") else None,
+        "uncertainty": uncertainty_kind(model),
+        "calibration": float(model.calibration) if uncertainty_kind(model) else None,
         "user": dict(user or {}),
     }

@@ -212,6 +212,8 @@ class ExportedModel:
         self.path = path
         self.type_map = list(metadata["type_map"])
         self.committee = int(metadata.get("committee") or 0)  # members; 0: a single model
+        # what gives max_force_dev & co.: "committee", "mve" or None (files before: committee)
+        self.uncertainty = metadata.get("uncertainty") or ("committee" if self.committee else None)
         self._type_lookup = None
         self.cutoff = float(metadata["cutoff"])
         self.dtype = dtype_of(metadata["dtype"])

@@ -66,10 +66,11 @@ class UncertaintyReporter:
                             f"max_force_dev; DP-GEN's trust levels are 0.05-0.15), got "
                             f"{threshold}")
         self.model = as_exported(model, device)
-        if not self.model.committee:
-            raise UserError("UncertaintyReporter needs a committee model (several members that "
-                            "give a max_force_dev); this is a single model: train one with "
-                            "training.ensemble: K and export it")
+        if not self.model.uncertainty:
+            raise UserError("UncertaintyReporter needs a model with an uncertainty (one that "
+                            "gives a max_force_dev); this is a single model without one: train "
+                            "a committee (training.ensemble: K) or a model with a variance "
+                            "network (model.uncertainty: mve) and export it")
         self.atoms = None if atoms is None else np.asarray(list(atoms), dtype=np.int64)
         self.file, self.interval = file, int(interval)
         self.threshold = None if threshold is None else float(threshold)
