@@ -1,31 +1,39 @@
-"""UQ quality of a committee: does its disagreement rank and size the real force errors?
+"""UQ quality: does a model's uncertainty rank and size its real force errors?
 
-Trains a K = 4 committee (``training.ensemble: 4``, one ``mlpot train`` run) on acetylacetone
-(``<shared>/data/acac/train_300K.xyz``; 5 % held out for validation, which picks the best
-checkpoint and fits the calibration factor) with train_bench's model and hyperparameters for
-molecules (``nequip``, MACE-like, as on 3BPA: cutoff 5 A, batch 5; ``train_bench.make_config``)
-and train_bench's wall-clock budget for the whole training command (``--budget-min``, default
-15), then evaluates the best checkpoint on
+Two methods, each trained in one ``mlpot train`` run with train_bench's model and
+hyperparameters for molecules (``nequip``, MACE-like, as on 3BPA: cutoff 5 A, batch 5;
+``train_bench.make_config``) and train_bench's wall-clock budget for the whole training command
+(``--budget-min``, default 15; 5 % of the training file held out for validation, which picks the
+best checkpoint and fits the calibration factor):
 
-  in distribution      test_MD_300K.xyz (650 frames, MD at 300 K)
-  out of distribution  train_600K.xyz   (all 500 frames, MD at 600 K)
+  --method committee   a K = 4 committee (``training.ensemble: 4``): max_force_dev is the
+                       members' disagreement (DeePMD-kit's definitions)
+  --method mve         one model with a variance network (``model.uncertainty: mve``,
+                       mlpot.models.mve): max_force_dev is its predicted force error
 
-and writes benchmarks/results/uq_acac.json (``uq<minutes>_acac.json`` for another budget).
+on one of two data sets (``--task``):
 
-Measures (all from the committee's own outputs, DeePMD-kit's definitions):
+  acac   acetylacetone, train ``train_300K.xyz``; in distribution ``test_MD_300K.xyz`` (650
+         frames, MD at 300 K), out of distribution ``train_600K.xyz`` (all 500 frames, 600 K)
+  3bpa   3BPA, train ``train_300K.xyz``; in distribution ``test_300K.xyz`` (no set out of
+         distribution is evaluated here)
+
+and writes benchmarks/results/uq_<task>.json (committee) or uq_<task>_mve.json
+(``uq<minutes>_...`` for another budget).
+
+Measures (all from the model's own outputs):
 
 * Spearman rank correlation, per frame, between ``max_force_dev`` (the largest over atoms of
-  the norm of the per-atom force standard deviation over the members) and the frame's true
-  largest force error, computed two ways: the largest per-atom error norm |F_mean - F_ref|
-  (``spearman_frame_norm``: like for like with max_force_dev) and the largest absolute
-  Cartesian component error (``spearman_frame_component``: the issue's "largest force-component
-  error").
-* The same per atom: ``forces_dev`` against |F_mean - F_ref| of the atom
+  ``forces_dev``) and the frame's true largest force error, computed two ways: the largest
+  per-atom error norm |F_pred - F_ref| (``spearman_frame_norm``: like for like with
+  max_force_dev) and the largest absolute Cartesian component error
+  (``spearman_frame_component``: the issue's "largest force-component error").
+* The same per atom: ``forces_dev`` against |F_pred - F_ref| of the atom
   (``spearman_atom_norm``) and against its largest component error
   (``spearman_atom_component``).
 * A random ranking beside them: the Spearman correlation of the true errors with a random
   permutation of the frames (atoms), mean and standard deviation over ``--random-seeds`` seeds;
-  it should be ~0 and says how far from chance the committee's ranking is.
+  it should be ~0 and says how far from chance the model's ranking is.
 * Miscalibration area (Kuleshov, Fenner and Ermon, ICML 2018, "Accurate uncertainties for deep
   learning using calibrated regression"; Tran et al., Mach. Learn.: Sci. Technol. 1, 025006
   (2020), "Methods for comparing uncertainty quantifications for material property
@@ -39,12 +47,10 @@ Measures (all from the committee's own outputs, DeePMD-kit's definitions):
   curve obs(p) and the diagonal, integral over p of |obs(p) - p| (trapezoid rule): 0 is perfect
   calibration, 0.5 the worst. Also given: the same with the raw (uncalibrated) deviation, the
   RMS ratio sqrt(mean |e|^2 / mean dev^2) and ENCE (``mlpot.train.metrics.ence``).
-* The committee mean's energy and force errors (MAE and RMSE).
+* The model's (committee mean's) energy and force errors (MAE and RMSE).
 
-The cheap single-model uncertainty of the issue does not exist in mlpot yet; only the committee
-is measured here. 3BPA is not run (yet).
-
-    python benchmarks/uq_bench.py                   # train 15 min on 2 threads, then evaluate
+    python benchmarks/uq_bench.py                   # committee on acac: train 15 min, evaluate
+    python benchmarks/uq_bench.py --method mve --task 3bpa
     python benchmarks/uq_bench.py --evaluate-only   # evaluate the finished run in --work again
 """
 from __future__ import annotations
@@ -75,11 +81,13 @@ K_MEMBERS = 4
 
 def run_name(args) -> str:
     """The run's folder (and config) name under --work."""
+    if args.method == "mve":
+        return f"uq_{args.task}_{MODEL}_mve"
     return f"uq_{args.task}_{MODEL}_k{K_MEMBERS}"
 
 
 def train(args, data: Path) -> tuple[dict, float]:
-    """One `mlpot train` run of the committee in the whole budget; (config, wall seconds)."""
+    """One `mlpot train` run of the method in the whole budget; (config, wall seconds)."""
     import shutil
 
     import yaml
@@ -96,7 +104,10 @@ def train(args, data: Path) -> tuple[dict, float]:
     cfg = make_config(MODEL_TASK, MODEL, {"train": str(data / TASKS[args.task]["files"]["train"]),
                                           "type_map": TASKS[args.task]["type_map"]},
                       args.budget_min - args.margin_min, args.threads, out)
-    cfg["training"]["ensemble"] = K_MEMBERS
+    if args.method == "mve":
+        cfg["model"]["uncertainty"] = "mve"
+    else:
+        cfg["training"]["ensemble"] = K_MEMBERS
     cfg_path = work / f"{run_name(args)}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -139,7 +150,7 @@ def miscalibration_area(err_components, sigma, levels: int = 999) -> float:
 
 
 def evaluate_set(model, type_map, cutoff, path: Path, seeds: int) -> dict:
-    """The committee on one labelled file: errors of its mean and the UQ measures."""
+    """The model on one labelled file: errors of its (mean) prediction and the UQ measures."""
     import numpy as np
     import torch
 
@@ -207,7 +218,8 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
     train_metrics = json.loads((out / "metrics.json").read_text())
     ood = sets.get("out_of_distribution")
     result = {
-        "task": args.task, "model": MODEL, "members": K_MEMBERS, "threads": args.threads,
+        "task": args.task, "model": MODEL, "method": args.method,
+        "members": K_MEMBERS if args.method == "committee" else None, "threads": args.threads,
         "budget_min": args.budget_min, "train_command_wall_s": round(wall, 1),
         "epochs": train_metrics.get("epochs"),
         "calibration_factor": float(model.calibration),
@@ -217,7 +229,7 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
         "target": {"what": "Spearman >= 0.6 per frame at 600 K (out_of_distribution)",
                    "met_norm": ood["spearman_frame_norm"] >= 0.6,
                    "met_component": ood["spearman_frame_component"] >= 0.6} if ood else None,
-        "cheap_single_model_method": "not implemented in mlpot yet; not measured",
+        "steps": train_metrics.get("steps"),
         "config": portable(cfg, shared=args.shared, work=args.work),
         # the command that trained (with --evaluate-only: the earlier run's) and this one
         "train_command": (out / "bench_command.txt").read_text().strip()
@@ -226,7 +238,8 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
         "machine": machine_info(),
     }
     budget = "" if args.budget_min == 15.0 else f"{args.budget_min:g}"
-    path = HERE / "results" / f"uq{budget}_{args.task}.json"
+    method = "" if args.method == "committee" else f"_{args.method}"
+    path = HERE / "results" / f"uq{budget}_{args.task}{method}.json"
     write_json(path, result)
     for name, s in sets.items():
         print(f"{name:20s} {s['file']:18s} Spearman frame norm/comp "
@@ -242,6 +255,8 @@ def evaluate(args, cfg: dict, data: Path, wall: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", choices=["committee", "mve"], default="committee",
+                   help="committee (K = 4, default) or mve (one model, a variance network)")
     p.add_argument("--task", choices=sorted(TASKS), default="acac",
                    help="data set (default acac; 3bpa has no out-of-distribution set here)")
     p.add_argument("--budget-min", type=float, default=15.0,

@@ -11,6 +11,11 @@ entry-point group ``mlpot.models``, for example in its pyproject.toml::
 
 The entry point loads the network class; a built-in name cannot be taken over.
 
+Any family may carry a short-range repulsion prior (``repulsion="zbl"``, ``model.repulsion: zbl``:
+the ZBL wall of ``mlpot.nn.zbl``, switched off between ``repulsion_radii`` fractions of each
+pair's covalent-radius sum); the config then records ``repulsion`` and the resolved
+``repulsion_radii``, so ``from_config`` rebuilds it. Without it the config has neither key.
+
 The contract of a family (what ``Potential``, the trainer, export and the tests rely on):
 
 - The network is a ``torch.nn.Module`` class with a class attribute ``DEFAULT_CUTOFF`` (A, > 0),
@@ -50,6 +55,7 @@ from torch import nn
 
 from ..dtypes import NAMES as DTYPE_NAMES
 from ..dtypes import dtype_of
+from ..nn.zbl import ZBLRepulsion, check_repulsion
 from .family import Network, check_cutoff, hparam_defaults, resolve_hparams
 from .potential import Potential, script
 from .statistics import fit_reference_energies, force_rms
@@ -136,15 +142,21 @@ def validate_model_config(name: str, hparams: Dict, cutoff: Optional[float] = No
 
 
 def build_model(name: str, type_map: List[str], cutoff: Optional[float] = None,
-                dtype: str = "float32", **hparams) -> Potential:
-    """A new (untrained) Potential of the named family."""
+                dtype: str = "float32", repulsion: Optional[str] = None,
+                repulsion_radii: Optional[List[float]] = None, **hparams) -> Potential:
+    """A new (untrained) Potential of the named family, with the short-range prior
+    ``repulsion`` ("zbl" or None; ``repulsion_radii``: [f_inner, f_outer], see mlpot.nn.zbl)."""
     hp = validate_model_config(name, hparams, cutoff, dtype)
+    radii = check_repulsion(repulsion, repulsion_radii)
     cls = network_class(name)
     cutoff = check_cutoff(cutoff if cutoff is not None else cls.DEFAULT_CUTOFF)
+    prior = ZBLRepulsion(list(type_map), cutoff, radii) if radii is not None else None
     net = cls(num_types=len(type_map), cutoff=cutoff, **hp)
     config = {"model": name, "type_map": list(type_map), "cutoff": cutoff, "dtype": dtype,
               "hparams": hp}
-    return Potential(net, type_map, cutoff, config, dtype=dtype_of(dtype))
+    if prior is not None:
+        config.update(repulsion=repulsion, repulsion_radii=list(radii))
+    return Potential(net, type_map, cutoff, config, dtype=dtype_of(dtype), repulsion=prior)
 
 
 def from_config(config: Dict) -> Potential:
@@ -154,7 +166,8 @@ def from_config(config: Dict) -> Potential:
 
         return committee_from_config(config)
     return build_model(config["model"], config["type_map"], config["cutoff"], config["dtype"],
-                       **config["hparams"])
+                       repulsion=config.get("repulsion"),
+                       repulsion_radii=config.get("repulsion_radii"), **config["hparams"])
 
 
 __all__ = ["MODELS", "ENTRY_POINT_GROUP", "Network", "Potential", "available", "build_model",

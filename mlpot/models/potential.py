@@ -3,10 +3,14 @@
 A network maps atom types and pair vectors to per-atom energies; ``Potential`` wraps it with
 everything the physics needs, in one place for all models:
 
-    E_b = sum_{i in b} [ scale * net_i + E0[type_i] ]      (summed in float64)
-    F_i = -dE/dx_i                                           (autograd)
-    W_b = -dE/d(eps_b),  stress_b = -W_b / V_b               (displacement trick: x -> x (1 + eps),
-                                                              cell -> cell (1 + eps), eps symmetric)
+    E_b = sum_{i in b} [ scale * net_i + E0[type_i] (+ prior_i) ]  (summed in float64)
+    F_i = -dE/dx_i                                         (autograd)
+    W_b = -dE/d(eps_b),  stress_b = -W_b / V_b             (displacement trick: x -> x (1 + eps),
+                                                            cell -> cell (1 + eps), eps symmetric)
+
+An optional short-range prior (``repulsion``, e.g. the ZBL wall of ``mlpot.nn.zbl``, built with
+``model.repulsion: zbl``) adds its per-atom energies (float64, from the same edges) beside E0, in
+training too, so that the network learns the remainder; its forces and stress come with the rest.
 
 Networks run in float32 or float64 (``dtype``); reference energies E0, the scale and the totals
 are always float64 (float32 totals lose meV on large systems). Forces and the virial come out in
@@ -31,7 +35,7 @@ and, optionally, ``fit_statistics(samples)`` (a plain Python method; samples are
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -45,7 +49,7 @@ class Potential(nn.Module):
     __jit_unused_properties__ = ["config"]
 
     def __init__(self, net: nn.Module, type_map: List[str], cutoff: float, config: Dict,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, repulsion: Optional[nn.Module] = None):
         super().__init__()
         self.net = net.to(dtype)
         self.type_map = list(type_map)
@@ -55,6 +59,9 @@ class Potential(nn.Module):
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
         self.config_json = json.dumps(config, sort_keys=True)
         self.model_dtype = dtype
+        # a prior with forward(types, edge_index, vectors) -> [N] float64 (and centre_energies
+        # as the local networks'), or None; kept in float64 whatever the network's dtype
+        self.repulsion = repulsion
         # inference in chunks of this many centres for local networks (0: never)
         self.chunk_atoms = 512
 
@@ -119,6 +126,8 @@ class Potential(nn.Module):
         atomic = self.net(types, edge_index, vectors.to(self.model_dtype))  # [N]
         atomic = atomic.to(torch.float64) * self.energy_scale \
             + self.reference_energies.index_select(0, types)
+        if self.repulsion is not None:
+            atomic = atomic + self.repulsion(types, edge_index, vectors)
         energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, batch, atomic)  # [B]
         out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
@@ -183,6 +192,9 @@ class Potential(nn.Module):
                                          vectors.to(self.model_dtype))  # [Nc]
             e = e.to(torch.float64) * self.energy_scale \
                 + self.reference_energies.index_select(0, centre_types)
+            if self.repulsion is not None:
+                e = e + self.repulsion.centre_energies(centre_types, ic - a,
+                                                       types.index_select(0, jc), vectors)
             atomic[a:b] = e.detach()
             if need_grad and ic.shape[0] > 0:
                 g = torch.autograd.grad([e.sum()], [vectors], allow_unused=True)[0]
@@ -217,6 +229,21 @@ class Potential(nn.Module):
             samples.append((s.atom_types, s.edge_index, s.edge_vectors().to(self.model_dtype)))
         with torch.no_grad():
             fit(samples)
+
+    @torch.jit.unused
+    def prior_energies(self, structures) -> List[float]:
+        """The energy of the repulsion prior in each structure (``AtomicData``), eV; zeros
+        without a prior. The trainer fits reference energies to the labels minus these."""
+        if self.repulsion is None:
+            return [0.0] * len(structures)
+        out = []
+        with torch.no_grad():
+            for s in structures:
+                s = s if s.edge_index is not None and s.cutoff == self.cutoff \
+                    else s.with_neighbors(self.cutoff)
+                out.append(float(self.repulsion(s.atom_types, s.edge_index,
+                                                s.edge_vectors()).sum()))
+        return out
 
     @torch.jit.unused
     def set_reference_energies(self, energies: torch.Tensor) -> None:

@@ -1,22 +1,28 @@
 """Statistics of the training data that models are initialised with."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 
-def fit_reference_energies(structures, num_types: int, ridge: float = 1e-8) -> torch.Tensor:
+def fit_reference_energies(structures, num_types: int, ridge: float = 1e-8,
+                           offsets: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Per-element reference energies E0 by least squares: E_b ~ sum_t count_bt E0_t  # [T]
 
-    Structures without an energy label are skipped. A small ridge keeps elements whose counts
+    ``offsets``: an energy per structure that the model adds by itself (a repulsion prior,
+    ``Potential.prior_energies``), subtracted from the labels first. Structures without an
+    energy label are skipped. A small ridge keeps elements whose counts
     never vary (e.g. always 64 O : 128 H in water) determined; least squares then spreads the
     energy over them by the minimum-norm solution.
     """
     rows, targets = [], []
-    for s in structures:
+    for k, s in enumerate(structures):
         if s.energy is None or not torch.isfinite(s.energy).all():
             continue
         rows.append(torch.bincount(s.atom_types, minlength=num_types).to(torch.float64))
-        targets.append(s.energy.to(torch.float64).reshape(()))
+        offset = float(offsets[k]) if offsets is not None else 0.0
+        targets.append(s.energy.to(torch.float64).reshape(()) - offset)
     if not rows:
         return torch.zeros(num_types, dtype=torch.float64)
     a = torch.stack(rows)  # [S, T]

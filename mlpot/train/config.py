@@ -56,6 +56,18 @@ class ModelConfig:
     cutoff: Optional[float] = _spec(None, gt=0.0)  # Angstrom; default: the model's
     dtype: str = _spec("float32", choices=["float32", "float64"])  # network precision
     hparams: Dict[str, Any] = field(default_factory=dict)
+    # short-range prior (mlpot.nn.zbl): None | zbl, the ZBL wall switched off between
+    # repulsion_radii = [f_inner, f_outer] (default [0.5, 0.7]) of each pair's covalent-radius sum
+    repulsion: Optional[str] = _spec(None, choices=["zbl"])
+    repulsion_radii: Optional[List[float]] = None
+
+    def __post_init__(self):
+        from ..nn.zbl import check_repulsion
+
+        try:
+            check_repulsion(self.repulsion, self.repulsion_radii)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

@@ -74,7 +74,8 @@ class Trainer:
         for k in range(k_members):  # member k: weights initialised with seed + k
             _seed_everything(seed + k)
             self.members.append(build_model(mc.name, self.data.type_map.symbols, mc.cutoff,
-                                            mc.dtype, **mc.hparams))
+                                            mc.dtype, repulsion=mc.repulsion,
+                                            repulsion_radii=mc.repulsion_radii, **mc.hparams))
         _seed_everything(seed)
         cutoff = self.members[0].cutoff
         # read once, neighbor lists built once: every member trains on these objects
@@ -122,7 +123,10 @@ class Trainer:
         """Reference energies, energy scale and network statistics from the training split,
         fitted once and given to every member."""
         items = self.train_set.items
-        e0 = fit_reference_energies(items, len(self.data.type_map))
+        base = getattr(self.members[0], "potential", self.members[0])  # mve wraps a Potential
+        # E0 fitted to the labels minus the repulsion prior (zero at bonded distances)
+        e0 = fit_reference_energies(items, len(self.data.type_map),
+                                    offsets=base.prior_energies(items))
         scale = force_rms(items) if any(s.forces is not None for s in items) else 1.0
         for m in self.members:  # the same deterministic statistics from the same frames
             m.set_reference_energies(e0)
