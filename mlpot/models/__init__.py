@@ -160,11 +160,16 @@ def build_model(name: str, type_map: List[str], cutoff: Optional[float] = None,
 
 
 def from_config(config: Dict) -> Potential:
-    """Rebuild a Potential, or a committee of them, (untrained weights) from its ``config``."""
+    """Rebuild a Potential, a committee of them or a Potential with a variance network
+    (``mlpot.models.mve``), with untrained weights, from its ``config``."""
     if config.get("model") == "committee":
         from .committee import committee_from_config
 
         return committee_from_config(config)
+    if config.get("model") == "mve":
+        from .mve import mve_from_config
+
+        return mve_from_config(config)
     return build_model(config["model"], config["type_map"], config["cutoff"], config["dtype"],
                        repulsion=config.get("repulsion"),
                        repulsion_radii=config.get("repulsion_radii"), **config["hparams"])

@@ -56,6 +56,10 @@ class ModelConfig:
     cutoff: Optional[float] = _spec(None, gt=0.0)  # Angstrom; default: the model's
     dtype: str = _spec("float32", choices=["float32", "float64"])  # network precision
     hparams: Dict[str, Any] = field(default_factory=dict)
+    # cheap single-model uncertainty (mlpot.models.mve): None | mve; uncertainty_net: the
+    # variance network {name: family, hparams: {...}} (default: a small dp_se_e2_a)
+    uncertainty: Optional[str] = _spec(None, choices=["mve"])
+    uncertainty_net: Optional[Dict[str, Any]] = None
     # short-range prior (mlpot.nn.zbl): None | zbl, the ZBL wall switched off between
     # repulsion_radii = [f_inner, f_outer] (default [0.5, 0.7]) of each pair's covalent-radius sum
     repulsion: Optional[str] = _spec(None, choices=["zbl"])
@@ -83,6 +87,8 @@ class LossConfig:
     energy_start: Optional[float] = _spec(None, ge=0.0)
     forces_start: Optional[float] = _spec(None, ge=0.0)
     stress_start: Optional[float] = _spec(None, ge=0.0)
+    # model.uncertainty: mve: weight of the variance network's Gaussian negative log-likelihood
+    nll: float = _spec(1.0, ge=0.0)
 
 
 @dataclass
@@ -303,6 +309,20 @@ def check_config(cfg: Config, where: str = "config") -> None:
                               cfg.model.dtype)
     except ValueError as err:
         raise ConfigError(f"{where}: model.hparams: {err}") from None
+    if cfg.model.uncertainty == "mve":
+        from ..models.mve import resolved_sigma_spec
+
+        try:
+            resolved_sigma_spec(cfg.model.uncertainty_net)
+        except ValueError as err:
+            raise ConfigError(f"{where}: model.uncertainty_net: {err}") from None
+        if cfg.training.ensemble > 1:
+            raise ConfigError(f"{where}: model.uncertainty: mve and training.ensemble = "
+                              f"{cfg.training.ensemble}: choose one (the committee's deviation, "
+                              "or the single model's variance network)")
+    elif cfg.model.uncertainty_net is not None:
+        raise ConfigError(f"{where}: model.uncertainty_net is set but model.uncertainty is not; "
+                          "set model.uncertainty: mve, or remove model.uncertainty_net")
     if cfg.loss.energy == 0 and cfg.loss.forces == 0 and cfg.loss.stress == 0:
         raise ConfigError(f"{where}: loss: all weights are zero; nothing to train")
     if not _DEVICE.fullmatch(cfg.training.device):

@@ -47,6 +47,7 @@ from ..dtypes import usable_device
 from ..files import remove_stale_temporaries
 from ..models import build_model, fit_reference_energies, force_rms
 from ..models.committee import Committee
+from ..models.mve import build_mve, gaussian_nll
 from .config import Config, ConfigError, check_config
 from .data import TrainingData, load_training_data
 from .loss import Loss
@@ -73,9 +74,12 @@ class Trainer:
         self.members: List[torch.nn.Module] = []
         for k in range(k_members):  # member k: weights initialised with seed + k
             _seed_everything(seed + k)
-            self.members.append(build_model(mc.name, self.data.type_map.symbols, mc.cutoff,
-                                            mc.dtype, repulsion=mc.repulsion,
-                                            repulsion_radii=mc.repulsion_radii, **mc.hparams))
+            member = build_model(mc.name, self.data.type_map.symbols, mc.cutoff, mc.dtype,
+                                 repulsion=mc.repulsion, repulsion_radii=mc.repulsion_radii,
+                                 **mc.hparams)
+            if mc.uncertainty == "mve":  # the variance network (mlpot.models.mve)
+                member = build_mve(member, mc.uncertainty_net)
+            self.members.append(member)
         _seed_everything(seed)
         cutoff = self.members[0].cutoff
         # read once, neighbor lists built once: every member trains on these objects
@@ -118,6 +122,11 @@ class Trainer:
     @property
     def committee_size(self) -> int:
         return len(self.members)
+
+    @property
+    def mve(self) -> bool:
+        """A single model with a variance network (``model.uncertainty: mve``)."""
+        return self.cfg.model.uncertainty == "mve"
 
     def _fit_statistics(self) -> None:
         """Reference energies, energy scale and network statistics from the training split,
@@ -189,6 +198,10 @@ class Trainer:
                 pred = model(batch.as_dict(), compute_forces=self.loss_fn.needs_forces,
                              compute_stress=self.loss_fn.needs_stress)
                 loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr)
+                if self.mve:  # the variance network's likelihood of the (detached) errors
+                    nll = gaussian_nll(pred, batch.forces, batch.energy, batch.num_atoms)
+                    loss = loss + cfg.loss.nll * nll
+                    sums["nll"] = sums.get("nll", 0.0) + float(nll.detach()) / len(batches)
                 if not torch.isfinite(loss):
                     who = f" (committee member {k})" if self.committee_size > 1 else ""
                     raise FloatingPointError(
@@ -197,8 +210,11 @@ class Trainer:
                         "checkpoint: last.pt)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if cfg.optim.grad_clip:  # mve: the mean model's norm alone, as without it
+                    groups = model.parameter_groups() if hasattr(model, "parameter_groups") \
+                        else [model.parameters()]
+                    for group in groups:
+                        torch.nn.utils.clip_grad_norm_(group, cfg.optim.grad_clip)
                 optimizer.step()
                 if self.emas is not None:
                     self.emas[k].update_parameters(model)
@@ -542,14 +558,17 @@ def finalize(trainer: Trainer) -> Dict[str, float]:
     best = read_checkpoint(best_path)
     trainer.eval_model().load_state_dict(weights_of(best))
     results: Dict = {}
-    if trainer.committee_size > 1:  # the calibration factor, stored in best.pt for export
+    if trainer.committee_size > 1 or trainer.mve:  # the calibration factor, stored in best.pt
         factor = trainer.calibrate()
         for key in ("model", "ema"):
             if best.get(key) is not None:
                 best[key]["calibration"] = torch.tensor(factor, dtype=torch.float64)
         best["calibration"] = factor
         write_checkpoint(best, best_path)
-        results["committee"] = trainer.committee_size
+        if trainer.mve:
+            results["uncertainty"] = "mve"
+        else:
+            results["committee"] = trainer.committee_size
         results["calibration_factor"] = factor
     results["validation"] = trainer.evaluate(trainer.val_set)
     if trainer.data.test:
@@ -563,6 +582,7 @@ def finalize(trainer: Trainer) -> Dict[str, float]:
                     os.path.join(trainer.out_dir, "parity.png"), trainer.cfg.training.batch_size,
                     trainer.device)
     results["epochs"] = trainer.epoch
+    results["steps"] = trainer.step
     results["train_time_s"] = trainer.elapsed_s
     with open(os.path.join(trainer.out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
