@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,9 @@ def outcome_json(run) -> dict:
             "survived_fraction": round(run.survived_fraction, 4), "blowup_kinds": kinds,
             "blowups": blown, "steps": run.steps, "steps_done": run.steps_done,
             "wall_s": round(run.wall_s, 1), "steps_per_s": round(run.steps_per_s, 2),
-            "replica_steps_per_s": round(run.steps_per_s * len(run.outcomes), 2)}
+            "replica_steps_per_s": round(run.steps_per_s * len(run.outcomes), 2),
+            # the machine's 1-minute load average at the end: steps/s on a busy machine is lower
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 def progress_printer(label: str, what: str):

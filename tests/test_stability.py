@@ -203,3 +203,20 @@ def test_bussi_runs_and_select_keeps_per_replica_tensors():
     assert sub.n_replicas == 2 and sub.extras["nhc_vel"].shape[0] == 2
     assert torch.equal(sub.positions[0], st.positions[2])
     assert torch.equal(sub.energy, st.energy[[2, 0]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_runs_work_on_cuda_with_replicas_leaving_the_batch():
+    m = ethanol()
+    rule = I.BlowupRule.for_structure(m)
+    pushed = m.copy()
+    pushed.positions[2, 0] += 0.3
+    state = I.state_from_ase([m, pushed], device="cuda")
+    run = I.run_nvt(PushedOxygen(torch.as_tensor(m.positions, device="cuda")), state, 50.0,
+                    time_ps=0.2, timestep_fs=0.5, rule=rule, replicas=None, check_every=4)
+    assert [o.survived for o in run.outcomes] == [True, False]
+    assert run.outcomes[1].kind == "bond"
+    atoms, lj = copper_lj()
+    nve = I.run_nve(lj, I.state_from_ase(atoms, device="cuda"), 300.0, time_ps=0.2,
+                    timestep_fs=1.0, replicas=2, warmup_ps=0.05)
+    assert nve.survived == 2 and all(d < 0.5 for d in nve.drift_meV_per_atom_ps)
