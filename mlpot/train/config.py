@@ -61,7 +61,7 @@ class ModelConfig:
     uncertainty: Optional[str] = _spec(None, choices=["mve"])
     uncertainty_net: Optional[Dict[str, Any]] = None
     # short-range prior (mlpot.nn.zbl): None | zbl, the ZBL wall switched off between
-    # repulsion_radii = [f_inner, f_outer] (default [0.5, 0.7]) of each pair's covalent-radius sum
+    # repulsion_radii = [f_inner, f_outer] (default [0.4, 0.6]) of each pair's covalent-radius sum
     repulsion: Optional[str] = _spec(None, choices=["zbl"])
     repulsion_radii: Optional[List[float]] = None
 
