@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .learn import add_learn_parser
 
     add_learn_parser(sub)
+    from .distill import add_distill_parser
+
+    add_distill_parser(sub)
     return parser
 
 

@@ -106,16 +106,25 @@ class Labels:
     energy: float  # eV
     forces: np.ndarray  # [N, 3] eV/A
     virial: Optional[np.ndarray] = None  # [3, 3] eV, periodic cells only
+    # a labeller with an uncertainty (an mlpot committee or variance-network model)
+    forces_dev: Optional[np.ndarray] = None  # [N] eV/A
+    energy_dev: Optional[float] = None  # eV/atom
 
     def to_json(self) -> Dict[str, Any]:
-        return {"energy": float(self.energy), "forces": np.asarray(self.forces).tolist(),
-                "virial": None if self.virial is None else np.asarray(self.virial).tolist()}
+        d = {"energy": float(self.energy), "forces": np.asarray(self.forces).tolist(),
+             "virial": None if self.virial is None else np.asarray(self.virial).tolist()}
+        if self.forces_dev is not None:
+            d["forces_dev"] = np.asarray(self.forces_dev).tolist()
+            d["energy_dev"] = self.energy_dev
+        return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Labels":
-        virial = d.get("virial")
+        virial, fdev = d.get("virial"), d.get("forces_dev")
         return cls(float(d["energy"]), np.asarray(d["forces"], dtype=np.float64),
-                   None if virial is None else np.asarray(virial, dtype=np.float64))
+                   None if virial is None else np.asarray(virial, dtype=np.float64),
+                   None if fdev is None else np.asarray(fdev, dtype=np.float64),
+                   None if d.get("energy_dev") is None else float(d["energy_dev"]))
 
 
 def _sha256(path: str) -> str:
@@ -310,6 +319,16 @@ class ModelLabeller(ASELabeller):
         self.calc = MLPotCalculator(spec.model, device=spec.device)
         self.needs_dry_run = False
 
+    def label(self, atoms) -> Labels:
+        """The model's energy, forces (virial) and, for a model with an uncertainty, its
+        ``forces_dev`` and ``energy_dev`` (raw, ``mlpot.uncertainty``)."""
+        labels = super().label(atoms)
+        results = self.calc.results
+        if "forces_dev" in results:
+            labels.forces_dev = np.asarray(results["forces_dev"], dtype=np.float64).reshape(-1)
+            labels.energy_dev = float(results["energy_dev"])
+        return labels
+
     def check(self, atoms, where: str) -> None:
         missing = sorted(set(atoms.get_chemical_symbols()) - set(self.elements))
         if missing:
@@ -503,25 +522,33 @@ def read_frames(path: str):
     return frames
 
 
-def _output_atoms(atoms, labels: Labels):
+def _output_atoms(atoms, labels: Labels, prefix: str = "REF_"):
+    """The frame with its labels under ``<prefix>energy``, ``<prefix>forces`` (and
+    ``<prefix>virial``, ``<prefix>forces_dev``, ``<prefix>energy_dev``); older keys with the
+    same prefix are dropped, other labels (e.g. REF_ under the prefix TEACHER_) are kept."""
     out = atoms.copy()
     out.calc = None
-    for key in [k for k in out.info if k.startswith("REF_")]:
+    for key in [k for k in out.info if k.startswith(prefix)]:
         del out.info[key]
-    for key in [k for k in out.arrays if k.startswith("REF_")]:
+    for key in [k for k in out.arrays if k.startswith(prefix)]:
         del out.arrays[key]
-    out.info["REF_energy"] = labels.energy
-    out.arrays["REF_forces"] = np.asarray(labels.forces, dtype=np.float64).reshape(len(out), 3)
+    out.info[prefix + "energy"] = labels.energy
+    out.arrays[prefix + "forces"] = np.asarray(labels.forces, dtype=np.float64).reshape(len(out),
+                                                                                        3)
     if labels.virial is not None:
         # 9 numbers, row-major (xx xy xz yx ...), as extxyz files usually hold a virial
-        out.info["REF_virial"] = np.asarray(labels.virial, dtype=np.float64).reshape(9)
+        out.info[prefix + "virial"] = np.asarray(labels.virial, dtype=np.float64).reshape(9)
+    if labels.forces_dev is not None:
+        out.arrays[prefix + "forces_dev"] = np.asarray(labels.forces_dev, dtype=np.float64)
+        out.info[prefix + "energy_dev"] = labels.energy_dev
     return out
 
 
 def label_file(path: str, output: str, spec: LabellerSpec, workers: int = 1,
-               log=print) -> Dict[str, Any]:
+               log=print, prefix: str = "REF_") -> Dict[str, Any]:
     """Label every frame of ``path`` into ``output`` (extxyz); see the module docstring.
-    Returns a summary: frames, labelled, failed, reused (from an earlier run), seconds."""
+    ``prefix``: of the label keys (``REF_``; distillation writes ``TEACHER_``). Returns a
+    summary: frames, labelled, failed, reused (from an earlier run), seconds."""
     import ase.io
 
     t0 = time.time()
@@ -570,7 +597,7 @@ def label_file(path: str, output: str, spec: LabellerSpec, workers: int = 1,
         runner.close()
         progress.close()
 
-    out_frames = [_output_atoms(frames[k], Labels.from_json(progress.done[k]))
+    out_frames = [_output_atoms(frames[k], Labels.from_json(progress.done[k]), prefix)
                   for k in range(len(frames)) if k in progress.done]
     fmt_ext = "extxyz"
     atomic_write(output, lambda tmp: ase.io.write(tmp, out_frames, format=fmt_ext))
@@ -628,7 +655,11 @@ def spec_from_args(args) -> LabellerSpec:
 
 def run_label(args) -> int:
     spec = spec_from_args(args)
-    s = label_file(args.file, args.output, spec, workers=args.workers)
+    prefix = args.prefix
+    if not prefix or not prefix.replace("_", "a").isalnum():
+        raise LabelError(f"--prefix {prefix!r}: give letters, digits and underscores, e.g. "
+                         "REF_ or TEACHER_")
+    s = label_file(args.file, args.output, spec, workers=args.workers, prefix=prefix)
     failed = (f"{s['failed']} failed (listed in {s['failed_file']})" if s["failed"]
               else "0 failed")
     reused = f", {s['reused']} from an earlier run" if s["reused"] else ""
@@ -666,6 +697,10 @@ def add_label_parser(subparsers) -> None:
                    help="JSON object of keyword arguments for --ase-calculator")
     p.add_argument("--model", default=None, help="an exported mlpot model (distillation)")
     p.add_argument("--device", default="cpu", help="--model: torch device (default cpu)")
+    p.add_argument("--prefix", default="REF_",
+                   help="of the label keys (default REF_: REF_energy, REF_forces, REF_virial; "
+                        "TEACHER_ for a teacher model's labels, which then also writes "
+                        "TEACHER_forces_dev and TEACHER_energy_dev for a committee)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel worker processes (default 1: in this process)")
     p.set_defaults(func=run_label)

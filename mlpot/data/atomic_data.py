@@ -22,6 +22,8 @@ from ..neighbors import neighbor_list_batch, pair_vectors
 _PER_ATOM = (K.FORCES,)
 _PER_STRUCTURE = (K.ENERGY, K.STRESS, K.VIRIAL)
 _TARGET_SHAPES = {K.ENERGY: (), K.STRESS: (3, 3), K.VIRIAL: (3, 3), K.FORCES: (3,)}
+# per-structure loss weights (1 where a structure has none): data.energy_weight_key & co.
+_WEIGHTS = ("energy_weight", "forces_weight")
 
 
 @dataclass
@@ -40,6 +42,9 @@ class AtomicData:
         cutoff: the cutoff (Angstrom) the neighbors were computed with, or None.
         energy: [B] float64 eV; forces: [N, 3] eV/A; stress: [B, 3, 3] eV/A^3 (= -virial/volume);
             virial: [B, 3, 3] eV. Each optional; NaN marks a missing label inside a batch.
+        energy_weight, forces_weight: [B] float64 per-structure weights of the energy and force
+            loss terms (distillation: lower force weights where teachers disagree); None and,
+            inside a batch, a structure without one: 1.
         sources: a label per structure ("file.xyz:frame 12"), used in error messages.
     """
 
@@ -56,6 +61,8 @@ class AtomicData:
     forces: Optional[torch.Tensor] = None
     stress: Optional[torch.Tensor] = None
     virial: Optional[torch.Tensor] = None
+    energy_weight: Optional[torch.Tensor] = None
+    forces_weight: Optional[torch.Tensor] = None
     sources: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
@@ -180,6 +187,11 @@ class AtomicData:
                 parts.append(v if v is not None else torch.full(
                     (n,) + _TARGET_SHAPES[key], float("nan"), dtype=ref.dtype))
             out[key] = torch.cat(parts)
+        for key in _WEIGHTS:
+            values = [getattr(it, key) for it in items]
+            if any(v is not None for v in values):
+                out[key] = torch.cat([v if v is not None else torch.ones(
+                    it.num_structures, dtype=torch.float64) for it, v in zip(items, values)])
         return cls(**out)
 
     def __getitem__(self, b: int) -> "AtomicData":
@@ -205,7 +217,7 @@ class AtomicData:
             mask = (self.edge_index[0] >= a0) & (self.edge_index[0] < a1)
             out["edge_index"] = self.edge_index[:, mask] - a0
             out["edge_cell_shift"] = self.edge_cell_shift[mask]
-        for key in _PER_STRUCTURE:
+        for key in _PER_STRUCTURE + _WEIGHTS:
             v = getattr(self, key)
             out[key] = None if v is None else v[b:b + 1]
         if self.forces is not None:
@@ -224,7 +236,8 @@ class AtomicData:
             v = getattr(self, f.name)
             if not isinstance(v, torch.Tensor):
                 continue
-            if dtype is not None and v.is_floating_point() and f.name != K.ENERGY:
+            if dtype is not None and v.is_floating_point() and f.name != K.ENERGY \
+                    and f.name not in _WEIGHTS:
                 v = v.to(dtype)
             changes[f.name] = v.to(device) if device is not None else v
         return replace(self, **changes)

@@ -101,6 +101,8 @@ def read_ase(
     energy_unit: str = "eV",
     length_unit: str = "A",
     min_distance: Optional[float] = 0.5,
+    energy_weight_key: Optional[str] = None,
+    forces_weight_key: Optional[str] = None,
 ) -> List[AtomicData]:
     """Read any file ASE reads (extxyz, xyz, traj, db, POSCAR/OUTCAR, cif, ...).
 
@@ -113,6 +115,8 @@ def read_ase(
         require: labels that every frame must have, e.g. ``("energy", "forces")``.
         energy_unit, length_unit: units of the file (converted to eV and Angstrom).
         min_distance: Angstrom; atoms closer than this are an error (None: no check).
+        energy_weight_key, forces_weight_key: per-frame loss weights (numbers >= 0 in each
+            frame's ``info``; every frame must have them when the key is named).
     """
     import ase.io
 
@@ -142,14 +146,37 @@ def read_ase(
         }
         missing = [r for r in require if labels[r] is None]
         if missing:
+            hint = ("; data without forces: set loss.forces: 0 to train on energies alone, or "
+                    "let an energy-only committee give the forces (`mlpot distill`, mode: "
+                    "ensemble)") if "forces" in missing else ""
             raise DataError(
                 f"{where}: no {' or '.join(missing)} found (looked for "
                 f"{_looked_for(missing)} and the calculator's results); name the key with "
-                f"{', '.join(m + '_key' for m in missing)}=..., or drop the frame")
+                f"{', '.join(m + '_key' for m in missing)}=..., or drop the frame{hint}")
         data = _make(atoms.positions * l_f, atoms.numbers, atoms.cell.array * l_f, atoms.pbc,
                      labels, e_f, l_f, where)
+        for name, key in (("energy_weight", energy_weight_key),
+                          ("forces_weight", forces_weight_key)):
+            if key is not None:
+                setattr(data, name, _weight(atoms.info, key, where))
         out.append(_finish(data, tm, where, min_distance))
     return out
+
+
+def _weight(info, key: str, where: str):
+    """A frame's loss weight from ``info[key]``: a finite number >= 0, else a DataError."""
+    import torch
+
+    value = info.get(key)
+    try:
+        w = float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) if value is not None \
+            else None
+    except (TypeError, ValueError, IndexError):
+        w = None
+    if w is None or not np.isfinite(w) or w < 0:
+        raise DataError(f"{where}: the loss weight {key} = {value!r} is missing or not a number "
+                        ">= 0; give every frame one, or remove the *_weight_key option")
+    return torch.tensor([w], dtype=torch.float64)
 
 
 def _looked_for(missing):
@@ -345,7 +372,8 @@ def read(path: str, format: Optional[str] = None, **kwargs) -> List[AtomicData]:
     path is a folder holding type.raw, otherwise anything ``ase.io.read`` reads."""
     if format == "deepmd" or (format is None and os.path.isdir(path)):
         ase_only = sorted(set(kwargs) & {"index", "energy_key", "forces_key", "stress_key",
-                                         "virial_key"})
+                                         "virial_key", "energy_weight_key",
+                                         "forces_weight_key"})
         if ase_only:
             raise DataError(f"{path}: {ase_only} apply to ASE formats, not to DeePMD npy data "
                             "(whose labels are energy.npy, force.npy, virial.npy)")

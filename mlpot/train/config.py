@@ -44,6 +44,9 @@ class DataConfig:
     forces_key: Optional[str] = None
     stress_key: Optional[str] = None
     virial_key: Optional[str] = None
+    # per-frame loss weights (info keys, numbers >= 0; distillation writes them)
+    energy_weight_key: Optional[str] = None
+    forces_weight_key: Optional[str] = None
     energy_unit: str = "eV"                     # a key of readers.ENERGY_UNITS_TO_EV
     length_unit: str = "A"                      # a key of readers.LENGTH_UNITS_TO_ANGSTROM
     min_distance: Optional[float] = _spec(0.5, ge=0.0)  # Angstrom; closer atoms: an input error

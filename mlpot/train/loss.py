@@ -1,10 +1,13 @@
 """Losses: weighted mean squared errors of per-atom energy, force components and stress.
 
 Labels missing from some structures of a batch are NaN (see AtomicData) and are masked out.
+Per-structure weights (``AtomicData.energy_weight``/``forces_weight``, from
+``data.energy_weight_key``/``forces_weight_key``) multiply each squared error; the mean is still
+over the entries, so a weight below 1 lowers a structure's share of the loss.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -12,13 +15,18 @@ from .. import keys as K
 from .config import LossConfig
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
+    """Mean over the finite entries of ``target`` of weight * (pred - target)^2; ``weight``
+    broadcasts against the targets (a per-structure or per-atom weight, 1 when None)."""
     mask = torch.isfinite(target)
     n = int(mask.sum())
     if n == 0:
         return pred.new_zeros(()), 0
-    diff = (pred - torch.where(mask, target, pred).detach())[mask]
-    return (diff.to(torch.float64) ** 2).mean(), n
+    sq = (pred - torch.where(mask, target, pred).detach()).to(torch.float64) ** 2
+    if weight is not None:
+        sq = sq * weight.to(torch.float64).reshape(weight.shape + (1,) * (sq.dim() - 1))
+    return sq[mask].mean(), n
 
 
 class Loss:
@@ -50,11 +58,14 @@ class Loss:
         parts: Dict[str, float] = {}
         n_atoms = batch.num_atoms.to(torch.float64)
         if batch.energy is not None and w["energy"] > 0:
-            mse, _ = _masked_mse(pred[K.ENERGY] / n_atoms, batch.energy / n_atoms)
+            mse, _ = _masked_mse(pred[K.ENERGY] / n_atoms, batch.energy / n_atoms,
+                                 batch.energy_weight)
             total = total + w["energy"] * mse
             parts["energy"] = float(mse.detach())
         if batch.forces is not None and w["forces"] > 0 and K.FORCES in pred:
-            mse, _ = _masked_mse(pred[K.FORCES], batch.forces)
+            per_atom = None if batch.forces_weight is None else \
+                batch.forces_weight.repeat_interleave(batch.num_atoms)
+            mse, _ = _masked_mse(pred[K.FORCES], batch.forces, per_atom)
             total = total + w["forces"] * mse
             parts["forces"] = float(mse.detach())
         if batch.stress is not None and w["stress"] > 0 and K.STRESS in pred:

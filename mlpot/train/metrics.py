@@ -97,8 +97,9 @@ class MetricAccumulator:
     def calibration_factor(self) -> float:
         """c = sqrt( mean_i |F_pred,i - F_ref,i|^2 / mean_i forces_dev_i^2 ) over the atoms seen
         (raw deviations): the factor that makes the calibrated deviation RMS-calibrated."""
-        if not self.f_dev:
-            raise ValueError("no committee deviations were collected (not a committee?)")
+        if not self.f_dev or not sum(len(x) for x in self.f_dev):
+            raise ValueError("no deviations with reference forces were collected (a model "
+                             "without an uncertainty, or validation data without forces)")
         err2 = (torch.cat(self.f_pred) - torch.cat(self.f_ref)).pow(2).sum(dim=1)
         dev2 = torch.cat(self.f_dev).pow(2)
         if float(dev2.mean()) <= 0:
