@@ -226,3 +226,39 @@ def test_max_steps_stops_mid_epoch_and_sets_the_schedule(tmp_path, data_file):
     assert [int(r["step"]) for r in rows] == [3, 5]
     with pytest.raises(ConfigError, match="max_steps"):
         config_from_dict(cfg_dict(data_file, tmp_path / "bad", training={"max_steps": 0}))
+
+
+def test_energy_shift_removes_the_offset_on_fixed_composition(tmp_path, data_file):
+    """Every frame has the same composition (8 Cu): with a tiny energy weight the network
+    leaves a constant offset; the refit of the reference energies after training removes
+    it on the training split (mean signed error ~0), and best.pt holds the shifted values."""
+    from mlpot.train.metrics import MetricAccumulator
+
+    def run(name, shift):
+        cfg = config_from_dict(cfg_dict(data_file, tmp_path / name, epochs=2,
+                                        loss={"energy": 1e-4, "forces": 10.0, "stress": 0.0},
+                                        training={"energy_shift": shift}))
+        t = Trainer(cfg)
+        t.fit()
+        from mlpot.train.trainer import finalize
+
+        results = finalize(t)
+        acc = MetricAccumulator()
+        model = t.eval_model()
+        for batch in t.train_set.loader(4):
+            acc.add(model(batch.as_dict(), compute_forces=False), batch)
+        return results, acc.result()["energy_mean_error_meV_per_atom"], t
+
+    results, bias, t = run("shifted", True)
+    _, bias_off, t_off = run("plain", False)
+    assert abs(bias_off) > 1.0  # meV/atom: the offset the shift is there for
+    assert abs(bias) < 1e-3, bias
+    held = ckpt.read_checkpoint(str(tmp_path / "shifted" / "best.pt"))
+    assert held["energy_shift_done"] is True
+    shift = torch.tensor(results["energy_shift_eV"], dtype=torch.float64)
+    plain = ckpt.read_checkpoint(str(tmp_path / "plain" / "best.pt"))
+    for key in ("model", "ema"):
+        np.testing.assert_allclose(held[key]["reference_energies"].numpy(),
+                                   (plain[key]["reference_energies"] + shift).numpy(),
+                                   rtol=1e-12)
+    assert "energy_mean_error_meV_per_atom" in results["validation"]

@@ -123,6 +123,9 @@ class TrainingConfig:
     eval_every: int = _spec(1, ge=1)            # epochs between validations
     progress: bool = True
     tensorboard: bool = False                   # also log to out_dir/tensorboard (needs tensorboard)
+    # after training: refit the per-element reference energies to the best model's residuals
+    # on the training split (a constant offset the energy loss learns slowly is removed)
+    energy_shift: bool = True
     ensemble: int = _spec(1, ge=1)              # 1: a single model; K >= 2: a committee of K
     bootstrap: bool = False                     # committee: each member fits a bootstrap resample
 

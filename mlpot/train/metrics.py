@@ -81,6 +81,8 @@ class MetricAccumulator:
             out["energy_mae_meV_per_atom"] = float(d.abs().mean())
             out["energy_rmse_meV_per_atom"] = float(d.pow(2).mean().sqrt())
             out["energy_rmse_meV"] = float(((ep - er) * 1e3).pow(2).mean().sqrt())
+            # signed: a constant offset shows here (MAE = RMSE = |mean error| for a pure offset)
+            out["energy_mean_error_meV_per_atom"] = float(d.mean())
             out["frames"] = float(len(ep))
         if self.f_pred and sum(len(x) for x in self.f_pred):
             d = (torch.cat(self.f_pred) - torch.cat(self.f_ref)) * 1e3
