@@ -36,7 +36,8 @@ from .files import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "file_kind", "read_checkpoint",
            "write_checkpoint", "checkpoint_dict", "save_checkpoint", "model_from_checkpoint",
-           "weights_of", "hash_data", "model_metadata"]
+           "weights_of", "hash_data", "model_metadata", "interaction_layers",
+           "receptive_field"]
 
 FORMAT = "mlpot-checkpoint"
 VERSION = 2  # 1: mlpot before 2026-12-03 (numpy RNG state as an array, no "version" entry)
@@ -213,6 +214,37 @@ def repulsion_of(config: Dict[str, Any]) -> Any:
     return config.get("repulsion")
 
 
+def interaction_layers(config: Dict[str, Any]) -> int:
+    """How many interaction (message-passing) layers a model config has: 1 for a local model
+    (the Deep Potential), the family's ``num_layers`` hyperparameter for message-passing ones (a
+    family may instead define a classmethod ``interaction_layers(hparams)``); for a committee the
+    most of its members, for a variance-network model the most of its two networks."""
+    kind = config.get("model")
+    if kind == "committee":
+        return max(interaction_layers(c) for c in config.get("members", [{}]))
+    if kind == "mve":
+        sigma = dict(config.get("sigma_net") or {})
+        return max(interaction_layers(config.get("potential", {})),
+                   interaction_layers({"model": sigma.get("name"),
+                                       "hparams": sigma.get("hparams") or {}}))
+    hparams = dict(config.get("hparams") or {})
+    try:
+        from .models import network_class
+
+        cls = network_class(kind)
+        if hasattr(cls, "interaction_layers"):
+            return max(1, int(cls.interaction_layers(hparams)))
+    except (KeyError, ValueError, TypeError):  # not a registered family: its hparams decide
+        pass
+    return max(1, int(hparams.get("num_layers", 1)))
+
+
+def receptive_field(model) -> float:
+    """How far (Angstrom) the energy of an atom sees: interaction layers x cutoff. A domain
+    decomposition (LAMMPS) needs ghost atoms this far around its local atoms."""
+    return interaction_layers(model.config) * float(model.cutoff)
+
+
 def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
                    user: Optional[Dict] = None) -> Dict[str, Any]:
     """The metadata every exported file of ``model`` carries (TorchScript today; the same dict
@@ -225,6 +257,8 @@ def model_metadata(model, format_version: int, data_hash: Optional[str] = None,
         "torch_version": torch.__version__.split("+")[0],
         "type_map": list(model.type_map),
         "cutoff": float(model.cutoff),
+        "interaction_layers": interaction_layers(model.config),
+        "receptive_field": receptive_field(model),
         "units": {"length": "A", "energy": "eV"},
         "dtype": dtype_name(model.model_dtype),
         "config": model.config,

@@ -17,6 +17,10 @@ PTR = "ptr"                      # [B + 1] int64, atoms of structure b are ptr[b
 NUM_ATOMS = "num_atoms"          # [B] int64
 EDGE_INDEX = "edge_index"        # [2, P] int64: row 0 is i (centre), row 1 is j (neighbor)
 EDGE_SHIFTS = "edge_cell_shift"  # [P, 3] int64, integer cell shifts S
+# Domain decomposition (LAMMPS): atoms 0..n_local-1 are the local atoms, the rest are ghosts
+# (copies of atoms owned elsewhere). Given, the energy sums the atomic energies of local atoms
+# only (ghosts' atomic energies are 0) and forces are returned for all atoms, ghosts included.
+LOCAL_ATOMS = "local_atoms"      # [] or [1] int64: n_local (one structure only)
 
 # Targets (labels) and model outputs
 ENERGY = "energy"                # [B] float64, eV, total energy

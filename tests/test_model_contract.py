@@ -250,3 +250,120 @@ def test_training_config_accepts_an_entry_point_family(plugins):
     with pytest.raises(ConfigError, match="model.hparams: .*width = 0: must be > 0"):
         config_from_dict({"data": {"train": "x.xyz"},
                           "model": {"name": "pair_toy", "hparams": {"width": 0}}})
+
+
+# ---------------------------------------------------------------------------- ghosts (LAMMPS)
+def _with_ghosts(atoms, radius: float):
+    """The atoms of a periodic cell (local, first) and, as ghosts, every periodic image within
+    ``radius`` of the cell's atoms: positions [N + G, 3], the owner of each atom, and the count
+    of local atoms. A non-periodic cluster, as a LAMMPS process sees its domain."""
+    import itertools
+
+    import numpy as np
+
+    pos = atoms.get_positions()
+    cell = np.asarray(atoms.cell)
+    n = len(atoms)
+    reach = [int(np.ceil(radius / h)) + 1 for h in atoms.cell.volume / np.linalg.norm(
+        np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)]
+    images, owners = [pos], [np.arange(n)]
+    for s in itertools.product(*(range(-r, r + 1) for r in reach)):
+        if s == (0, 0, 0):
+            continue
+        p = pos + np.asarray(s) @ cell
+        d = np.linalg.norm(p[:, None, :] - pos[None, :, :], axis=2).min(axis=1)
+        keep = d < radius
+        images.append(p[keep])
+        owners.append(np.arange(n)[keep])
+    return np.concatenate(images), np.concatenate(owners), n
+
+
+def _cluster_run(model, atoms, radius: float, local_atoms: bool = True):
+    """Energy, forces folded onto owners and virial sum(x F) of the ghost cluster."""
+    from mlpot import keys as K
+    from mlpot.data import TypeMap
+    from mlpot.inputs import structure_inputs
+
+    pos, owners, n = _with_ghosts(atoms, radius)
+    types = TypeMap(model.type_map).types(atoms.numbers[owners])
+    x = torch.tensor(pos, dtype=torch.float64)
+    data = structure_inputs(x, torch.as_tensor(types))
+    if local_atoms:
+        data[K.LOCAL_ATOMS] = torch.tensor(n)
+    out = model(data, compute_forces=True)
+    f = out[K.FORCES].detach()
+    folded = torch.zeros(n, 3, dtype=f.dtype).index_add_(0, torch.as_tensor(owners), f)
+    virial = (x.unsqueeze(2) * f.unsqueeze(1)).sum(0)  # sum_k x_k F_k
+    return float(out[K.ENERGY].detach().sum()), folded, virial, out, len(pos) - n
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_local_atoms_with_ghosts_give_the_periodic_energy_forces_and_virial(name):
+    """A cluster of the cell's atoms (local) and their periodic images within the receptive field
+    (ghosts, each a separate atom) with ``local_atoms`` gives the periodic system's energy; the
+    forces folded onto their owners and sum(x F) give its forces and virial (LAMMPS's newton-on
+    reverse communication and virial_fdotr)."""
+    from mlpot import keys as K
+    from mlpot.checkpoint import receptive_field
+
+    model = small_model(name)
+    atoms = T.random_periodic(n_atoms=10, seed=3, density=0.08)
+    ref = model(T.to_data(atoms, model).as_dict(), compute_forces=True, compute_stress=True)
+    field = receptive_field(model)
+    assert field == pytest.approx(CUTOFF * (1 if name == "dp_se_e2_a"
+                                            else network_class(name).TEST_HPARAMS["num_layers"]))
+    energy, forces, virial, out, n_ghosts = _cluster_run(model, atoms, field + 0.1)
+    assert n_ghosts > len(atoms)
+    assert energy == pytest.approx(float(ref[K.ENERGY].detach().sum()), rel=1e-10, abs=1e-9)
+    torch.testing.assert_close(forces, ref[K.FORCES].detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(virial, ref[K.VIRIAL].detach()[0], rtol=0, atol=1e-8)
+    assert bool((out[K.ATOMIC_ENERGIES][len(atoms):] == 0).all())
+    # without the count, the ghosts' energies are part of the total: not the periodic energy
+    e_all = _cluster_run(model, atoms, field + 0.1, local_atoms=False)[0]
+    assert abs(e_all - energy) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["egnn", "nequip"])
+def test_ghosts_must_cover_the_receptive_field_of_message_passing(name):
+    """One cutoff of ghosts is not enough for a 2-layer model (the check that the receptive
+    field, not the cutoff, sets the ghost region can fail)."""
+    from mlpot import keys as K
+
+    model = small_model(name)
+    atoms = T.random_periodic(n_atoms=10, seed=3, density=0.08)
+    ref = model(T.to_data(atoms, model).as_dict(), compute_forces=True)
+    energy = _cluster_run(model, atoms, CUTOFF + 0.1)[0]
+    assert abs(energy - float(ref[K.ENERGY].detach().sum())) > 1e-6
+
+
+def test_local_atoms_pass_through_committee_and_scripted_models():
+    """A committee and the TorchScript export take ``local_atoms`` as the Potential does."""
+    from mlpot import keys as K
+    from mlpot.checkpoint import model_metadata
+    from mlpot.models import script
+    from mlpot.models.committee import Committee
+
+    committee = Committee([small_model("egnn", seed=0), small_model("egnn", seed=1)]).eval()
+    assert model_metadata(committee, 1)["receptive_field"] == pytest.approx(2 * CUTOFF)
+    atoms = T.random_periodic(n_atoms=10, seed=3, density=0.08)
+    ref = committee(T.to_data(atoms, committee).as_dict(), compute_forces=True)
+    for model in (committee, script(committee)):
+        energy, forces = _cluster_run(model, atoms, 2 * CUTOFF + 0.1)[:2]
+        assert energy == pytest.approx(float(ref[K.ENERGY].detach().sum()), rel=1e-10, abs=1e-9)
+        torch.testing.assert_close(forces, ref[K.FORCES].detach(), rtol=0, atol=1e-9)
+
+
+def test_local_atoms_in_chunked_inference_of_a_local_model():
+    """The Deep Potential's chunked inference (more atoms than ``chunk_atoms``) evaluates local
+    centres only and gives the unchunked numbers."""
+    from mlpot import keys as K
+
+    model = small_model("dp_se_e2_a")
+    atoms = T.random_periodic(n_atoms=10, seed=3, density=0.08)
+    whole = _cluster_run(model, atoms, CUTOFF + 0.1)
+    model.chunk_atoms = 4
+    chunked = _cluster_run(model, atoms, CUTOFF + 0.1)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-12, abs=1e-10)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=0, atol=1e-9)
+    assert bool((chunked[3][K.ATOMIC_ENERGIES][len(atoms):] == 0).all())

@@ -12,6 +12,13 @@ An optional short-range prior (``repulsion``, e.g. the ZBL wall of ``mlpot.nn.zb
 ``model.repulsion: zbl``) adds its per-atom energies (float64, from the same edges) beside E0, in
 training too, so that the network learns the remainder; its forces and stress come with the rest.
 
+With ``local_atoms`` in the input (``mlpot.keys.LOCAL_ATOMS``, n_local: LAMMPS's domain
+decomposition) atoms n_local.. are ghosts, copies of atoms owned by another process or periodic
+images: their atomic energies are 0, so the energy sums local atoms only, while forces are still
+returned for every atom (LAMMPS sends the ghosts' forces back to their owners). The ghosts must
+cover the receptive field (``mlpot.checkpoint.receptive_field``) around the local atoms. Local
+networks (below) are evaluated on local centres only.
+
 Networks run in float32 or float64 (``dtype``); reference energies E0, the scale and the totals
 are always float64 (float32 totals lose meV on large systems). Forces and the virial come out in
 the dtype of the input positions. With ``training`` set, the force graph is kept (create_graph) so
@@ -101,12 +108,22 @@ class Potential(nn.Module):
             else:
                 ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
             i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
+        # atoms n_local.. are ghosts (LAMMPS): their atomic energies are not part of the total
+        n_local = n_atoms
+        if K.LOCAL_ATOMS in data:
+            n_local = int(data[K.LOCAL_ATOMS].reshape(-1)[0].item())
+            if n_local < 0 or n_local > n_atoms or n_struct != 1:
+                raise ValueError("local_atoms must be a count between 0 and the number of atoms, "
+                                 "for one structure")
 
         if hasattr(self.net, "centre_energies"):  # alone: TorchScript drops the branch if not
+            if n_local < n_atoms:  # a centre's energy needs its own edges only: drop ghosts'
+                keep = i < n_local
+                i, j, shifts = i[keep], j[keep], shifts[keep]
             if (not self.training) and (not pos.requires_grad) and self.chunk_atoms > 0 \
                     and n_atoms > self.chunk_atoms:
                 return self._forward_chunked(pos, cell, types, batch, i, j, shifts,
-                                             compute_forces, compute_stress)
+                                             compute_forces, compute_stress, n_local)
 
         grad_inputs: List[torch.Tensor] = []
         if compute_forces and not pos.requires_grad:
@@ -128,6 +145,9 @@ class Potential(nn.Module):
             + self.reference_energies.index_select(0, types)
         if self.repulsion is not None:
             atomic = atomic + self.repulsion(types, edge_index, vectors)
+        if n_local < n_atoms:
+            local = torch.arange(n_atoms, device=pos.device) < n_local
+            atomic = torch.where(local, atomic, torch.zeros_like(atomic))
         energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, batch, atomic)  # [B]
         out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
@@ -157,17 +177,19 @@ class Potential(nn.Module):
 
     def _forward_chunked(self, pos: torch.Tensor, cell: torch.Tensor, types: torch.Tensor,
                          batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
-                         shifts: torch.Tensor, compute_forces: bool, compute_stress: bool
-                         ) -> Dict[str, torch.Tensor]:
+                         shifts: torch.Tensor, compute_forces: bool, compute_stress: bool,
+                         n_local: int) -> Dict[str, torch.Tensor]:
         """``forward`` for a local network, ``chunk_atoms`` centres at a time (see the module
         doc). With v_e = x_j - x_i + S @ cell and g_e = dE/dv_e: F_i += g_e, F_j -= g_e, and
-        dE/d(eps_b) = sym(sum_{e in b} v_e^T g_e) (a strain maps every v_e to v_e (1 + eps))."""
+        dE/d(eps_b) = sym(sum_{e in b} v_e^T g_e) (a strain maps every v_e to v_e (1 + eps)).
+        Only centres 0..n_local-1 are evaluated (the edges of ghost centres are already gone);
+        the atomic energies of ghosts are 0."""
         n_atoms = pos.shape[0]
         n_struct = cell.shape[0]
         pos = pos.detach()
         cell = cell.detach()
         chunk = self.chunk_atoms
-        n_chunks = (n_atoms + chunk - 1) // chunk
+        n_chunks = (n_local + chunk - 1) // chunk
         edge_chunk = torch.div(i, chunk, rounding_mode="floor")  # [P]
         if edge_chunk.shape[0] > 1 and bool((edge_chunk[1:] < edge_chunk[:-1]).any()):
             order = torch.argsort(edge_chunk, stable=True)
@@ -175,12 +197,12 @@ class Potential(nn.Module):
                 shifts.index_select(0, order)
         counts: List[int] = torch.bincount(edge_chunk, minlength=n_chunks).tolist()
         need_grad = compute_forces or compute_stress
-        atomic = torch.empty(n_atoms, dtype=torch.float64, device=pos.device)
+        atomic = torch.zeros(n_atoms, dtype=torch.float64, device=pos.device)
         forces = torch.zeros_like(pos)
         de_dsym = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device)
         e0 = 0
         for c in range(n_chunks):
-            a, b = c * chunk, min((c + 1) * chunk, n_atoms)
+            a, b = c * chunk, min((c + 1) * chunk, n_local)
             ic, jc = i[e0:e0 + counts[c]], j[e0:e0 + counts[c]]
             sc = shifts[e0:e0 + counts[c]]
             e0 += counts[c]
