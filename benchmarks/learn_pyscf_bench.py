@@ -41,7 +41,9 @@ work folder ``--work`` holds every intermediate file):
      training settings (``mlpot train``), the like-for-like partner of
    - ``random_rmd17_seed<s>``: N frames drawn at random from the rMD17 pool (rMD17's labels),
      trained the same way, for ``--random-seeds`` draws;
-   - ``iterations``: every iteration's model.pt on the test frames (the learning curve).
+   - ``learning_curve_on_test``: every iteration's model.pt on the test frames;
+   - ``longer_training``: ``loop_data_cold`` and the random draws again with ``--extra-steps``
+     optimizer steps, to tell whether the data or the short training limits the errors.
 
    Errors: forces MAE/RMSE (meV/A) of the committee mean; energies MAE (meV per molecule)
    raw and after removing the model's mean signed error on the test frames (the loop's
@@ -194,13 +196,13 @@ def labeller_check(args, work: Path, rmd17, initial) -> dict:
 
 
 # ----------------------------------------------------------------------------- step 2
-def training_section(args, validation: Path) -> dict:
+def training_section(args, validation: Path, steps: int | None = None) -> dict:
     spec = MODELS[args.model]
     return {
         "model": spec["model"], "loss": spec["loss"], "optim": spec["optim"],
         "data": {"type_map": TYPE_MAP, "validation": str(validation)},
         "training": {"ensemble": args.members, "batch_size": args.batch_size,
-                     "max_steps": args.steps, "max_epochs": 1000000, "seed": 0,
+                     "max_steps": steps or args.steps, "max_epochs": 1000000, "seed": 0,
                      "threads": args.threads},
     }
 
@@ -247,6 +249,8 @@ def loop_table(work: Path, n_validation: int) -> tuple[list, dict]:
     """The loop's rows (state.json) with each iteration's phase times from the modification
     times of the files each phase writes last, and train_frames: the loop's labels column less
     the fixed validation frames, which it counts too."""
+    import ase.io
+
     state = json.loads((work / "loop" / "state.json").read_text())
     t_prev = json.loads((work / "loop_started.json").read_text())["time"]
     rows = []
@@ -263,7 +267,12 @@ def loop_table(work: Path, n_validation: int) -> tuple[list, dict]:
         if r.get("labels_added"):
             times["label_s_per_label"] = round(times.get("label_s", 0.0) / r["labels_added"], 2)
         train_frames = {"train_frames": r["labels"] - n_validation} if "labels" in r else {}
-        rows.append({**r, **train_frames, **times})
+        by_t = {}
+        if (d / "selected.xyz").exists() and (d / "selected.xyz").stat().st_size > 0:
+            for a in ase.io.read(d / "selected.xyz", index=":"):
+                t = f"{a.info['temperature_K']:g}"
+                by_t[t] = by_t.get(t, 0) + 1
+        rows.append({**r, **train_frames, **times, "selected_by_temperature_K": by_t})
     return rows, state
 
 
@@ -290,15 +299,17 @@ def final_committee(args, work: Path, state) -> tuple[Path, int, float]:
     return idir / "model.pt", row["labels"], seconds
 
 
-def train_cold(args, work: Path, name: str, files: list, validation: Path) -> tuple[Path, float]:
-    """`mlpot train` of the loop's training settings on `files` from a fresh start."""
+def train_cold(args, work: Path, name: str, files: list, validation: Path,
+               steps: int | None = None) -> tuple[Path, float]:
+    """`mlpot train` of the loop's training settings (with `steps` optimizer steps if given) on
+    `files` from a fresh start."""
     import yaml
 
     out = work / name
     done = out / "done.json"
     if done.exists():
         return out / "best.pt", json.loads(done.read_text())["seconds"]
-    cfg = training_section(args, validation)
+    cfg = training_section(args, validation, steps)
     cfg["data"]["train"] = [str(f) for f in files]
     cfg["training"]["out_dir"] = str(out)
     cfg["training"]["progress"] = False
@@ -386,6 +397,9 @@ def main():
     p.add_argument("--per-iteration", type=int, default=10, help="new labels per iteration")
     p.add_argument("--max-labels", type=int, default=40, help="labels the loop may add")
     p.add_argument("--max-iterations", type=int, default=8)
+    p.add_argument("--extra-steps", type=int, default=4000,
+                   help="also train the loop's data and the random draws from scratch with this "
+                        "many steps (0: not)")
     p.add_argument("--random-seeds", type=int, default=2,
                    help="random draws of N rMD17 pool frames for the baseline (default 2)")
     add_shared_option(p)
@@ -445,18 +459,34 @@ def main():
                          f"loop's files hold {n_final} and the validation file {len(validation)}")
     cold_model, cold_s = train_cold(args, work, "loop_data_cold", loop_files, val_file)
     committees = {"loop_final": (final_model, final_s), "loop_data_cold": (cold_model, cold_s)}
+    random_files = []
     for s in range(args.random_seeds):
         pick = sorted(int(k) for k in np.random.default_rng(1000 + s).choice(rest, n_final,
                                                                             replace=False))
-        f = write_frames(rmd17, pick, work / f"random_rmd17_n{n_final}_seed{s}.xyz")
+        random_files.append(write_frames(rmd17, pick,
+                                         work / f"random_rmd17_n{n_final}_seed{s}.xyz"))
         committees[f"random_rmd17_seed{s}"] = train_cold(args, work, f"random_rmd17_seed{s}",
-                                                         [f], val_file)
+                                                         [random_files[-1]], val_file)
+    longer = {}  # the same data sets, trained longer: is the data or the training the limit?
+    if args.extra_steps:
+        e = args.extra_steps
+        longer["loop_data_cold"] = train_cold(args, work, f"loop_data_cold_steps{e}", loop_files,
+                                              val_file, e)
+        for s, f in enumerate(random_files):
+            longer[f"random_rmd17_seed{s}"] = train_cold(
+                args, work, f"random_rmd17_seed{s}_steps{e}", [f], val_file, e)
     log("step 3: evaluating on the 200 rMD17 test frames")
     comparison = {name: {**evaluate(m, test_file), "train_wall_s": round(sec, 1)}
                   for name, (m, sec) in committees.items()}
     randoms = [v for k, v in comparison.items() if k.startswith("random")]
     keys = ("forces_mae_meV_per_A", "forces_rmse_meV_per_A", "energy_mae_aligned_meV")
     comparison["random_mean_std"] = summary([{k: v[k] for k in keys} for v in randoms])
+    comparison_longer = {name: {**evaluate(m, test_file), "train_wall_s": round(sec, 1)}
+                         for name, (m, sec) in longer.items()}
+    if longer:
+        comparison_longer["random_mean_std"] = summary(
+            [{k: v[k] for k in keys} for name, v in comparison_longer.items()
+             if name.startswith("random")])
     curve = []
     for r in rows:
         m = work / "loop" / f"iter_{r['iteration']:03d}" / "model.pt"
@@ -482,19 +512,27 @@ def main():
                  "this_call_wall_s": round(loop_wall, 1)},
         "comparison": {"frames_each": n_final, "test": "200 rMD17 test frames, rMD17 (ORCA) labels",
                        "committees": comparison, "learning_curve_on_test": curve,
+                       "longer_training": {"steps": args.extra_steps,
+                                           "committees": comparison_longer} if longer else None,
                        "note": "loop committees learn PySCF labels (initial frames included), "
                                "random ones rMD17's; energy_mae_aligned removes each "
                                "committee's mean signed error on the test frames"},
         "settings": {k: (portable(str(v), shared=args.shared, work=work)
                          if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # step 1's labelling + the loop (summed over its runs) + the step 3 trainings
+        "wall_s_total": round(check["seconds"] + state["elapsed_s"]
+                              + sum(sec for _, sec in committees.values())
+                              + sum(sec for _, sec in longer.values()), 1),
         "wall_s_this_call": round(time.time() - t_all, 1),
         "command": command_line(shared=args.shared, work=work),
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_json(args.out, result)
-    for name, v in comparison.items():
-        if name != "random_mean_std":
+    shown = list(comparison.items()) + [(f"{k} ({args.extra_steps} steps)", v)
+                                        for k, v in comparison_longer.items()]
+    for name, v in shown:
+        if not name.startswith("random_mean_std"):
             log(f"{name:22s} F MAE {v['forces_mae_meV_per_A']:7.1f} RMSE "
                 f"{v['forces_rmse_meV_per_A']:7.1f} meV/A  E MAE aligned "
                 f"{v['energy_mae_aligned_meV']:6.1f} meV (raw {v['energy_mae_meV']:.1f})")
