@@ -1,0 +1,56 @@
+/* pair_style mlpot: LAMMPS runs an mlpot exported TorchScript model (mlpot.export).
+
+   Loaded with `plugin load` from the library `python -m mlpot.lammps --plugin-path` builds.
+   Usage:
+       units metal
+       pair_style mlpot model.pt
+       pair_coeff * * O H          (the element of each LAMMPS atom type, from the model's map)
+
+   Each MPI rank hands the model its local atoms and its ghost atoms as one non-periodic cluster
+   (ghosts are separate atoms, periodic images included) with every pair of it closer than the
+   cutoff (mlpot's neighbor-list op), and `local_atoms` = nlocal: the model's energy is that of
+   the local atoms, and its forces on ghosts go back to their owners (newton on). The ghost
+   region is set to the model's receptive field (interaction layers x cutoff, from the file's
+   metadata) plus the skin, so message-passing models see every atom their local energies depend
+   on. The virial is sum_k x_k F_k over local and ghost atoms (virial_fdotr_compute).
+*/
+#ifndef MLPOT_PAIR_MLPOT_H
+#define MLPOT_PAIR_MLPOT_H
+
+#include "pair.h"
+
+#include <torch/script.h>
+
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+class PairMLPot : public Pair {
+ public:
+  PairMLPot(class LAMMPS *);
+  ~PairMLPot() override;
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+
+ private:
+  void allocate();
+  void load_model(const std::string &path);
+
+  torch::jit::Module model;
+  bool model_loaded = false;
+  std::string model_path;
+  std::vector<std::string> type_map;    // the model's elements, by type index
+  std::vector<long> model_type;         // LAMMPS type (1..ntypes) -> model type index
+  double cutoff = 0.0;                  // Angstrom
+  double receptive_field = 0.0;         // Angstrom: interaction layers x cutoff
+  int interaction_layers = 1;
+  torch::Dtype model_dtype = torch::kFloat32;
+};
+
+}    // namespace LAMMPS_NS
+
+#endif
