@@ -20,7 +20,11 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
    failed frame. The fractions are over all collected frames plus these;
 3. **select** at most ``selection.max_labels`` candidates, thinned for diversity by farthest
    point sampling (FPS) on a per-structure descriptor (``structure_descriptor``), starting from
-   the candidate of largest deviation (``selected.xyz``);
+   the candidate of largest deviation (``selected.xyz``); ``selection.strategy: random`` (the
+   baseline of label-efficiency benchmarks) instead picks them uniformly at random among the
+   same candidates, without FPS, reproducibly from ``selection.seed`` and the iteration
+   (numpy's ``default_rng([seed, i])``); in pool mode it picks among all unchosen pool frames
+   and the pool is not scored (random picks need no scores; the table's fractions stay empty);
 4. **label** them with ``mlpot.label.label_file`` (``labelled.xyz``; its progress file makes
    the labelling resumable frame by frame) and add them to the data set.
 
@@ -100,6 +104,9 @@ class SelectionConfig:
     upper: float = _spec(0.15, gt=0.0)           # eV/A
     max_labels: int = _spec(10, ge=1)            # new labels per iteration
     pool_all_candidates: bool = True             # pool mode: every unchosen frame may be picked
+    # committee: FPS from the most doubted candidate; random: uniformly among the candidates
+    strategy: str = _spec("committee", choices=["committee", "random"])
+    seed: int = _spec(0, ge=0)                   # random: iteration i picks by (seed, i)
 
 
 @dataclass
@@ -580,26 +587,33 @@ class Learner:
         import ase.io
 
         idir = self.iter_dir(i)
+        unscored = self.cfg.labeller.kind == "pool" and self.cfg.selection.strategy == "random"
         if self.cfg.labeller.kind == "pool":
-            devs = self.score_pool(i, state, starts)
+            # random picks need no scores: the pool is not scored (the fractions stay empty)
+            devs = None if unscored else self.score_pool(i, state, starts)
             chosen = set(state["pool_chosen"])
             frames = []
             for k, atoms in enumerate(starts):
                 if k in chosen:
                     continue
                 a = atoms.copy()
-                a.info = {"pool_index": k, "max_force_dev": float(devs[k])}
+                a.info = {"pool_index": k}
+                if devs is not None:
+                    a.info["max_force_dev"] = float(devs[k])
                 frames.append(a)
             failed_runs = 0
         else:
             frames, failed_runs = self.run_md(i, starts)
         atomic_write(os.path.join(idir, "explored.xyz"),
                      lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
-        devs = np.array([a.info["max_force_dev"] for a in frames], dtype=np.float64)
-        cls = classify(devs, self.cfg.selection.lower, self.cfg.selection.upper)
         n = len(frames) + failed_runs
         row = self.row(state, i)
         row["frames"] = n
+        if unscored:
+            row["accurate"] = row["candidate"] = row["failed"] = None
+            return
+        devs = np.array([a.info["max_force_dev"] for a in frames], dtype=np.float64)
+        cls = classify(devs, self.cfg.selection.lower, self.cfg.selection.upper)
         row["accurate"] = float((cls == 0).sum() / n) if n else 0.0
         row["candidate"] = float((cls == 1).sum() / n) if n else 0.0
         row["failed"] = float(((cls == 2).sum() + failed_runs) / n) if n else 0.0
@@ -683,8 +697,11 @@ class Learner:
         frames = ase.io.read(os.path.join(idir, "explored.xyz"), index=":") \
             if os.path.getsize(os.path.join(idir, "explored.xyz")) > 0 else []
         sel = self.cfg.selection
-        devs = np.array([a.info["max_force_dev"] for a in frames], dtype=np.float64)
-        if self.cfg.labeller.kind == "pool" and sel.pool_all_candidates:
+        devs = np.array([a.info.get("max_force_dev", np.nan) for a in frames],
+                        dtype=np.float64)
+        if self.cfg.labeller.kind == "pool" and sel.strategy == "random":
+            cand = np.arange(len(frames))  # not scored: every unchosen pool frame
+        elif self.cfg.labeller.kind == "pool" and sel.pool_all_candidates:
             cand = np.flatnonzero(np.isfinite(devs))
         else:
             cand = np.flatnonzero(classify(devs, sel.lower, sel.upper) == 1)
@@ -692,7 +709,11 @@ class Learner:
         if self.cfg.stop.max_labels is not None:
             budget = min(budget, self.cfg.stop.max_labels - self.labels_added(i))
         picked: List[int] = []
-        if len(cand) and budget > 0:
+        if len(cand) and budget > 0 and sel.strategy == "random":
+            rng = np.random.default_rng([sel.seed, i])
+            picked = [int(k) for k in rng.choice(cand, size=min(budget, len(cand)),
+                                                 replace=False)]
+        elif len(cand) and budget > 0:
             cutoff = float(self._model(i).cutoff)
             x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
             first = int(np.argmax(devs[cand]))
@@ -746,7 +767,7 @@ class Learner:
         i = state["iteration"]
         row = state["rows"][i]
         if st.accurate_fraction is not None and row.get("frames") and \
-                row["accurate"] >= st.accurate_fraction:
+                row.get("accurate") is not None and row["accurate"] >= st.accurate_fraction:
             return (f"{100 * row['accurate']:.1f} % of the explored frames are below the lower "
                     f"trust level (target {100 * st.accurate_fraction:g} %)")
         if i + 1 >= st.max_iterations:

@@ -315,3 +315,44 @@ def test_a_kill_inside_the_training_restarts_it_cleanly(loop, inputs, tmp_path):
         for a, b in zip(labelled(run, i), labelled(ref, i), strict=True):
             np.testing.assert_array_equal(a.positions, b.positions)
             assert a.info["REF_energy"] == b.info["REF_energy"]
+
+
+def test_random_strategy_picks_unlabelled_pool_frames_reproducibly_from_its_seed(inputs,
+                                                                                 tmp_path):
+    """selection.strategy: random (the label-efficiency baseline): each iteration picks
+    max_labels frames of the pool, never one chosen before, the same for the same seed; the
+    pool is not scored."""
+    def run(name, seed):
+        cfg = config(inputs, tmp_path / name,
+                     labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                     explore={"structures": []},
+                     selection={"strategy": "random", "seed": seed, "max_labels": 3},
+                     stop={"max_iterations": 3})
+        state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+        picks = [[a.info["pool_index"] for a in
+                  read(str(tmp_path / name / f"iter_{i:03d}" / "selected.xyz"), index=":")]
+                 for i in range(3)]
+        return state, picks
+
+    state, picks = run("a", 1)
+    assert [len(p) for p in picks] == [3, 3, 3]
+    flat = [k for p in picks for k in p]
+    assert len(set(flat)) == 9 and sorted(state["pool_chosen"]) == sorted(flat)
+    explored = read(str(tmp_path / "a" / "iter_002" / "explored.xyz"), index=":")
+    assert sorted(a.info["pool_index"] for a in explored) == sorted(set(range(10)) - set(
+        picks[0] + picks[1]))
+    assert all("max_force_dev" not in a.info for a in explored)  # not scored
+    assert state["rows"][0]["accurate"] is None and state["rows"][0]["frames"] == 10
+    pool = read(str(inputs / "pool.xyz"), index=":")
+    for k, a in zip(picks[2], labelled(tmp_path / "a", 2)):  # labels from the pool
+        assert a.info["REF_energy"] == pytest.approx(pool[k].info["REF_energy"], abs=1e-9)
+    _, same = run("b", 1)
+    _, other = run("c", 2)
+    assert same == picks and other != picks
+
+
+def test_selection_strategy_is_checked(inputs, tmp_path):
+    cfg = config(inputs, tmp_path / "run", selection={"strategy": "randomly"})
+    with pytest.raises(ConfigError, match="selection.strategy = 'randomly' is not one of "
+                                          r"\['committee', 'random'\]. Did you mean 'random'"):
+        learn_config_from_dict(cfg)

@@ -1,0 +1,409 @@
+"""Label efficiency of ``mlpot learn`` in pool mode: query by committee against random picks.
+
+For each rMD17 molecule (``--molecules``, default ethanol and aspirin) the 1,000 frames of
+``<shared>/data/rmd17/<molecule>_train_01.xyz`` are split by ``_common.rmd17_split`` into a
+pool of 800 and a test part of 200 (used for nothing but the test errors). For each seed
+(``--seeds``, default 0 1 2) the seed draws ``--initial`` (20) frames of the pool as the initial
+labelled data; the other 780 are the unlabelled pool of ``labeller: {kind: pool}``. Two loops
+then run with everything identical but the selection (``selection.strategy``):
+
+  committee  query by committee: the K = 4 committee scores every unchosen pool frame (its raw
+             ``max_force_dev``) and ``--per-iter`` (10) frames are picked by farthest-point
+             sampling on ``structure_descriptor``, starting from the most doubted frame
+             (``selection.pool_all_candidates: true``, mlpot's pool default: the whole unchosen
+             pool is the candidate set, so every iteration adds exactly 10 labels)
+  random     10 frames drawn uniformly at random from the unchosen pool (``selection.seed``;
+             the pool is not scored, which makes these loops faster, not more accurate)
+
+Each iteration trains the committee (``training.ensemble: 4``) for a fixed number of optimizer
+steps (``--steps``, ``training.max_steps``: the learning-rate schedule runs from ``lr`` to
+``lr_final`` within them), warm-started from the previous iteration's weights (``warm_start``),
+on all labels so far (10 % of them for validation, which picks the best checkpoint and fits the
+calibration), until the committee trained on ``--max-labels`` (200, 25 % of the pool) labels.
+The trainer evaluates every iteration's committee mean on the 200 test frames
+(``training.data.test``; ``iter_*/train/metrics.json``).
+
+The reference: the same committee trained from scratch on the whole pool (800 frames, 10 % of
+them for validation) for ``--ref-steps`` steps (default: the steps of the whole warm-started
+chain up to the last iteration, (number of iterations) x ``--steps``: the last committee of a
+loop has had that many steps in all). Its test force MAE is the target line: the issue's target
+is that query by committee reaches it with at most 25 % of the pool.
+
+Results: ``benchmarks/results/label_efficiency.json`` (per molecule, strategy, seed and
+iteration: labels, test force MAE/RMSE, energy MAE/RMSE; means and spreads over seeds; the
+reference; the smallest label count at which the mean over seeds reaches the reference force
+MAE, or null) and ``label_efficiency.png``. Run folders go to ``--work`` (default
+benchmarks/runs/label, which git ignores). The same command again skips finished runs and
+resumes a half-finished loop (``mlpot learn`` resumes from its state.json; a killed reference
+training resumes from its last.pt).
+
+    OMP_NUM_THREADS=1 python benchmarks/label_bench.py                  # the whole benchmark
+    python benchmarks/label_bench.py --molecules ethanol --seeds 0 --steps 20 --max-labels 40 \\
+        --work /tmp/label-trial --out /tmp/label-trial/result.json      # a quick trial
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import (add_shared_option, command_line, machine_info, portable, rmd17_split,
+                     shared_path, write_json)
+
+HERE = Path(__file__).resolve().parent
+MOLECULES = ("ethanol", "aspirin")
+STRATEGIES = ("committee", "random")
+K_MEMBERS = 4
+POOL = 800
+TYPE_MAP = ["C", "H", "O"]
+# a small EGNN (mlpot's own message-passing model) sized for one CPU core: 2 layers of width 32
+MODEL = {"name": "egnn", "cutoff": 5.0, "dtype": "float32",
+         "hparams": {"hidden": 32, "edge_hidden": 32, "num_layers": 2, "readout_hidden": 16}}
+LOSS = {"energy": 1.0, "forces": 100.0}                      # train_bench's egnn weights
+OPTIM = {"lr": 5.0e-3, "lr_final": 5.0e-5, "scheduler": "exponential", "ema_decay": 0.99}
+BATCH = 4
+VALIDATION_FRACTION = 0.1
+
+
+def training_section(args, seed: int, steps: int) -> dict:
+    """The `mlpot train` config shared by the loops and the reference (without data.train)."""
+    return {"model": MODEL, "loss": LOSS, "optim": OPTIM,
+            "data": {"validation_fraction": VALIDATION_FRACTION, "type_map": TYPE_MAP},
+            "training": {"ensemble": K_MEMBERS, "batch_size": BATCH, "max_steps": steps,
+                         "max_epochs": 1000000, "seed": seed, "threads": args.threads,
+                         "progress": False}}
+
+
+def write_frames(path: Path, frames) -> None:
+    """Write an extxyz file through a temporary one (a kill leaves no half file)."""
+    import ase.io
+
+    tmp = path.with_name(path.name + ".tmp")
+    ase.io.write(str(tmp), frames, format="extxyz")
+    os.replace(tmp, path)
+
+
+def prepare(args, molecule: str) -> dict:
+    """The molecule's files under --work: test.xyz, pool.xyz (800) and per seed init_s<seed>.xyz
+    (the seed's initial frames) and pool_s<seed>.xyz (the other pool frames, unlabelled for the
+    loop). Written once; the split is ``rmd17_split``'s."""
+    import ase.io
+    import numpy as np
+
+    path, pool_idx, test_idx = rmd17_split(args.shared, molecule, pool=POOL)
+    d = Path(args.work) / molecule
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"test": d / "test.xyz", "pool": d / "pool.xyz"}
+    for s in args.seeds:
+        files[f"init_{s}"] = d / f"init_s{s}.xyz"
+        files[f"pool_{s}"] = d / f"pool_s{s}.xyz"
+    if all(p.exists() for p in files.values()):
+        return files
+    frames = ase.io.read(str(path), index=":")
+    for a in frames:  # only the labels and positions: no per-frame keys the trainer could trip on
+        a.info = {"REF_energy": a.info["REF_energy"]}
+    write_frames(files["test"], [frames[i] for i in test_idx])
+    write_frames(files["pool"], [frames[i] for i in pool_idx])
+    for s in args.seeds:
+        # the seed's initial frames: positions in the pool drawn without replacement
+        pick = set(int(k) for k in np.random.default_rng(1000 + s).choice(
+            len(pool_idx), size=args.initial, replace=False))
+        write_frames(files[f"init_{s}"], [frames[pool_idx[k]] for k in sorted(pick)])
+        write_frames(files[f"pool_{s}"], [frames[pool_idx[k]] for k in range(len(pool_idx))
+                                           if k not in pick])
+    return files
+
+
+def iterations(args) -> int:
+    """Trainings per loop: the committees on initial, initial + per_iter, ..., max_labels."""
+    return (args.max_labels - args.initial) // args.per_iter + 1
+
+
+def run_env(args) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+
+
+def learn_run(args, molecule: str, strategy: str, seed: int, files: dict) -> Path:
+    """One `mlpot learn` loop (resumed if half done, skipped if finished); its learn_dir."""
+    import yaml
+
+    run = Path(args.work) / molecule / f"{strategy}_s{seed}"
+    state = run / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("stopped"):
+        return run
+    training = training_section(args, seed, args.steps)
+    training["data"]["test"] = str(files["test"])
+    cfg = {"learn_dir": str(run), "data": str(files[f"init_{seed}"]), "training": training,
+           "warm_start": True,
+           "explore": {"structures": [], "device": "cpu"},
+           # pool_all_candidates: the whole unchosen pool is the candidate set (the trust levels
+           # play no part in the choice; they only classify the frames in the table)
+           "selection": {"strategy": strategy, "seed": seed, "max_labels": args.per_iter,
+                         "pool_all_candidates": True},
+           "labeller": {"kind": "pool", "pool": str(files[f"pool_{seed}"])},
+           "stop": {"max_iterations": iterations(args), "accurate_fraction": None}}
+    path = Path(args.work) / molecule / f"{strategy}_s{seed}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"== {molecule} {strategy} seed {seed}: mlpot learn {portable(path, work=args.work)}",
+          flush=True)
+    with open(Path(args.work) / molecule / f"{strategy}_s{seed}.log", "a") as log:
+        subprocess.run([sys.executable, "-m", "mlpot.cli", "learn", str(path)], check=True,
+                       env=run_env(args), stdout=log, stderr=subprocess.STDOUT)
+    return run
+
+
+def reference_run(args, molecule: str, files: dict) -> Path:
+    """The committee trained on the whole pool (resumed from its last.pt if killed)."""
+    import yaml
+
+    out = Path(args.work) / molecule / "reference"
+    if (out / "metrics.json").exists():
+        return out
+    cfg = training_section(args, 0, args.ref_steps or iterations(args) * args.steps)
+    cfg["data"].update(train=str(files["pool"]), test=str(files["test"]))
+    cfg["training"]["out_dir"] = str(out)
+    path = Path(args.work) / molecule / "reference.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    resume = ["--resume"] if (out / "last.pt").exists() else []
+    print(f"== {molecule} reference: mlpot train {portable(path, work=args.work)}", flush=True)
+    t0 = time.time()
+    with open(Path(args.work) / molecule / "reference.log", "a") as log:
+        subprocess.run([sys.executable, "-m", "mlpot.cli", "train", str(path)] + resume,
+                       check=True, env=run_env(args), stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if not resume:
+        (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return out
+
+
+def errors(metrics: dict, n_atoms: int) -> dict:
+    t = metrics["test"]
+    return {"forces_mae_meV_per_A": round(t["forces_mae_meV_per_A"], 2),
+            "forces_rmse_meV_per_A": round(t["forces_rmse_meV_per_A"], 2),
+            "energy_mae_meV": round(t["energy_mae_meV_per_atom"] * n_atoms, 2),
+            "energy_mae_meV_per_atom": round(t["energy_mae_meV_per_atom"], 3),
+            "energy_rmse_meV": round(t["energy_rmse_meV"], 2)}
+
+
+def collect_run(run: Path, n_atoms: int) -> dict | None:
+    """The test errors of each trained iteration of a loop (finished or not)."""
+    state_path = run / "state.json"
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    its = []
+    for i, row in enumerate(state["rows"]):
+        m = run / f"iter_{i:03d}" / "train" / "metrics.json"
+        if row.get("labels") is None or not m.exists():
+            continue
+        metrics = json.loads(m.read_text())
+        its.append({"iteration": i, "labels": int(row["labels"]), **errors(metrics, n_atoms),
+                    "train_time_s": round(metrics["train_time_s"], 1),
+                    "pool_accurate_fraction": row.get("accurate")})
+    return {"finished": bool(state.get("stopped")), "wall_s": round(state["elapsed_s"], 1),
+            "iterations": its}
+
+
+def summarise(runs: dict, seeds) -> list:
+    """Mean and spread (population std) over the seeds at each label count that every seed's
+    run has reached."""
+    import numpy as np
+
+    by_labels: dict = {}
+    for s in seeds:
+        r = runs.get(str(s))
+        for it in (r or {}).get("iterations", []):
+            by_labels.setdefault(it["labels"], {})[s] = it
+    rows = []
+    for labels in sorted(by_labels):
+        got = by_labels[labels]
+        if len(got) < len(seeds):
+            continue
+        row = {"labels": labels, "seeds": len(got)}
+        for key in ("forces_mae_meV_per_A", "forces_rmse_meV_per_A", "energy_mae_meV"):
+            v = np.array([got[s][key] for s in seeds])
+            row[key] = round(float(v.mean()), 2)
+            row[key.replace("_meV", "_std_meV", 1)] = round(float(v.std()), 2)
+        rows.append(row)
+    return rows
+
+
+def labels_to_reach(summary: list, target: float | None):
+    if target is None:
+        return None
+    for row in summary:
+        if row["forces_mae_meV_per_A"] <= target:
+            return row["labels"]
+    return None
+
+
+def results(args, t_total: float) -> dict:
+    import ase.io
+
+    out = {"what": "label efficiency of mlpot learn, pool mode: query by committee against "
+                   "random selection at equal label counts (rMD17)",
+           "protocol": {
+               "pool": POOL, "test": 1000 - POOL, "split": "benchmarks/_common.rmd17_split",
+               "initial_labels": args.initial, "labels_per_iteration": args.per_iter,
+               "max_labels": args.max_labels, "trainings_per_loop": iterations(args),
+               "steps_per_iteration": args.steps, "warm_start": True,
+               "reference_steps": args.ref_steps or iterations(args) * args.steps,
+               "reference_steps_why": "the steps of a loop's whole warm-started chain "
+                                      "(trainings per loop x steps per iteration), from scratch"
+               if not args.ref_steps else "given by --ref-steps",
+               "committee": K_MEMBERS, "model": MODEL, "loss": LOSS, "optim": OPTIM,
+               "batch_size": BATCH, "validation_fraction": VALIDATION_FRACTION,
+               "committee_selection": "selection.strategy: committee with "
+                                      "pool_all_candidates: true (FPS on structure_descriptor "
+                                      "over the unchosen pool, from the largest max_force_dev)",
+               "random_selection": "selection.strategy: random (uniform over the unchosen pool, "
+                                   "numpy default_rng([seed, iteration]))",
+               "errors": "committee mean on the 200 test frames (trainer's test evaluation of "
+                         "each iteration's best checkpoint); energy MAE per molecule in meV",
+               "threads": args.threads, "seeds": args.seeds},
+           "molecules": {}}
+    for mol in args.molecules:
+        d = Path(args.work) / mol
+        if not (d / "test.xyz").exists():
+            continue
+        n_atoms = len(ase.io.read(str(d / "test.xyz"), index=0))
+        entry = {"atoms": n_atoms, "strategies": {}, "reference": None}
+        for strategy in args.strategies:
+            runs = {}
+            for s in args.seeds:
+                r = collect_run(d / f"{strategy}_s{s}", n_atoms)
+                if r is not None:
+                    runs[str(s)] = r
+            entry["strategies"][strategy] = {"runs": runs, "mean": summarise(runs, args.seeds)}
+        ref = d / "reference"
+        if (ref / "metrics.json").exists():
+            m = json.loads((ref / "metrics.json").read_text())
+            wall = ref / "wall_s.txt"
+            entry["reference"] = {"labels": POOL, **errors(m, n_atoms),
+                                  "epochs": m["epochs"],
+                                  "train_time_s": round(m["train_time_s"], 1),
+                                  "wall_s": float(wall.read_text()) if wall.exists() else None}
+        entry["wall_s"] = round(sum(r["wall_s"] for v in entry["strategies"].values()
+                                    for r in v["runs"].values())
+                                + ((entry["reference"] or {}).get("wall_s") or 0.0), 1)
+        target = entry["reference"]["forces_mae_meV_per_A"] if entry["reference"] else None
+        reach = {s: labels_to_reach(entry["strategies"][s]["mean"], target)
+                 for s in args.strategies}
+        entry["labels_to_reference_force_mae"] = reach
+        done = all(entry["strategies"][s]["runs"].get(str(k), {}).get("finished")
+                   for s in args.strategies for k in args.seeds)
+        entry["target"] = {
+            "what": "the committee strategy's mean test force MAE reaches the reference's with "
+                    f"at most {POOL // 4} labels (25 % of the pool)",
+            "met": (reach.get("committee") is not None and reach["committee"] <= POOL // 4)
+            if target is not None and done else None}
+        out["molecules"][mol] = entry
+    out["wall_s_this_command"] = round(t_total, 1)
+    out["command"] = command_line(shared=args.shared, work=args.work)
+    out["machine"] = machine_info()
+    return portable(out, shared=args.shared, work=args.work)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mols = [m for m in res["molecules"]]
+    if not mols:
+        return
+    fig, axes = plt.subplots(1, len(mols), figsize=(5 * len(mols), 3.8), squeeze=False)
+    for ax, mol in zip(axes[0], mols):
+        e = res["molecules"][mol]
+        for strategy, colour in (("committee", "C0"), ("random", "C1")):
+            rows = e["strategies"].get(strategy, {}).get("mean", [])
+            if not rows:
+                continue
+            x = np.array([r["labels"] for r in rows])
+            y = np.array([r["forces_mae_meV_per_A"] for r in rows])
+            sd = np.array([r["forces_mae_std_meV_per_A"] for r in rows])
+            label = "query by committee" if strategy == "committee" else "random"
+            ax.plot(x, y, "o-", ms=3, color=colour, label=f"{label} (mean of {rows[0]['seeds']})")
+            ax.fill_between(x, y - sd, y + sd, color=colour, alpha=0.2)
+        if e["reference"]:
+            ax.axhline(e["reference"]["forces_mae_meV_per_A"], color="k", ls="--",
+                       label=f"whole pool ({POOL} labels)")
+        ax.axvline(POOL // 4, color="grey", ls=":", lw=1)
+        ax.set_xlabel("labelled frames (train + validation)")
+        ax.set_ylabel("test force MAE (meV/A)")
+        ax.set_title(f"rMD17 {mol}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--molecules", nargs="+", choices=MOLECULES, default=list(MOLECULES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--initial", type=int, default=20, help="initial labels (default 20)")
+    p.add_argument("--per-iter", type=int, default=10, help="labels per iteration (default 10)")
+    p.add_argument("--max-labels", type=int, default=200,
+                   help="labels of the last committee trained (default 200: 25 %% of the pool)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="optimizer steps per iteration (training.max_steps; default 50)")
+    p.add_argument("--ref-steps", type=int, default=None,
+                   help="steps of the whole-pool reference (default: trainings per loop x "
+                        "--steps)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference training")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", default=str(HERE / "runs" / "label"),
+                   help="folder for the runs (default: benchmarks/runs/label, which git ignores)")
+    p.add_argument("--out", default=str(HERE / "results" / "label_efficiency.json"),
+                   help="the results JSON (the plot beside it, .png)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only collect what --work holds into --out (no training)")
+    add_shared_option(p)
+    args = p.parse_args()
+    if args.initial < 2 or args.per_iter < 1 or args.max_labels <= args.initial \
+            or (args.max_labels - args.initial) % args.per_iter:
+        p.error("need --initial >= 2, --per-iter >= 1 and --max-labels = --initial + a "
+                "multiple of --per-iter (e.g. 20, 10, 200)")
+    if args.max_labels > POOL:
+        p.error(f"--max-labels {args.max_labels}: the pool has {POOL} frames")
+    shared_path(args.shared, "data", "rmd17", what="the rMD17 data")
+    t0 = time.time()
+    out = Path(args.out)
+    if not args.report_only:
+        for mol in args.molecules:
+            files = prepare(args, mol)
+            if not args.no_reference:  # first: the target line of every result written
+                reference_run(args, mol, files)
+            for s in args.seeds:
+                for strategy in args.strategies:
+                    learn_run(args, mol, strategy, s, files)
+                    write_json(out, results(args, time.time() - t0))
+    res = results(args, time.time() - t0)
+    write_json(out, res)
+    plot(res, out.with_suffix(".png"))
+    for mol, e in res["molecules"].items():
+        ref = e["reference"]
+        print(f"{mol}: reference force MAE "
+              f"{ref['forces_mae_meV_per_A'] if ref else '-'} meV/A; labels to reach it: "
+              + ", ".join(f"{s} {v}" for s, v in e["labels_to_reference_force_mae"].items())
+              + f"; target met: {e['target']['met']}")
+        for s, v in e["strategies"].items():
+            last = v["mean"][-1] if v["mean"] else None
+            if last:
+                print(f"  {s:9s} {last['labels']} labels: force MAE "
+                      f"{last['forces_mae_meV_per_A']} +- {last['forces_mae_std_meV_per_A']} "
+                      f"meV/A, energy MAE {last['energy_mae_meV']} meV")
+    print(f"wrote {portable(out)}")
+
+
+if __name__ == "__main__":
+    main()
