@@ -397,7 +397,7 @@ def main():
     p.add_argument("--per-iteration", type=int, default=10, help="new labels per iteration")
     p.add_argument("--max-labels", type=int, default=40, help="labels the loop may add")
     p.add_argument("--max-iterations", type=int, default=8)
-    p.add_argument("--extra-steps", type=int, default=4000,
+    p.add_argument("--extra-steps", type=int, default=3000,
                    help="also train the loop's data and the random draws from scratch with this "
                         "many steps (0: not)")
     p.add_argument("--random-seeds", type=int, default=2,
