@@ -27,7 +27,9 @@ Two modes, one code path (stages in this order, each skipped when already done):
        ``sample.temperatures``, ``sample.replicas`` replicas from each of ``sample.starts``
        training structures evenly spaced through the data, a frame every ``collect_every``
        steps) and ``sample.perturb_copies`` copies of each training structure with Gaussian
-       displacements of ``sample.perturb_sigma`` A;
+       displacements of ``sample.perturb_sigma`` A; a sample with atoms closer than
+       ``data.min_distance`` (default 0.5 A, which the student's reader refuses: MD gone
+       wrong) is dropped and counted (``samples_dropped`` in ``state.json``);
     3. **label**: the training structures and the samples labelled by the teacher (``TEACHER_``);
     4. **student**: trained on the teacher's energies and forces of every structure plus, where
        the data has them, the reference labels of the training structures with the weight
@@ -292,6 +294,18 @@ def _reference_frames(cfg: DistillConfig):
     return out
 
 
+def _too_close(atoms, min_distance: float) -> bool:
+    """Whether two atoms of ``atoms`` (periodic images included) are closer than
+    ``min_distance`` A (the training reader's check, ``mlpot.data.validate.closest_pair``)."""
+    import torch
+
+    from .data.validate import closest_pair
+
+    return closest_pair(torch.as_tensor(atoms.positions, dtype=torch.float64),
+                        torch.as_tensor(atoms.cell.array, dtype=torch.float64),
+                        torch.as_tensor(atoms.pbc), min_distance) is not None
+
+
 def _write_xyz(path: str, frames) -> None:
     import ase.io
 
@@ -431,9 +445,20 @@ class Distiller:
                     b.positions = b.positions + rng.normal(0.0, s.perturb_sigma, b.positions.shape)
                     b.info.update(distill_source="perturbed", parent=k)
                     samples.append(b)
+        # the student's reader refuses atoms closer than data.min_distance: a sample from MD
+        # that went wrong (or a large displacement) would stop the student stage after all
+        # the labelling, and again on every resume; such samples are dropped here
+        min_d = self.cfg.data.get("min_distance", 0.5)
+        dropped = 0
+        if min_d is not None:
+            kept = [b for b in samples if not _too_close(b, float(min_d))]
+            dropped, samples = len(samples) - len(kept), kept
         _write_xyz(self.path("samples.xyz"), samples)
         state["samples"] = len(samples)
-        self.log(f"sample: {len(samples)} structures ({self.path('samples.xyz')})")
+        state["samples_dropped"] = dropped
+        self.log(f"sample: {len(samples)} structures ({self.path('samples.xyz')})" +
+                 (f"; {dropped} dropped: atoms closer than data.min_distance = {min_d:g} A"
+                  if dropped else ""))
 
     def _md_samples(self, frames):
         """Frames from the teacher's Langevin MD (module docstring)."""

@@ -199,6 +199,31 @@ def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_pat
     assert {a.info["distill_source"] for a in teacher_frames} == {"reference", "md", "perturbed"}
 
 
+def test_samples_with_overlapping_atoms_are_dropped_not_fatal(ensemble_run, tmp_path):
+    """The student's reader refuses atoms closer than data.min_distance: such samples (MD gone
+    wrong; here displacements of 0.9 A on 2.5 A Cu-Cu bonds) are dropped before labelling, so
+    the student trains on the rest instead of the whole run stopping at its last stage."""
+    from mlpot.data.validate import closest_pair
+
+    out, _ = ensemble_run
+    train = str(tmp_path / "dft.xyz")
+    write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
+    raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
+           "data": {"train": train, "validation_fraction": 0.2},
+           "teacher": {"model": str(out / "teacher.pt")},
+           "sample": {"perturb_copies": 6, "perturb_sigma": 0.9},
+           "student": {"model": dict(TINY), "training": {"max_epochs": 1, "batch_size": 8}}}
+    state = distill(distill_config_from_dict(raw), log=lambda *a: None)
+    assert state["done"][-1] == "student"
+    assert 0 < state["samples_dropped"] < 36
+    assert state["samples"] + state["samples_dropped"] == 36
+    student = read(str(tmp_path / "run" / "student_data.xyz"), ":")
+    assert len(student) == 6 + state["samples"] + 6  # teacher labels + reference copies
+    for a in student:
+        assert closest_pair(torch.tensor(a.positions), torch.tensor(a.cell.array),
+                            torch.tensor(a.pbc), 0.5) is None
+
+
 def test_bad_inputs_are_one_line_errors_before_any_work(data, ensemble_run, tmp_path):
     out, _ = ensemble_run
     with pytest.raises(DistillConfigError, match="needs teacher.model"):
