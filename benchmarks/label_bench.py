@@ -209,8 +209,8 @@ def collect_run(run: Path, n_atoms: int) -> dict | None:
 
 
 def summarise(runs: dict, seeds) -> list:
-    """Mean and spread (population std) over the seeds at each label count that every seed's
-    run has reached."""
+    """Mean and spread (population std) over the seeds at each label count, over the seeds
+    whose runs have reached it (``seeds``: how many; all of them once the runs are done)."""
     import numpy as np
 
     by_labels: dict = {}
@@ -221,22 +221,21 @@ def summarise(runs: dict, seeds) -> list:
     rows = []
     for labels in sorted(by_labels):
         got = by_labels[labels]
-        if len(got) < len(seeds):
-            continue
         row = {"labels": labels, "seeds": len(got)}
         for key in ("forces_mae_meV_per_A", "forces_rmse_meV_per_A", "energy_mae_meV"):
-            v = np.array([got[s][key] for s in seeds])
+            v = np.array([got[s][key] for s in got])
             row[key] = round(float(v.mean()), 2)
             row[key.replace("_meV", "_std_meV", 1)] = round(float(v.std()), 2)
         rows.append(row)
     return rows
 
 
-def labels_to_reach(summary: list, target: float | None):
+def labels_to_reach(summary: list, target: float | None, seeds: int):
+    """The smallest label count whose mean force MAE over all seeds is at most target."""
     if target is None:
         return None
     for row in summary:
-        if row["forces_mae_meV_per_A"] <= target:
+        if row["seeds"] == seeds and row["forces_mae_meV_per_A"] <= target:
             return row["labels"]
     return None
 
@@ -291,7 +290,7 @@ def results(args, t_total: float) -> dict:
                                     for r in v["runs"].values())
                                 + ((entry["reference"] or {}).get("wall_s") or 0.0), 1)
         target = entry["reference"]["forces_mae_meV_per_A"] if entry["reference"] else None
-        reach = {s: labels_to_reach(entry["strategies"][s]["mean"], target)
+        reach = {s: labels_to_reach(entry["strategies"][s]["mean"], target, len(args.seeds))
                  for s in args.strategies}
         entry["labels_to_reference_force_mae"] = reach
         done = all(entry["strategies"][s]["runs"].get(str(k), {}).get("finished")
