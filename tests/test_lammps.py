@@ -110,7 +110,7 @@ def write_data(path: Path, atoms) -> None:
 
 
 def input_script(plugin: str, model: str, data: Path, out: Path, elements: str = "O H",
-                 units: str = "metal", extra: str = "run 0") -> str:
+                 units: str = "metal", extra: str = "run 0", ghosts: str = "auto") -> str:
     return f"""
 plugin load {plugin}
 units {units}
@@ -118,7 +118,7 @@ atom_style atomic
 atom_modify map yes
 boundary p p p
 read_data {data}
-pair_style mlpot {model}
+pair_style mlpot {model} ghosts {ghosts}
 pair_coeff * * {elements}
 compute pv all pressure NULL virial
 compute pea all pe/atom
@@ -190,18 +190,20 @@ def assert_matches(got, ref, rtol: float = 1e-8):
 SYSTEMS = {"water": water_box, "triclinic": triclinic_cell}
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks,ghosts", [(1, "auto"), (1, "always"), (2, "auto")])
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_pair_style_gives_the_ase_numbers(plugin, models, tmp_path, name, system, ranks):
+def test_pair_style_gives_the_ase_numbers(plugin, models, tmp_path, name, system, ranks, ghosts):
     """Energy, forces, virial (and the sum of pe/atom) of LAMMPS equal the ASE calculator's to
-    1e-8 relative (float64 models; a ghost region one cutoff short of the receptive field is
-    off by about 1e-5 for these untrained models). The boxes are smaller than the ghost region (receptive field + skin: 6 A for
-    the Deep Potential, 10 A for the 2-layer models), so LAMMPS holds several images of atoms."""
+    1e-8 relative (float64 models; a ghost region one cutoff short of the receptive field is off
+    by about 1e-5 here). On 1 rank the model gets the periodic cell (``ghosts auto``) or the
+    ghost cluster (``ghosts always``); on 2 the ghost cluster. The boxes are smaller than the
+    ghost region (receptive field + skin: 6 A for the Deep Potential, 10 A for the 2-layer
+    models), so LAMMPS holds several images of atoms."""
     atoms = SYSTEMS[system]()
     write_data(tmp_path / "data", atoms)
-    got = run_lammps(input_script(plugin, models[name], tmp_path / "data", tmp_path / "out"),
-                     tmp_path, ranks)
+    got = run_lammps(input_script(plugin, models[name], tmp_path / "data", tmp_path / "out",
+                                  ghosts=ghosts), tmp_path, ranks)
     assert_matches(got, ase_reference(models[name], atoms))
 
 
@@ -213,19 +215,19 @@ def test_box_smaller_than_the_ghost_region(plugin, tmp_path_factory, tmp_path):
     assert np.asarray(atoms.cell).diagonal().max() * 3 < 12.0 + 2.0
     write_data(tmp_path / "data", atoms)
     ref = ase_reference(model, atoms)
-    script = input_script(plugin, model, tmp_path / "data", tmp_path / "out")
+    script = input_script(plugin, model, tmp_path / "data", tmp_path / "out", ghosts="always")
     assert_matches(run_lammps(script, tmp_path, 1), ref)
     assert_matches(run_lammps(script, tmp_path, 2), ref)
 
 
 def test_two_layer_model_on_two_ranks_equals_one_rank(plugin, tmp_path_factory, tmp_path):
     """A 2-layer model on a triclinic cell large enough that each rank's ghosts do not wrap
-    around (128 atoms, about 13 A): the numbers on 2 ranks are those on 1 and ASE's (they are
-    not when the ghost region is one cutoff)."""
+    around (129 atoms, about 13 A): the numbers on 2 ranks are those on 1 (both with ghost
+    clusters) and ASE's (they are not when the ghost region is one cutoff)."""
     model = _export("egnn", tmp_path_factory.mktemp("mp"))
     atoms = triclinic_cell(seed=4, scale=1.85, molecules=43)
     write_data(tmp_path / "data", atoms)
-    script = input_script(plugin, model, tmp_path / "data", tmp_path / "out")
+    script = input_script(plugin, model, tmp_path / "data", tmp_path / "out", ghosts="always")
     one = run_lammps(script, tmp_path, 1)
     two = run_lammps(script, tmp_path, 2)
     for key in ("energy", "forces", "virial"):

@@ -6,6 +6,7 @@
 
 #include "atom.h"
 #include "comm.h"
+#include "domain.h"
 #include "error.h"
 #include "force.h"
 #include "json.h"
@@ -73,11 +74,13 @@ void PairMLPot::allocate()
 
 void PairMLPot::settings(int narg, char **arg)
 {
-  if (narg != 1)
+  bool ok = narg == 1 || (narg == 3 && strcmp(arg[1], "ghosts") == 0 &&
+                           (strcmp(arg[2], "auto") == 0 || strcmp(arg[2], "always") == 0));
+  if (!ok)
     error->all(FLERR,
-               "Illegal pair_style mlpot command: expected `pair_style mlpot MODEL.pt` (one "
-               "model file exported by mlpot), got {} arguments",
-               narg);
+               "Illegal pair_style mlpot command: expected `pair_style mlpot MODEL.pt` (a model "
+               "file exported by mlpot), optionally followed by `ghosts auto` or `ghosts always`");
+  ghosts_always = narg == 3 && strcmp(arg[2], "always") == 0;
   load_model(arg[0]);
 }
 
@@ -180,9 +183,12 @@ void PairMLPot::init_style()
                update->unit_style);
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style mlpot requires `newton on` (ghost forces go back to their owners)");
+  periodic_mode = comm->nprocs == 1 && !ghosts_always;
   // Ghost atoms must reach the receptive field of every local atom until the next reneighboring
+  // (on one rank in periodic mode the model finds its own periodic neighbors: LAMMPS's ghosts
+  // are not used)
   double ghost = receptive_field + neighbor->skin;
-  if (comm->cutghostuser < ghost) comm->cutghostuser = ghost;
+  if (!periodic_mode && comm->cutghostuser < ghost) comm->cutghostuser = ghost;
 }
 
 double PairMLPot::init_one(int i, int j)
@@ -201,7 +207,96 @@ void PairMLPot::compute(int eflag, int vflag)
     error->all(FLERR,
                "pair_style mlpot does not compute per-atom virials (compute stress/atom); "
                "use the global pressure");
+  if (periodic_mode)
+    compute_periodic();
+  else
+    compute_ghosts();
+}
 
+torch::jit::IValue PairMLPot::run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress)
+{
+  try {
+    torch::jit::GraphOptimizerEnabledGuard no_profiling(false);
+    std::vector<torch::jit::IValue> args{input, true, stress};
+    return model.forward(args);
+  } catch (const std::exception &err) {
+    error->one(FLERR, "pair_style mlpot: the model {} failed: {}", model_path,
+               first_line(err.what()));
+  }
+  return torch::jit::IValue();
+}
+
+/* the local atoms and the periodic cell: the model builds its own periodic neighbor list */
+
+void PairMLPot::compute_periodic()
+{
+  const int nlocal = atom->nlocal;
+  double **x = atom->x;
+  double **f = atom->f;
+  int *type = atom->type;
+  auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  torch::Tensor positions = torch::empty({nlocal, 3}, f64);
+  torch::Tensor types = torch::empty({nlocal}, i64);
+  {
+    auto p = positions.accessor<double, 2>();
+    auto t = types.accessor<int64_t, 1>();
+    for (int k = 0; k < nlocal; k++) {
+      for (int d = 0; d < 3; d++) p[k][d] = x[k][d];
+      t[k] = model_type[type[k]];
+    }
+  }
+  // LAMMPS's box as rows a = (lx, 0, 0), b = (xy, ly, 0), c = (xz, yz, lz); h = lx ly lz yz xz xy
+  const double *h = domain->h;
+  torch::Tensor cell = torch::zeros({1, 3, 3}, f64);
+  {
+    auto c = cell.accessor<double, 3>();
+    c[0][0][0] = h[0];
+    c[0][1][0] = h[5];
+    c[0][1][1] = h[1];
+    c[0][2][0] = h[4];
+    c[0][2][1] = h[3];
+    c[0][2][2] = h[2];
+  }
+  torch::Tensor pbc = torch::tensor({domain->xperiodic != 0, domain->yperiodic != 0,
+                                     domain->zperiodic != 0},
+                                    torch::TensorOptions().dtype(torch::kBool))
+                          .reshape({1, 3});
+  c10::Dict<std::string, torch::Tensor> input;
+  input.insert("positions", positions);
+  input.insert("atom_types", types);
+  input.insert("cell", cell);
+  input.insert("pbc", pbc);
+  // (with fdotr available ev_init sets vflag_fdotr instead of vflag_global for the global virial)
+  bool stress = vflag_global != 0 || vflag_fdotr != 0;
+  auto out = run_model(input, stress).toGenericDict();
+
+  torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
+  auto fa = forces.accessor<double, 2>();
+  for (int k = 0; k < nlocal; k++)
+    for (int d = 0; d < 3; d++) f[k][d] += fa[k][d];
+  if (eflag_global) eng_vdwl += out.at("energy").toTensor().sum().item<double>();
+  if (eflag_atom) {
+    torch::Tensor atomic = out.at("atomic_energies").toTensor().to(torch::kFloat64).contiguous();
+    auto ea = atomic.accessor<double, 1>();
+    for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
+  }
+  if (stress) {    // mlpot's virial -dE/d(strain) is LAMMPS's sum x F
+    torch::Tensor w = out.at("virial").toTensor().to(torch::kFloat64).reshape({3, 3}).contiguous();
+    auto wa = w.accessor<double, 2>();
+    virial[0] += wa[0][0];
+    virial[1] += wa[1][1];
+    virial[2] += wa[2][2];
+    virial[3] += wa[0][1];
+    virial[4] += wa[0][2];
+    virial[5] += wa[1][2];
+  }
+}
+
+/* local and ghost atoms as one non-periodic cluster (any number of MPI ranks) */
+
+void PairMLPot::compute_ghosts()
+{
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
@@ -218,9 +313,7 @@ void PairMLPot::compute(int eflag, int vflag)
     auto p = positions.accessor<double, 2>();
     auto t = types.accessor<int64_t, 1>();
     for (int k = 0; k < nall; k++) {
-      p[k][0] = x[k][0];
-      p[k][1] = x[k][1];
-      p[k][2] = x[k][2];
+      for (int d = 0; d < 3; d++) p[k][d] = x[k][d];
       t[k] = model_type[type[k]];
     }
   }
@@ -243,23 +336,12 @@ void PairMLPot::compute(int eflag, int vflag)
   input.insert("edge_index", torch::stack({ei, ej}));
   input.insert("edge_cell_shift", shifts);
   input.insert("local_atoms", torch::tensor(int64_t(nlocal), i64));
+  auto out = run_model(input, false).toGenericDict();
 
-  c10::impl::GenericDict out(c10::StringType::get(), c10::TensorType::get());
-  try {
-    torch::jit::GraphOptimizerEnabledGuard no_profiling(false);
-    std::vector<torch::jit::IValue> args{input, true, false};
-    out = model.forward(args).toGenericDict();
-  } catch (const std::exception &err) {
-    error->one(FLERR, "pair_style mlpot: the model {} failed: {}", model_path,
-               first_line(err.what()));
-  }
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
   auto fa = forces.accessor<double, 2>();
-  for (int k = 0; k < nall; k++) {
-    f[k][0] += fa[k][0];
-    f[k][1] += fa[k][1];
-    f[k][2] += fa[k][2];
-  }
+  for (int k = 0; k < nall; k++)
+    for (int d = 0; d < 3; d++) f[k][d] += fa[k][d];
   if (eflag_global) eng_vdwl += out.at("energy").toTensor().sum().item<double>();
   if (eflag_atom) {
     torch::Tensor atomic = out.at("atomic_energies").toTensor().to(torch::kFloat64).contiguous();

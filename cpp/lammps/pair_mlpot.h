@@ -13,6 +13,10 @@
    region is set to the model's receptive field (interaction layers x cutoff, from the file's
    metadata) plus the skin, so message-passing models see every atom their local energies depend
    on. The virial is sum_k x_k F_k over local and ghost atoms (virial_fdotr_compute).
+
+   On one MPI rank the model gets the local atoms with the periodic cell instead and finds its
+   own periodic neighbors (no ghost cluster to evaluate; the virial from the model's strain
+   derivative). `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too.
 */
 #ifndef MLPOT_PAIR_MLPOT_H
 #define MLPOT_PAIR_MLPOT_H
@@ -39,6 +43,9 @@ class PairMLPot : public Pair {
  private:
   void allocate();
   void load_model(const std::string &path);
+  void compute_periodic();
+  void compute_ghosts();
+  torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
 
   torch::jit::Module model;
   bool model_loaded = false;
@@ -49,6 +56,8 @@ class PairMLPot : public Pair {
   double receptive_field = 0.0;         // Angstrom: interaction layers x cutoff
   int interaction_layers = 1;
   torch::Dtype model_dtype = torch::kFloat32;
+  bool ghosts_always = false;           // `ghosts always`: the ghost cluster on one rank too
+  bool periodic_mode = false;           // this run: one rank, the model's own periodic list
 };
 
 }    // namespace LAMMPS_NS
