@@ -156,10 +156,11 @@ def _lammps_version() -> str:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    given = os.environ.get("CXX")
+    cxx = shutil.which(given) if given else (shutil.which("c++") or shutil.which("g++"))
     if not cxx:
-        raise PluginBuildError("no C++ compiler found (c++ or g++, or set CXX): install one, e.g. "
-                               "apt-get install g++")
+        what = f"CXX={given} is not an executable" if given else "no C++ compiler found (c++ or g++)"
+        raise PluginBuildError(f"{what}: install one (e.g. apt-get install g++) or set CXX to it")
     return cxx
 
 
@@ -203,7 +204,7 @@ def plugin_path(build: bool = True, quiet: bool = False) -> str:
     """The path of the LAMMPS plugin library for this mlpot, torch and LAMMPS, built first when
     needed (about a minute); raises ``PluginBuildError`` (one line) when it cannot be."""
     from ..cache import check_private, make_private_dir
-    from ..neighbors._extension import _Lock
+    from ..neighbors._extension import _Lock, _die_with_parent_preexec, remove_stale_builds
 
     lammps_dir()
     sources = _source_dir()
@@ -228,11 +229,16 @@ def plugin_path(build: bool = True, quiet: bool = False) -> str:
             print("mlpot: building the LAMMPS plugin (once, ~1 min)...", file=sys.stderr,
                   flush=True)
         t0 = time.perf_counter()
+        remove_stale_builds(folder)  # of builds killed midway
         tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=folder))
         try:
             out = tmp / PLUGIN_NAME
             cmd = _command(cxx, sources, op, out)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:  # the compiler gets SIGTERM if this process dies (Linux)
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      preexec_fn=_die_with_parent_preexec())
+            except OSError as err:
+                raise PluginBuildError(f"could not run the compiler {cxx}: {err}") from None
             if proc.returncode != 0 or not out.is_file():
                 log = folder / "build_failed.log"
                 log.write_text(" ".join(shlex.quote(c) for c in cmd) + "\n\n" + proc.stdout
