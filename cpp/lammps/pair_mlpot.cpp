@@ -15,6 +15,7 @@
 #include "neighbor.h"
 #include "update.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
@@ -184,6 +185,10 @@ void PairMLPot::init_style()
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style mlpot requires `newton on` (ghost forces go back to their owners)");
   periodic_mode = comm->nprocs == 1 && !ghosts_always;
+  // torch's threads per rank: LAMMPS's OpenMP threads (OMP_NUM_THREADS or -pk omp N), so that
+  // ranks x threads does not oversubscribe the cores
+  if (comm->nthreads > 0 && at::get_num_threads() != comm->nthreads)
+    at::set_num_threads(comm->nthreads);
   // Ghost atoms must reach the receptive field of every local atom until the next reneighboring
   // (on one rank in periodic mode the model finds its own periodic neighbors: LAMMPS's ghosts
   // are not used)
