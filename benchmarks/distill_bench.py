@@ -61,7 +61,7 @@ Results: <results>/distill_energy_only.json and <results>/distill_fast_student.j
 
     python benchmarks/distill_bench.py energy-only fast-student --threads 1      # the full run
     python benchmarks/distill_bench.py energy-only --molecules ethanol --student-steps 300 \\
-        --teacher-steps 100 --md-ps 0.5 --work benchmarks/runs/distill_trial \
+        --teacher-steps 100 --md-ps 0.5 --work benchmarks/runs/distill_trial \\
         --results-dir benchmarks/runs/distill_trial   # a trial: results kept out of results/
 """
 from __future__ import annotations
