@@ -236,6 +236,20 @@ def test_two_layer_model_on_two_ranks_equals_one_rank(plugin, tmp_path_factory, 
     assert_matches(two, ase_reference(model, atoms))
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_under_pair_style_hybrid(plugin, models, tmp_path, ranks):
+    """Under hybrid/overlay (with a zero pair style) the numbers stay the ASE calculator's:
+    hybrid sums the virial as x F, so the plugin uses the ghost cluster on one rank too."""
+    atoms = triclinic_cell()
+    write_data(tmp_path / "data", atoms)
+    script = input_script(plugin, models["egnn"], tmp_path / "data", tmp_path / "out")
+    script = script.replace(f"pair_style mlpot {models['egnn']} ghosts auto",
+                            f"pair_style hybrid/overlay mlpot {models['egnn']} zero 2.0")
+    script = script.replace("pair_coeff * * O H", "pair_coeff * * mlpot O H\npair_coeff * * zero")
+    assert "hybrid/overlay" in script
+    assert_matches(run_lammps(script, tmp_path, ranks), ase_reference(models["egnn"], atoms))
+
+
 # ---------------------------------------------------------------------------- dynamics
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_nve_conserves_energy(plugin, tmp_path_factory, tmp_path, ranks):

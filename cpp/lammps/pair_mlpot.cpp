@@ -184,7 +184,9 @@ void PairMLPot::init_style()
                update->unit_style);
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style mlpot requires `newton on` (ghost forces go back to their owners)");
-  periodic_mode = comm->nprocs == 1 && !ghosts_always;
+  // (not under pair_style hybrid: its virial sums x F over local and ghost atoms, which needs
+  // the ghost cluster's forces)
+  periodic_mode = comm->nprocs == 1 && !ghosts_always && force->pair == this;
   // torch's threads per rank: LAMMPS's OpenMP threads (OMP_NUM_THREADS or -pk omp N), so that
   // ranks x threads does not oversubscribe the cores
   if (comm->nthreads > 0 && at::get_num_threads() != comm->nthreads)
@@ -353,7 +355,20 @@ void PairMLPot::compute_ghosts()
     auto ea = atomic.accessor<double, 1>();
     for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
   }
-  if (vflag_fdotr) virial_fdotr_compute();
+  if (vflag_fdotr) {
+    virial_fdotr_compute();
+  } else if (vflag_global) {    // the same sum x F, of this style's forces only
+    double w[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int k = 0; k < nall; k++) {
+      w[0] += x[k][0] * fa[k][0];
+      w[1] += x[k][1] * fa[k][1];
+      w[2] += x[k][2] * fa[k][2];
+      w[3] += x[k][0] * fa[k][1];
+      w[4] += x[k][0] * fa[k][2];
+      w[5] += x[k][1] * fa[k][2];
+    }
+    for (int c = 0; c < 6; c++) virial[c] += w[c];
+  }
 }
 
 /* ----------------------------------------------------------------------
