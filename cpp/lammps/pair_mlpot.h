@@ -16,7 +16,8 @@
 
    On one MPI rank the model gets the local atoms with the periodic cell instead and finds its
    own periodic neighbors (no ghost cluster to evaluate; the virial from the model's strain
-   derivative). `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too.
+   derivative). `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too, as
+   does pair_style hybrid (whose virial is sum x F over local and ghost atoms).
 */
 #ifndef MLPOT_PAIR_MLPOT_H
 #define MLPOT_PAIR_MLPOT_H
