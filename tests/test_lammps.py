@@ -348,3 +348,96 @@ def test_plugin_path_command_prints_the_library(plugin):
     with contextlib.redirect_stdout(buf):
         assert main(["--plugin-path"]) == 0
     assert buf.getvalue().strip() == plugin and Path(plugin).is_file()
+
+
+# ---------------------------------------------------------------------------- model deviation
+def _committee(folder: Path) -> str:
+    """Three untrained float64 Deep Potentials (seeds 0-2) as one exported committee."""
+    import mlpot
+    from mlpot.models import build_model, network_class
+    from mlpot.models.committee import Committee
+
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model("dp_se_e2_a", ["O", "H"], CUTOFF, "float64",
+                                   **network_class("dp_se_e2_a").TEST_HPARAMS).eval())
+    return mlpot.export(Committee(members), str(folder / "committee.pt"))
+
+
+def _mve(folder: Path) -> str:
+    """An untrained float64 EGNN (one layer) with a variance network, with energy lengths that
+    differ per element."""
+    import mlpot
+    from mlpot.models import build_model
+    from mlpot.models.mve import build_mve
+
+    torch.manual_seed(0)
+    pot = build_model("egnn", ["O", "H"], CUTOFF, "float64", hidden=8, edge_hidden=8,
+                      num_layers=1, readout_hidden=8)
+    model = build_mve(pot)
+    with torch.no_grad():
+        model.energy_length_raw.copy_(torch.tensor([0.3, -1.0], dtype=torch.float64))
+    return mlpot.export(model.eval(), str(folder / "mve.pt"))
+
+
+@pytest.fixture(scope="module")
+def uncertain_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uncertain")
+    return {"committee": _committee(folder), "mve": _mve(folder)}
+
+
+def _read_model_devi(path: Path):
+    from integrators.reporters import ModelDeviFile
+
+    lines = path.read_text().splitlines()
+    assert lines[0] == ModelDeviFile.HEADER  # the same file as mlpot's own integrators write
+    return np.array([[float(v) for v in ln.split()] for ln in lines[1:]])
+
+
+@pytest.mark.parametrize("ranks,ghosts", [(1, "auto"), (1, "always"), (2, "auto")])
+@pytest.mark.parametrize("kind", ["committee", "mve"])
+def test_model_devi_file_gives_the_ase_deviations(plugin, uncertain_models, tmp_path, kind,
+                                                  ranks, ghosts):
+    """``out_file``: the model_devi file's step-0 row (max/min/avg of forces_dev, energy_dev)
+    equals the ASE calculator's to 1e-6 relative on the periodic cell (1 rank) and with the ghost
+    cluster (1 rank with ``ghosts always``, 2 ranks: the committee members' forces on ghost atoms
+    must reach their owners and the members' energies be summed over ranks; the variance
+    network's energy terms summed over local atoms). A committee's virial deviation (max_devi_v)
+    is written on the periodic cell and is 0 with the ghost cluster. With out_freq 2 and a
+    second run, rows come at steps 0, 2, 4 (step 0 once)."""
+    from mlpot.ase import MLPotCalculator
+
+    model = uncertain_models[kind]
+    atoms = water_box()
+    write_data(tmp_path / "data", atoms)
+    devi = tmp_path / "model_devi.out"
+    extra = "run 0\nfix 1 all nve\nrun 4"
+    script = input_script(plugin, f"{model} out_file {devi} out_freq 2", tmp_path / "data",
+                          tmp_path / "out", ghosts=ghosts, extra=extra)
+    run_lammps(script, tmp_path, ranks)
+    rows = _read_model_devi(devi)
+    assert rows[:, 0].tolist() == [0, 2, 4]
+    assert np.isfinite(rows).all()
+
+    ref = atoms.copy()
+    ref.calc = MLPotCalculator(model)
+    ref.get_stress()
+    fdev = np.asarray(ref.calc.results["forces_dev"])
+    assert fdev.max() - fdev.min() > 0.02 * fdev.max() > 0  # the three numbers differ
+    want = [fdev.max(), fdev.min(), fdev.mean(), ref.calc.results["energy_dev"]]
+    assert want[3] > 0
+    assert rows[0, 4:8] == pytest.approx(want, rel=1e-6)
+    if kind == "committee" and ghosts == "auto" and ranks == 1:
+        assert rows[0, 1] == pytest.approx(ref.calc.results["virial_dev"], rel=1e-6)
+        assert rows[0, 1] >= rows[0, 3] >= rows[0, 2] > 0
+    else:
+        assert rows[0, 1:4].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_out_file_without_an_uncertainty_is_a_clear_lammps_error(plugin, models, tmp_path):
+    write_data(tmp_path / "data", water_box())
+    msg = _lammps_error(input_script(plugin, f"{models['egnn']} out_file {tmp_path / 'devi'}",
+                                     tmp_path / "data", tmp_path / "out"), tmp_path)
+    assert "needs a model with an uncertainty" in msg and "export a committee" in msg
+    assert not (tmp_path / "devi").exists()

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <tuple>
@@ -54,6 +55,7 @@ PairMLPot::PairMLPot(LAMMPS *lmp) : Pair(lmp)
 
 PairMLPot::~PairMLPot()
 {
+  close_out_file();
   if (allocated) {
     memory->destroy(setflag);
     memory->destroy(cutsq);
@@ -75,14 +77,70 @@ void PairMLPot::allocate()
 
 void PairMLPot::settings(int narg, char **arg)
 {
-  bool ok = narg == 1 || (narg == 3 && strcmp(arg[1], "ghosts") == 0 &&
-                           (strcmp(arg[2], "auto") == 0 || strcmp(arg[2], "always") == 0));
-  if (!ok)
-    error->all(FLERR,
-               "Illegal pair_style mlpot command: expected `pair_style mlpot MODEL.pt` (a model "
-               "file exported by mlpot), optionally followed by `ghosts auto` or `ghosts always`");
-  ghosts_always = narg == 3 && strcmp(arg[2], "always") == 0;
+  const char *usage =
+      "expected `pair_style mlpot MODEL.pt` (a model file exported by mlpot), optionally "
+      "followed by `ghosts auto|always`, `out_file FILE` (the model deviation of a committee or "
+      "variance-network model) and `out_freq N`";
+  if (narg < 1) error->all(FLERR, "Illegal pair_style mlpot command: {}", usage);
+  bool always = false;
+  std::string file;
+  int freq = 100;
+  for (int a = 1; a < narg; a += 2) {
+    if (a + 1 >= narg)
+      error->all(FLERR, "Illegal pair_style mlpot command: {} has no value; {}", arg[a], usage);
+    if (strcmp(arg[a], "ghosts") == 0) {
+      if (strcmp(arg[a + 1], "auto") != 0 && strcmp(arg[a + 1], "always") != 0)
+        error->all(FLERR, "Illegal pair_style mlpot command: ghosts {}: {}", arg[a + 1], usage);
+      always = strcmp(arg[a + 1], "always") == 0;
+    } else if (strcmp(arg[a], "out_file") == 0) {
+      file = arg[a + 1];
+    } else if (strcmp(arg[a], "out_freq") == 0) {
+      char *end = nullptr;
+      long v = strtol(arg[a + 1], &end, 10);
+      if (end == arg[a + 1] || *end != '\0' || v < 1 || v > 1000000000)
+        error->all(FLERR,
+                   "Illegal pair_style mlpot command: out_freq {}: give a whole number of steps "
+                   ">= 1",
+                   arg[a + 1]);
+      freq = static_cast<int>(v);
+    } else {
+      error->all(FLERR, "Illegal pair_style mlpot command: unknown keyword {}; {}", arg[a], usage);
+    }
+  }
+  ghosts_always = always;
   load_model(arg[0]);
+  close_out_file();
+  out_file = file;
+  out_freq = freq;
+  last_out_step = -1;
+  comm_reverse = 0;
+  if (out_file.empty()) return;
+  if (uncertainty.empty())
+    error->all(FLERR,
+               "pair_style mlpot: out_file {} needs a model with an uncertainty (a committee or "
+               "a variance network), but {} has none: export a committee (or an `uncertainty: "
+               "mve` model), or drop out_file",
+               out_file, model_path);
+  if (uncertainty == "committee") comm_reverse = 3 * num_members;    // members' ghost forces
+  if (comm->me == 0) {
+    out_fp = fopen(out_file.c_str(), "w");
+    if (out_fp == nullptr)
+      error->one(FLERR, "pair_style mlpot: cannot open out_file {} for writing: {}", out_file,
+                 utils::getsyserror());
+    // mlpot's ModelDeviFile header (DeePMD-kit's columns)
+    fprintf(out_fp, "#%11s", "step");
+    for (const char *c : {"max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f",
+                          "avg_devi_f", "devi_e"})
+      fprintf(out_fp, "%19s", c);
+    fprintf(out_fp, "\n");
+    fflush(out_fp);
+  }
+}
+
+void PairMLPot::close_out_file()
+{
+  if (out_fp) fclose(out_fp);
+  out_fp = nullptr;
 }
 
 void PairMLPot::load_model(const std::string &path)
@@ -126,12 +184,37 @@ void PairMLPot::load_model(const std::string &path)
                "pair_style mlpot: {} was exported by an mlpot without the receptive field in its "
                "metadata (needed for the ghost region); export it again with this mlpot",
                path);
+  // a committee's members (0: none) and the kind of uncertainty (older files: a committee)
+  num_members = info.contains("committee") && info.at("committee").is_number_integer()
+                    ? info.at("committee").get<int>()
+                    : 0;
+  uncertainty = info.contains("uncertainty") && info.at("uncertainty").is_string()
+                    ? info.at("uncertainty").get<std::string>()
+                    : (num_members > 0 ? "committee" : "");
+  if (uncertainty != "committee" && uncertainty != "mve") uncertainty.clear();
+  if (uncertainty == "committee" && num_members < 2)
+    error->all(FLERR, "pair_style mlpot: {}: a committee with {} members in the metadata", path,
+               num_members);
   receptive_field = info.at("receptive_field").get<double>();
   interaction_layers = info.at("interaction_layers").get<int>();
   if (!(cutoff > 0.0) || !(receptive_field >= cutoff))
     error->all(FLERR, "pair_style mlpot: {}: bad cutoff {} or receptive field {} in the metadata",
                path, cutoff, receptive_field);
   model.eval();
+  // a variance network's energy_dev is sqrt(sum_i (a_t s_i)^2) / N (mlpot/models/mve.py): the
+  // lengths a_t = softplus(energy_length_raw) give the per-atom terms of the local atoms in the
+  // ghost cluster (checked against the model's own energy_dev at every use)
+  mve_lengths = torch::Tensor();
+  mve_energy_ok = true;
+  if (uncertainty == "mve") {
+    if (model.hasattr("energy_length_raw") && model.attr("energy_length_raw").isTensor())
+      mve_lengths =
+          at::softplus(model.attr("energy_length_raw").toTensor().detach().to(torch::kFloat64),
+                       1, 20)
+              .contiguous();
+    else
+      mve_energy_ok = false;
+  }
   model_loaded = true;
   model_path = path;
   if (comm->me == 0) {
@@ -275,7 +358,10 @@ void PairMLPot::compute_periodic()
   input.insert("cell", cell);
   input.insert("pbc", pbc);
   // (with fdotr available ev_init sets vflag_fdotr instead of vflag_global for the global virial)
-  bool stress = vflag_global != 0 || vflag_fdotr != 0;
+  bool want_virial = vflag_global != 0 || vflag_fdotr != 0;
+  bool devi = deviation_step();
+  // a committee's members' virials give the *_devi_v columns
+  bool stress = want_virial || (devi && uncertainty == "committee");
   auto out = run_model(input, stress).toGenericDict();
 
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
@@ -288,7 +374,8 @@ void PairMLPot::compute_periodic()
     auto ea = atomic.accessor<double, 1>();
     for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
   }
-  if (stress) {    // mlpot's virial -dE/d(strain) is LAMMPS's sum x F
+  if (devi) deviation_periodic(out);
+  if (want_virial) {    // mlpot's virial -dE/d(strain) is LAMMPS's sum x F
     torch::Tensor w = out.at("virial").toTensor().to(torch::kFloat64).reshape({3, 3}).contiguous();
     auto wa = w.accessor<double, 2>();
     virial[0] += wa[0][0];
@@ -344,6 +431,7 @@ void PairMLPot::compute_ghosts()
   input.insert("edge_cell_shift", shifts);
   input.insert("local_atoms", torch::tensor(int64_t(nlocal), i64));
   auto out = run_model(input, false).toGenericDict();
+  if (deviation_step()) deviation_ghosts(out, types);
 
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
   auto fa = forces.accessor<double, 2>();
@@ -368,6 +456,186 @@ void PairMLPot::compute_ghosts()
       w[5] += x[k][1] * fa[k][2];
     }
     for (int c = 0; c < 6; c++) virial[c] += w[c];
+  }
+}
+
+/* ----------------------------------------------------------------------
+   model deviation (out_file): DeePMD-kit's columns, mlpot's ModelDeviFile format
+------------------------------------------------------------------------- */
+
+bool PairMLPot::deviation_step() const
+{
+  return !out_file.empty() && update->ntimestep % out_freq == 0 &&
+      update->ntimestep != last_out_step;
+}
+
+namespace {
+
+torch::Tensor model_output(const c10::impl::GenericDict &out, const char *key, Error *error,
+                     const std::string &path)
+{
+  if (!out.contains(key))
+    error->one(FLERR,
+               "pair_style mlpot: the model {} returns no {} (needed for out_file); export it "
+               "again with this mlpot",
+               path, key);
+  return out.at(key).toTensor().detach().to(torch::kFloat64).contiguous();
+}
+
+}    // namespace
+
+/* one rank, periodic cell: the model's outputs are for exactly the local atoms */
+
+void PairMLPot::deviation_periodic(const c10::impl::GenericDict &out)
+{
+  const int nlocal = atom->nlocal;
+  double values[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  if (out.contains("virial_members")) {    // std over members of the 9 components, per atom
+    torch::Tensor vm = model_output(out, "virial_members", error, model_path).reshape({-1, 9});
+    torch::Tensor dv = (vm - vm.mean(0, true)).pow(2).mean(0).sqrt() /
+        std::max(1.0, static_cast<double>(atom->natoms));
+    values[0] = dv.max().item<double>();
+    values[1] = dv.min().item<double>();
+    values[2] = dv.mean().item<double>();
+  }
+  torch::Tensor fdev = model_output(out, "forces_dev", error, model_path).reshape({-1});
+  if (nlocal > 0) {
+    values[3] = fdev.max().item<double>();
+    values[4] = fdev.min().item<double>();
+    values[5] = fdev.mean().item<double>();
+  }
+  values[6] = model_output(out, "energy_dev", error, model_path).sum().item<double>();
+  write_deviation(values);
+}
+
+/* the ghost cluster (any number of ranks): deviations of the local atoms, reduced over ranks */
+
+void PairMLPot::deviation_ghosts(const c10::impl::GenericDict &out, const torch::Tensor &types)
+{
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const double natoms = std::max(1.0, static_cast<double>(atom->natoms));
+  double fmax = -HUGE_VAL, fmin = HUGE_VAL;
+  // summed over ranks: the local atoms' forces_dev, then a committee's K member energies of the
+  // local atoms, or a variance network's sum of (a_t s_i)^2 over local atoms
+  std::vector<double> sums(1, 0.0);
+  if (uncertainty == "committee") {
+    const int K = num_members;
+    torch::Tensor fm = model_output(out, "forces_members", error, model_path);
+    if (fm.dim() != 3 || fm.size(0) != K || fm.size(1) != nall)
+      error->one(FLERR,
+                 "pair_style mlpot: the model {} returns forces_members of {} dimensions and {} "
+                 "members, not [{}, {}, 3]",
+                 model_path, fm.dim(), fm.dim() > 0 ? fm.size(0) : 0, K, nall);
+    // each member's forces on ghosts go to their owners: the local atoms' member forces are
+    // then those of the whole system (as the mean forces are after LAMMPS's reverse comm)
+    member_forces.assign(static_cast<size_t>(nall) * K * 3, 0.0);
+    auto fa = fm.accessor<double, 3>();
+    for (int i = 0; i < nall; i++)
+      for (int k = 0; k < K; k++)
+        for (int d = 0; d < 3; d++) member_forces[(static_cast<size_t>(i) * K + k) * 3 + d] = fa[k][i][d];
+    comm->reverse_comm(this);
+    for (int i = 0; i < nlocal; i++) {
+      const double *fi = &member_forces[static_cast<size_t>(i) * K * 3];
+      double mean[3] = {0.0, 0.0, 0.0};
+      for (int k = 0; k < K; k++)
+        for (int d = 0; d < 3; d++) mean[d] += fi[k * 3 + d] / K;
+      double var = 0.0;
+      for (int k = 0; k < K; k++)
+        for (int d = 0; d < 3; d++) var += (fi[k * 3 + d] - mean[d]) * (fi[k * 3 + d] - mean[d]);
+      double dev = std::sqrt(var / K);
+      fmax = std::max(fmax, dev);
+      fmin = std::min(fmin, dev);
+      sums[0] += dev;
+    }
+    // the members' energies are of the local atoms only (ghost atomic energies are 0)
+    torch::Tensor em = model_output(out, "energy_members", error, model_path).reshape({-1});
+    if (em.size(0) != K)
+      error->one(FLERR, "pair_style mlpot: the model {} returns {} member energies, not {}",
+                 model_path, em.size(0), K);
+    for (int k = 0; k < K; k++) sums.push_back(em[k].item<double>());
+  } else {    // a variance network: each atom's value from its own (complete) environment
+    torch::Tensor s = model_output(out, "forces_dev", error, model_path).reshape({-1});
+    if (s.size(0) != nall)
+      error->one(FLERR, "pair_style mlpot: the model {} returns {} forces_dev values for {} atoms",
+                 model_path, s.size(0), nall);
+    torch::Tensor local = s.slice(0, 0, nlocal);
+    if (nlocal > 0) {
+      fmax = local.max().item<double>();
+      fmin = local.min().item<double>();
+      sums[0] = local.sum().item<double>();
+    }
+    double var_local = 0.0;
+    if (mve_energy_ok) {
+      torch::Tensor terms = (mve_lengths.index_select(0, types) * s).pow(2);
+      // the lengths must give the model's own energy_dev of the whole cluster
+      double mine = std::sqrt(terms.sum().item<double>()) / std::max(1, nall);
+      double model_dev = model_output(out, "energy_dev", error, model_path).sum().item<double>();
+      if (std::fabs(mine - model_dev) > 1e-8 * std::fabs(model_dev) + 1e-300)
+        mve_energy_ok = false;
+      else
+        var_local = terms.slice(0, 0, nlocal).sum().item<double>();
+    }
+    sums.push_back(mve_energy_ok ? var_local : 0.0);
+  }
+  if (uncertainty == "mve") {    // the check of the lengths, agreed on by all ranks
+    int ok_here = mve_energy_ok ? 1 : 0, ok_all = 1;
+    MPI_Allreduce(&ok_here, &ok_all, 1, MPI_INT, MPI_MIN, world);
+    mve_energy_ok = ok_all != 0;
+    if (!mve_energy_ok && !mve_warned && comm->me == 0)
+      error->warning(FLERR,
+                     "pair_style mlpot: the variance network of {} does not give its per-atom "
+                     "energy terms as mlpot's mve model does: devi_e is written as nan with the "
+                     "ghost cluster (several ranks or `ghosts always`); run on one rank for it",
+                     model_path);
+    mve_warned = mve_warned || !mve_energy_ok;
+  }
+  double ext[2] = {fmax, -fmin}, ext_all[2];
+  MPI_Allreduce(ext, ext_all, 2, MPI_DOUBLE, MPI_MAX, world);
+  std::vector<double> sums_all(sums.size());
+  MPI_Allreduce(sums.data(), sums_all.data(), static_cast<int>(sums.size()), MPI_DOUBLE, MPI_SUM,
+                world);
+  double values[7] = {0.0, 0.0, 0.0, ext_all[0], -ext_all[1], sums_all[0] / natoms, 0.0};
+  if (uncertainty == "committee") {    // population std of the members' total energies, per atom
+    const int K = num_members;
+    double mean = 0.0, var = 0.0;
+    for (int k = 0; k < K; k++) mean += sums_all[1 + k] / K;
+    for (int k = 0; k < K; k++) var += (sums_all[1 + k] - mean) * (sums_all[1 + k] - mean) / K;
+    values[6] = std::sqrt(var) / natoms;
+  } else {
+    values[6] = mve_energy_ok ? std::sqrt(sums_all[1]) / natoms : std::nan("");
+  }
+  write_deviation(values);
+}
+
+void PairMLPot::write_deviation(const double *values)
+{
+  last_out_step = update->ntimestep;
+  if (comm->me != 0 || out_fp == nullptr) return;
+  fprintf(out_fp, "%12lld", static_cast<long long>(update->ntimestep));
+  for (int c = 0; c < 7; c++) fprintf(out_fp, "%19.6e", values[c]);
+  fprintf(out_fp, "\n");
+  fflush(out_fp);
+}
+
+int PairMLPot::pack_reverse_comm(int n, int first, double *buf)
+{
+  const int width = 3 * num_members;
+  int m = 0;
+  for (int i = first; i < first + n; i++) {
+    const double *src = &member_forces[static_cast<size_t>(i) * width];
+    for (int c = 0; c < width; c++) buf[m++] = src[c];
+  }
+  return m;
+}
+
+void PairMLPot::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const int width = 3 * num_members;
+  int m = 0;
+  for (int i = 0; i < n; i++) {
+    double *dst = &member_forces[static_cast<size_t>(list[i]) * width];
+    for (int c = 0; c < width; c++) dst[c] += buf[m++];
   }
 }
 

@@ -18,6 +18,17 @@
    own periodic neighbors (no ghost cluster to evaluate; the virial from the model's strain
    derivative). `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too, as
    does pair_style hybrid (whose virial is sum x F over local and ghost atoms).
+
+   Model deviation (DP-GEN's model_devi.out, as DeePMD-kit's pair_style deepmd writes it), for
+   models with an uncertainty (a committee or a variance network, metadata `uncertainty`):
+       pair_style mlpot model.pt out_file model_devi.out out_freq 10
+   Rank 0 writes `step max_devi_v min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f devi_e`
+   every out_freq steps (default 100), the header and format of mlpot's ModelDeviFile
+   (integrators/reporters.py). In the ghost cluster the committee members' forces on ghosts are
+   reverse-communicated to their owners before the deviations of the local atoms are taken, the
+   members' energies of the local atoms are summed over ranks, and max/min/sum over ranks.
+   The *_devi_v columns are computed for a committee in the periodic mode (one rank) and are 0 in
+   the ghost cluster (as ModelDeviFile writes them without a virial).
 */
 #ifndef MLPOT_PAIR_MLPOT_H
 #define MLPOT_PAIR_MLPOT_H
@@ -26,6 +37,7 @@
 
 #include <torch/script.h>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -40,6 +52,8 @@ class PairMLPot : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
 
  private:
   void allocate();
@@ -47,6 +61,11 @@ class PairMLPot : public Pair {
   void compute_periodic();
   void compute_ghosts();
   torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
+  bool deviation_step() const;
+  void deviation_periodic(const c10::impl::GenericDict &out);
+  void deviation_ghosts(const c10::impl::GenericDict &out, const torch::Tensor &types);
+  void write_deviation(const double *values);
+  void close_out_file();
 
   torch::jit::Module model;
   bool model_loaded = false;
@@ -59,6 +78,18 @@ class PairMLPot : public Pair {
   torch::Dtype model_dtype = torch::kFloat32;
   bool ghosts_always = false;           // `ghosts always`: the ghost cluster on one rank too
   bool periodic_mode = false;           // this run: one rank, the model's own periodic list
+
+  // model deviation (out_file)
+  std::string uncertainty;              // "committee", "mve" or "" (none), from the metadata
+  int num_members = 0;                  // committee members
+  std::string out_file;                 // "" : no model_devi file
+  int out_freq = 100;
+  FILE *out_fp = nullptr;               // rank 0 only
+  bigint last_out_step = -1;            // a step written once (a second run's setup repeats it)
+  std::vector<double> member_forces;    // [nall][K][3] committee members' forces (reverse comm)
+  torch::Tensor mve_lengths;            // [types] A: a variance network's energy lengths a_t
+  bool mve_energy_ok = true;            // the lengths reproduce the model's energy_dev
+  bool mve_warned = false;
 };
 
 }    // namespace LAMMPS_NS
