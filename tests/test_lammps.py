@@ -441,3 +441,28 @@ def test_out_file_without_an_uncertainty_is_a_clear_lammps_error(plugin, models,
                                      tmp_path / "data", tmp_path / "out"), tmp_path)
     assert "needs a model with an uncertainty" in msg and "export a committee" in msg
     assert not (tmp_path / "devi").exists()
+
+
+def test_model_devi_file_under_pair_style_hybrid_on_two_ranks(plugin, uncertain_models, tmp_path):
+    """Under hybrid/overlay the committee's members' forces still reach their owners (hybrid
+    takes the sub-style's reverse-communication size): the ASE calculator's deviations."""
+    from mlpot.ase import MLPotCalculator
+
+    model = uncertain_models["committee"]
+    atoms = triclinic_cell()
+    write_data(tmp_path / "data", atoms)
+    devi = tmp_path / "model_devi.out"
+    script = input_script(plugin, model, tmp_path / "data", tmp_path / "out")
+    script = script.replace(f"pair_style mlpot {model} ghosts auto",
+                            f"pair_style hybrid/overlay mlpot {model} out_file {devi} zero 2.0")
+    script = script.replace("pair_coeff * * O H", "pair_coeff * * mlpot O H\npair_coeff * * zero")
+    assert "hybrid/overlay" in script
+    run_lammps(script, tmp_path, 2)
+    rows = _read_model_devi(devi)
+    ref = atoms.copy()
+    ref.calc = MLPotCalculator(model)
+    ref.get_forces()
+    fdev = np.asarray(ref.calc.results["forces_dev"])
+    assert rows[:, 0].tolist() == [0]
+    assert rows[0, 4:8] == pytest.approx([fdev.max(), fdev.min(), fdev.mean(),
+                                          ref.calc.results["energy_dev"]], rel=1e-6)
