@@ -293,6 +293,17 @@ def results(args, t_total: float) -> dict:
         reach = {s: labels_to_reach(entry["strategies"][s]["mean"], target, len(args.seeds))
                  for s in args.strategies}
         entry["labels_to_reference_force_mae"] = reach
+        # how many labels query by committee needs for random selection's error at the most
+        # labels (a measure of the savings when neither reaches the reference)
+        rnd = [r for r in entry["strategies"].get("random", {}).get("mean", [])
+               if r["seeds"] == len(args.seeds)]
+        entry["committee_labels_to_random_at_max"] = None if not rnd or \
+            "committee" not in entry["strategies"] else {
+                "random_labels": rnd[-1]["labels"],
+                "random_forces_mae_meV_per_A": rnd[-1]["forces_mae_meV_per_A"],
+                "committee_labels": labels_to_reach(entry["strategies"]["committee"]["mean"],
+                                                    rnd[-1]["forces_mae_meV_per_A"],
+                                                    len(args.seeds))}
         done = all(entry["strategies"][s]["runs"].get(str(k), {}).get("finished")
                    for s in args.strategies for k in args.seeds)
         entry["target"] = {
