@@ -55,15 +55,14 @@ import copy
 import dataclasses
 import json
 import os
-import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 
 from .files import atomic_write
-from .train.config import ConfigError, _checked, _spec, _unknown
+from .train.config import ConfigError, _spec, dataclass_from_dict
 
 STAGES = ("teacher", "sample", "label", "student_data", "student")
 
@@ -109,24 +108,7 @@ _SECTIONS = {"sample": SampleConfig, "weights": WeightsConfig}
 
 
 def _fill(cls, raw: Any, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise DistillConfigError(f"{where} must be a mapping, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise DistillConfigError(str(_unknown(key, fields, where)))
-        if key in _SECTIONS and cls is DistillConfig:
-            kwargs[key] = _fill(_SECTIONS[key], value, f"{where}: {key}")
-            continue
-        try:
-            kwargs[key] = _checked(value, hints[key], fields[key].metadata, f"{where}.{key}")
-        except ConfigError as err:
-            raise DistillConfigError(str(err)) from None
-    return cls(**kwargs)
+    return dataclass_from_dict(cls, raw, where, DistillConfigError, _SECTIONS if cls is DistillConfig else None)
 
 
 def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",

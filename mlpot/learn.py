@@ -62,7 +62,6 @@ import dataclasses
 import json
 import os
 import time
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -70,7 +69,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from .files import atomic_write
-from .train.config import ConfigError, _checked, _spec, _unknown
+from .train.config import ConfigError, _spec, dataclass_from_dict
 
 PHASES = ("trained", "explored", "selected", "labelled")
 STATE_FORMAT = 1
@@ -150,24 +149,7 @@ _SECTIONS = {"explore": ExploreConfig, "selection": SelectionConfig,
 
 
 def _fill(cls, raw: Any, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise LearnConfigError(f"{where} must be a mapping, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise _unknown(key, fields, where)
-        if key in _SECTIONS and cls is LearnConfig:
-            kwargs[key] = _fill(_SECTIONS[key], value, f"{where}: {key}")
-            continue
-        try:
-            kwargs[key] = _checked(value, hints[key], fields[key].metadata, f"{where}.{key}")
-        except ConfigError as err:
-            raise LearnConfigError(str(err)) from None
-    return cls(**kwargs)
+    return dataclass_from_dict(cls, raw, where, LearnConfigError, _SECTIONS if cls is LearnConfig else None)
 
 
 def _files(value) -> List[str]:
@@ -528,6 +510,8 @@ class Learner:
     def advance(self, state, phase: str, t_start: float, elapsed0: float) -> str:
         state["phase"] = phase
         state["elapsed_s"] = elapsed0 + time.time() - t_start
+        # the loop's wall time (resumes excluded) when this iteration's phase ended
+        self.row(state, state["iteration"])["elapsed_s"] = round(state["elapsed_s"], 1)
         self.write_state(state)
         _kill_point(f"learn-{phase}-{state['iteration']}")
         return phase
@@ -572,7 +556,9 @@ class Learner:
         export(model, os.path.join(idir, "model.pt"))
         val = results["validation"]
         row = self.row(state, i)
-        row["labels"] = len(trainer.train_set) + len(trainer.val_set)
+        # labelled frames in the data set: a fixed validation file is not part of it
+        fixed_val = bool(cfg.data.validation)
+        row["labels"] = len(trainer.train_set) + (0 if fixed_val else len(trainer.val_set))
         row["labels_added_so_far"] = self.labels_added(i)
         row["val_forces_rmse_eV_per_A"] = _get(val, "forces_rmse_meV_per_A", 1e-3)
         row["val_energy_rmse_meV_per_atom"] = _get(val, "energy_rmse_meV_per_atom", 1.0)
@@ -783,7 +769,8 @@ class Learner:
         return None
 
     COLUMNS = ["iteration", "labels", "labels_added", "frames", "accurate", "candidate",
-               "failed", "val_forces_rmse_eV_per_A", "val_energy_rmse_meV_per_atom"]
+               "failed", "val_forces_rmse_eV_per_A", "val_energy_rmse_meV_per_atom",
+               "elapsed_s"]
 
     def print_table(self, rows) -> None:
         path = os.path.join(self.dir, "learning.csv")

@@ -114,6 +114,9 @@ def test_two_iterations_grow_the_data_set_with_emt_labels(loop):
     for r in rows:  # 2 temperatures x 1 replica, 20 steps, a frame every 5: 8 frames
         assert int(r["frames"]) == 8 and float(r["candidate"]) == 1.0
         assert float(r["val_forces_rmse_eV_per_A"]) > 0
+    # the loop's wall time when each iteration ended: growing, and in state.json as a whole
+    times = [float(r["elapsed_s"]) for r in rows]
+    assert 0 < times[0] < times[1] <= state["elapsed_s"] + 0.05  # rounded to 0.1 s
     assert (run / "learning.png").stat().st_size > 0
     assert (run / "iter_001" / "model.pt").exists()
     cfg = yaml.safe_load(open(run / "iter_001" / "train" / "config.yaml"))

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from .. import keys as K
-from ..neighbors.module import NeighborList
+from ..neighbors.module import NeighborList, SharedNeighbors
 from ..uncertainty import calibrated, model_deviation
 
 COMMITTEE = "committee"
 
 
-class Committee(nn.Module):
+class Committee(SharedNeighbors):
     __jit_unused_properties__ = ["config"]
 
     def __init__(self, members: List[nn.Module], calibration: float = 1.0):
@@ -63,23 +63,8 @@ class Committee(nn.Module):
 
     def forward(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                 compute_stress: bool = False) -> Dict[str, torch.Tensor]:
-        pos = data[K.POSITIONS]
-        cell = data[K.CELL]
-        n_atoms = pos.shape[0]
-        n_struct = cell.shape[0]
-        inputs = dict(data)
-        if K.EDGE_INDEX not in inputs:  # once for all members
-            if K.PTR in data:
-                ptr = data[K.PTR]
-            else:
-                ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
-            i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
-            inputs[K.EDGE_INDEX] = torch.stack([i, j])
-            inputs[K.EDGE_SHIFTS] = shifts
-        if K.BATCH in data:
-            batch = data[K.BATCH]
-        else:
-            batch = torch.zeros(n_atoms, dtype=torch.long, device=pos.device)
+        n_struct = data[K.CELL].shape[0]
+        inputs, batch = self.shared_inputs(data)  # the neighbor list once for all members
 
         energies: List[torch.Tensor] = []
         atomic: List[torch.Tensor] = []

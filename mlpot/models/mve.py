@@ -48,9 +48,9 @@ from torch import nn
 
 from .. import keys as K
 from ..neighbors import pair_vectors
-from ..neighbors.module import NeighborList
+from ..neighbors.module import NeighborList, SharedNeighbors
 from ..uncertainty import calibrated
-from .potential import Potential
+from .potential import Potential, fit_network_statistics
 
 MVE = "mve"
 
@@ -59,7 +59,7 @@ DEFAULT_SIGMA_NET = {"name": "dp_se_e2_a",
                      "hparams": {"embedding": [8, 16], "axis_neuron": 4, "fitting": [32, 32]}}
 
 
-class MVEPotential(nn.Module):
+class MVEPotential(SharedNeighbors):
     """A Potential (``potential``: energy, forces, stress) and a variance network
     (``sigma_net``: a network of any family, one value per atom) on one neighbor list."""
     __jit_unused_properties__ = ["config", "energy_scale"]
@@ -94,23 +94,8 @@ class MVEPotential(nn.Module):
 
     def forward(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                 compute_stress: bool = False) -> Dict[str, torch.Tensor]:
-        pos = data[K.POSITIONS]
-        cell = data[K.CELL]
-        n_atoms = pos.shape[0]
-        n_struct = cell.shape[0]
-        inputs = dict(data)
-        if K.EDGE_INDEX not in inputs:  # once for both networks
-            if K.PTR in data:
-                ptr = data[K.PTR]
-            else:
-                ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
-            i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
-            inputs[K.EDGE_INDEX] = torch.stack([i, j])
-            inputs[K.EDGE_SHIFTS] = shifts
-        if K.BATCH in data:
-            batch = data[K.BATCH]
-        else:
-            batch = torch.zeros(n_atoms, dtype=torch.long, device=pos.device)
+        n_struct = data[K.CELL].shape[0]
+        inputs, batch = self.shared_inputs(data)  # the neighbor list once for both networks
         out = self.potential(inputs, compute_forces, compute_stress)
         out.update(self.deviations(inputs, batch, n_struct))
         return out
@@ -153,16 +138,7 @@ class MVEPotential(nn.Module):
     def fit_statistics(self, structures) -> None:
         """Both networks' data statistics (the variance network as a Potential would)."""
         self.potential.fit_statistics(structures)
-        fit = getattr(self.sigma_net, "fit_statistics", None)
-        if fit is None:
-            return
-        samples = []
-        for s in structures:
-            s = s if s.edge_index is not None and s.cutoff == self.cutoff \
-                else s.with_neighbors(self.cutoff)
-            samples.append((s.atom_types, s.edge_index, s.edge_vectors().to(self.model_dtype)))
-        with torch.no_grad():
-            fit(samples)
+        fit_network_statistics(self.sigma_net, structures, self.cutoff, self.model_dtype)
 
     @torch.jit.unused
     def set_calibration(self, factor: float) -> None:

@@ -241,16 +241,7 @@ class Potential(nn.Module):
     def fit_statistics(self, structures) -> None:
         """Data-dependent normalisation of the network (e.g. Deep Potential environment
         statistics) from training structures with neighbors (``AtomicData``)."""
-        fit = getattr(self.net, "fit_statistics", None)
-        if fit is None:
-            return
-        samples = []
-        for s in structures:
-            s = s if s.edge_index is not None and s.cutoff == self.cutoff \
-                else s.with_neighbors(self.cutoff)
-            samples.append((s.atom_types, s.edge_index, s.edge_vectors().to(self.model_dtype)))
-        with torch.no_grad():
-            fit(samples)
+        fit_network_statistics(self.net, structures, self.cutoff, self.model_dtype)
 
     @torch.jit.unused
     def prior_energies(self, structures) -> List[float]:
@@ -270,6 +261,21 @@ class Potential(nn.Module):
     @torch.jit.unused
     def set_reference_energies(self, energies: torch.Tensor) -> None:
         self.reference_energies.copy_(torch.as_tensor(energies, dtype=torch.float64))
+
+
+def fit_network_statistics(net: nn.Module, structures, cutoff: float,
+                           dtype: torch.dtype) -> None:
+    """``net.fit_statistics(samples)`` (if the network has one) on (atom_types, edge_index,
+    edge_vectors) of the structures, neighbors at ``cutoff``, vectors in ``dtype``."""
+    fit = getattr(net, "fit_statistics", None)
+    if fit is None:
+        return
+    samples = []
+    for s in structures:
+        s = s if s.edge_index is not None and s.cutoff == cutoff else s.with_neighbors(cutoff)
+        samples.append((s.atom_types, s.edge_index, s.edge_vectors().to(dtype)))
+    with torch.no_grad():
+        fit(samples)
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:

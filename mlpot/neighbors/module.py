@@ -3,11 +3,12 @@
 ``NeighborList(cutoff)`` picks the compiled op when it is built (``torch.ops.mlpot.neighbor_list``,
 so an exported model calls it inside OpenMM too) and the PyTorch fallback otherwise.
 """
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
+from .. import keys as K
 from ._torch import neighbor_list_torch
 
 
@@ -49,3 +50,30 @@ def NeighborList(cutoff: float) -> nn.Module:  # noqa: N802 - used like a class
     if backend() == "cpp":
         return NeighborListOp(cutoff, _cuda_kernel_available())
     return NeighborListTorch(cutoff)
+
+
+class SharedNeighbors(nn.Module):
+    """Base of the models that run several networks on one neighbor list (a committee's
+    members, a model and its variance network): ``shared_inputs`` builds the list once (with
+    the subclass's ``neighbor_list``, a ``NeighborList``) unless the caller gave one."""
+
+    def shared_inputs(self, data: Dict[str, torch.Tensor]
+                      ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """(the inputs with ``edge_index`` and ``edge_shifts``, the [N] structure index)."""
+        pos = data[K.POSITIONS]
+        n_atoms = pos.shape[0]
+        inputs = dict(data)
+        if K.EDGE_INDEX not in inputs:
+            if K.PTR in data:
+                ptr = data[K.PTR]
+            else:
+                ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=pos.device)
+            i, j, shifts = self.neighbor_list(pos.detach(), data[K.CELL].detach(), data[K.PBC],
+                                              ptr)
+            inputs[K.EDGE_INDEX] = torch.stack([i, j])
+            inputs[K.EDGE_SHIFTS] = shifts
+        if K.BATCH in data:
+            batch = data[K.BATCH]
+        else:
+            batch = torch.zeros(n_atoms, dtype=torch.long, device=pos.device)
+        return inputs, batch

@@ -152,6 +152,31 @@ def _unknown(key: str, valid, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {sorted(valid)}")
 
 
+def dataclass_from_dict(cls, raw: Any, where: str, error=ConfigError,
+                        sections: Optional[Dict[str, Any]] = None):
+    """``cls(**raw)`` with every value converted to its field's type and checked against its
+    ``_spec`` (the config files of `mlpot learn` and `mlpot distill`); ``sections``: keys whose
+    values are such dataclasses themselves. Anything wrong is one line of ``error``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise error(f"{where} must be a mapping, not {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise error(str(_unknown(key, fields, where)))
+        if sections and key in sections:
+            kwargs[key] = dataclass_from_dict(sections[key], value, f"{where}: {key}", error)
+            continue
+        try:
+            kwargs[key] = _checked(value, hints[key], fields[key].metadata, f"{where}.{key}")
+        except ConfigError as err:
+            raise error(str(err)) from None
+    return cls(**kwargs)
+
+
 def config_from_dict(raw: Dict[str, Any], where: str = "config") -> Config:
     """A checked Config from a plain dict (as read from YAML)."""
     if not isinstance(raw, dict):
