@@ -67,7 +67,6 @@ Results: <results>/distill_energy_only.json and <results>/distill_fast_student.j
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -75,6 +74,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlpot.files import sha256
 from _common import (add_shared_option, command_line, fail, machine_info, portable, rmd17_split,
                      shared_path, write_json)
 
@@ -104,12 +104,6 @@ VALIDATION_FRACTION = 0.05
 
 
 # ------------------------------------------------------------------ small helpers
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_frames(path: Path, frames) -> None:

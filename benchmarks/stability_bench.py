@@ -50,13 +50,13 @@ entry per label, merged with those already there.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from mlpot.files import sha256
 from _common import (add_shared_option, command_line, fail, machine_info, portable, shared_path,
                      write_json)
 
@@ -122,12 +122,6 @@ def structure(system: str, shared: Path, si_hot: float):
 
 
 # ------------------------------------------------------------------ models
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_model(label: str, case: str, args):

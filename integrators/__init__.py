@@ -29,7 +29,7 @@ from .runner import MDWarning, check_forces, simulate
 from .stability import (Blowup, BlowupRule, ReplicaOutcome, StabilityRun, blowup_reason,
                         bonds_from_structure, nve_drift, run_nve, run_nvt)
 from .state import (MDState, initialize_velocities, kinetic_energy, make_state, pressure_bar,
-                    state_from_ase, temperature_K)
+                    replica_to_ase, state_from_ase, temperature_K)
 
 __all__ = [
     "Blowup",
@@ -76,6 +76,7 @@ __all__ = [
     "save_md_checkpoint",
     "simulate",
     "state_from_ase",
+    "replica_to_ase",
     "temperature_K",
     "thermo",
 ]

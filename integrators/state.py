@@ -252,6 +252,17 @@ def state_from_ase(atoms, replicas: int = 1, seed: int = 0, device=None,
                       seed=seed, device=device, dtype=dtype)
 
 
+def replica_to_ase(state: MDState, r: int):
+    """Replica ``r`` of a state as an ``ase.Atoms`` (positions, cell, pbc; no velocities): what
+    the collectors of ``mlpot learn`` and ``mlpot distill`` keep of the MD."""
+    from ase import Atoms
+
+    return Atoms(numbers=state.atomic_numbers.cpu().numpy(),
+                 positions=state.positions[r].detach().double().cpu().numpy(),
+                 cell=state.cell[r].detach().double().cpu().numpy(),
+                 pbc=state.pbc.cpu().numpy())
+
+
 def _as(x, dtype, device) -> Tensor:
     if isinstance(x, Tensor):
         return x.detach().to(device=device, dtype=dtype)

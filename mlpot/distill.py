@@ -61,7 +61,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, resolve_path
 from .train.config import ConfigError, _spec, dataclass_from_dict
 
 STAGES = ("teacher", "sample", "label", "student_data", "student")
@@ -120,7 +120,7 @@ def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",
     cfg = _fill(DistillConfig, raw, where)
 
     def rel(p):
-        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+        return resolve_path(p, base_dir)
 
     cfg.out_dir = rel(cfg.out_dir)
     data = dict(cfg.data)
@@ -568,15 +568,12 @@ class _Frames:
         pass
 
     def report(self, state, integrator) -> None:
-        from ase import Atoms
+        from integrators import replica_to_ase
 
         if state.step == 0:
             return
         for r in range(state.n_replicas):
-            a = Atoms(numbers=state.atomic_numbers.cpu().numpy(),
-                      positions=state.positions[r].detach().double().cpu().numpy(),
-                      cell=state.cell[r].detach().double().cpu().numpy(),
-                      pbc=state.pbc.cpu().numpy())
+            a = replica_to_ase(state, r)
             a.info.update(distill_source="md", parent=self.start, step=int(state.step),
                           temperature_K=float(self.temps[r]))
             self.frames.append(a)

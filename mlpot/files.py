@@ -7,9 +7,10 @@ renamed over the target with ``os.replace`` (atomic on POSIX and Windows).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import tempfile
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -57,3 +58,19 @@ def remove_stale_temporaries(path: str) -> List[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def sha256(path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_path(path: Optional[str], base_dir: str) -> Optional[str]:
+    """``path`` relative to ``base_dir`` (a config file's folder) unless absolute or None."""
+    if path is None or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base_dir, path))

@@ -32,7 +32,6 @@ completed, failed frames included (the summary line counts them).
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib
 import json
 import os
@@ -47,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, sha256
 
 PROGRESS_FORMAT = 1
 
@@ -97,7 +96,7 @@ class LabellerSpec:
         """What must match for a progress file to be reused."""
         d = asdict(self)
         if self.kind == "model" and self.model:
-            d["model_sha256"] = _sha256(self.model)
+            d["model_sha256"] = sha256(self.model)
         return d
 
 
@@ -125,14 +124,6 @@ class Labels:
                    None if virial is None else np.asarray(virial, dtype=np.float64),
                    None if fdev is None else np.asarray(fdev, dtype=np.float64),
                    None if d.get("energy_dev") is None else float(d["energy_dev"]))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fully_periodic(atoms) -> bool:
@@ -566,7 +557,7 @@ def label_file(path: str, output: str, spec: LabellerSpec, workers: int = 1,
             first_of[key] = k
             labeller.check(atoms, f"{path}: frame {k}")
     progress_path, failed_path = side_files(output)
-    header = {"format": PROGRESS_FORMAT, "input_sha256": _sha256(path), "frames": len(frames),
+    header = {"format": PROGRESS_FORMAT, "input_sha256": sha256(path), "frames": len(frames),
               "labeller": spec.signature()}
     progress = Progress(progress_path, header)
     reused = len(progress.done) + len(progress.failed)

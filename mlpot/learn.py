@@ -68,7 +68,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, resolve_path
 from .train.config import ConfigError, _spec, dataclass_from_dict
 
 PHASES = ("trained", "explored", "selected", "labelled")
@@ -167,7 +167,7 @@ def learn_config_from_dict(raw: Dict[str, Any], where: str = "config",
     cfg = _fill(LearnConfig, raw, where)
 
     def rel(p):
-        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+        return resolve_path(p, base_dir)
 
     cfg.learn_dir = rel(cfg.learn_dir)
     cfg.data = [rel(p) for p in _files(cfg.data)]
@@ -850,7 +850,7 @@ class _Collector:
         pass
 
     def report(self, state, integrator) -> None:
-        from ase import Atoms
+        from integrators import replica_to_ase
 
         if state.step == 0:  # the starting structure is not explored yet
             return
@@ -861,10 +861,7 @@ class _Collector:
         for r in range(state.n_replicas):
             if state.active is not None and not bool(state.active[r]):
                 continue
-            a = Atoms(numbers=state.atomic_numbers.cpu().numpy(),
-                      positions=state.positions[r].detach().double().cpu().numpy(),
-                      cell=state.cell[r].detach().double().cpu().numpy(),
-                      pbc=state.pbc.cpu().numpy())
+            a = replica_to_ase(state, r)
             a.info.update(max_force_dev=float(dev[r]), step=int(state.step), run=self.run,
                           replica=r, temperature_K=float(self.temps[r]))
             if self.pressure is not None:
