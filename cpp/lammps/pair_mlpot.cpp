@@ -316,26 +316,31 @@ torch::jit::IValue PairMLPot::run_model(c10::Dict<std::string, torch::Tensor> &i
   return torch::jit::IValue();
 }
 
+/* positions (float64, A) and model types (int64) of atoms 0..n-1 */
+
+void PairMLPot::atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor &types)
+{
+  double **x = atom->x;
+  int *type = atom->type;
+  positions = torch::empty({n, 3}, torch::TensorOptions().dtype(torch::kFloat64));
+  types = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt64));
+  auto p = positions.accessor<double, 2>();
+  auto t = types.accessor<int64_t, 1>();
+  for (int k = 0; k < n; k++) {
+    for (int d = 0; d < 3; d++) p[k][d] = x[k][d];
+    t[k] = model_type[type[k]];
+  }
+}
+
 /* the local atoms and the periodic cell: the model builds its own periodic neighbor list */
 
 void PairMLPot::compute_periodic()
 {
   const int nlocal = atom->nlocal;
-  double **x = atom->x;
   double **f = atom->f;
-  int *type = atom->type;
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  torch::Tensor positions = torch::empty({nlocal, 3}, f64);
-  torch::Tensor types = torch::empty({nlocal}, i64);
-  {
-    auto p = positions.accessor<double, 2>();
-    auto t = types.accessor<int64_t, 1>();
-    for (int k = 0; k < nlocal; k++) {
-      for (int d = 0; d < 3; d++) p[k][d] = x[k][d];
-      t[k] = model_type[type[k]];
-    }
-  }
+  torch::Tensor positions, types;
+  atoms_as_tensors(nlocal, positions, types);
   // LAMMPS's box as rows a = (lx, 0, 0), b = (xy, ly, 0), c = (xz, yz, lz); h = lx ly lz yz xz xy
   const double *h = domain->h;
   torch::Tensor cell = torch::zeros({1, 3, 3}, f64);
@@ -395,22 +400,13 @@ void PairMLPot::compute_ghosts()
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
   double **f = atom->f;
-  int *type = atom->type;
 
   // the cluster of local and ghost atoms, in float64 (pair vectors are formed in float64 and
   // cast to the network's precision inside the model)
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  torch::Tensor positions = torch::empty({nall, 3}, f64);
-  torch::Tensor types = torch::empty({nall}, i64);
-  {
-    auto p = positions.accessor<double, 2>();
-    auto t = types.accessor<int64_t, 1>();
-    for (int k = 0; k < nall; k++) {
-      for (int d = 0; d < 3; d++) p[k][d] = x[k][d];
-      t[k] = model_type[type[k]];
-    }
-  }
+  torch::Tensor positions, types;
+  atoms_as_tensors(nall, positions, types);
   torch::Tensor cell = torch::zeros({1, 3, 3}, f64);
   torch::Tensor pbc = torch::zeros({1, 3}, torch::TensorOptions().dtype(torch::kBool));
   torch::Tensor ptr = torch::tensor({int64_t(0), int64_t(nall)}, i64);

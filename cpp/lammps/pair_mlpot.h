@@ -59,6 +59,7 @@ class PairMLPot : public Pair {
   void allocate();
   void load_model(const std::string &path);
   void compute_periodic();
+  void atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor &types);
   void compute_ghosts();
   torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
   bool deviation_step() const;
