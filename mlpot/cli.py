@@ -21,6 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.out_dir:
         cfg.training.out_dir = args.out_dir
     results = train(cfg, resume=args.resume)
+    if not results:  # a data-parallel process other than rank 0: rank 0 reports
+        return 0
     from .train.evaluate import format_table
 
     for split in ("validation", "test"):

@@ -69,7 +69,9 @@ def test_one_run_trains_a_committee_that_exports_to_one_file(committee_run, tmp_
     trainer, results, out = committee_run
     assert trainer.committee_size == 3 and isinstance(trainer.model, Committee)
     # one dataset (neighbor lists built once) shared by every member
-    assert all(trainer.member_loader(k).dataset is trainer.train_set for k in range(3))
+    n = len(trainer.train_set)
+    assert all(sorted(i for b in trainer.member_batches(k) for i in b) == list(range(n))
+               for k in range(3))
     # members differ: different initial seeds give different weights and predictions
     w = [dict(m.named_parameters()) for m in trainer.members]
     name = next(n for n, p in w[0].items() if p.numel() > 4)
@@ -193,10 +195,9 @@ def test_bootstrap_gives_members_different_frames(data_file, tmp_path):
     assert again.member_frames == frames
     # the loader of member k serves exactly its resample, as the shared structure objects
     seen = []
-    for batch_idx in trainer.member_loader(1).batch_sampler:
-        seen += [frames[1][i] for i in batch_idx]
+    for batch_idx in trainer.member_batches(1):
+        seen += batch_idx
     assert sorted(seen) == sorted(frames[1])
-    assert trainer.member_loader(1).dataset.dataset is trainer.train_set
     plain = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "p")))
     assert plain.member_frames == [None, None, None]
 

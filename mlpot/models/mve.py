@@ -194,21 +194,25 @@ def mve_from_config(config: Dict) -> MVEPotential:
 
 
 def gaussian_nll(pred: Dict[str, torch.Tensor], forces_ref, energy_ref,
-                 num_atoms: torch.Tensor) -> torch.Tensor:
+                 num_atoms: torch.Tensor, counts=None) -> torch.Tensor:
     """The variance network's loss (module docstring) from the outputs of an MVEPotential and
-    the references (NaN where a label is missing; masked). The errors are detached."""
+    the references (NaN where a label is missing; masked). The errors are detached. ``counts``
+    (atoms with forces, structures with energies) of a data-parallel global batch: the sums are
+    divided by them instead of taking this batch's means."""
     total = pred[K.FORCES_DEV].new_zeros(())
     if forces_ref is not None and K.FORCES in pred:
         ok = torch.isfinite(forces_ref).all(dim=1)
         if bool(ok.any()):
             err2 = (pred[K.FORCES].detach() - forces_ref).to(torch.float64)[ok].pow(2).sum(dim=1)
             s = pred[K.FORCES_DEV][ok]
-            total = total + (3.0 * torch.log(s) + 1.5 * err2 / s.pow(2)).mean()
+            terms = 3.0 * torch.log(s) + 1.5 * err2 / s.pow(2)
+            total = total + (terms.mean() if counts is None else terms.sum() / counts[0])
     if energy_ref is not None:
         ok = torch.isfinite(energy_ref)
         if bool(ok.any()):
             atoms = num_atoms.to(torch.float64)[ok]
             err = (pred[K.ENERGY].detach() - energy_ref)[ok]
             sigma = pred[K.ENERGY_DEV][ok] * atoms
-            total = total + (torch.log(sigma) + 0.5 * err.pow(2) / sigma.pow(2)).mean()
+            terms = torch.log(sigma) + 0.5 * err.pow(2) / sigma.pow(2)
+            total = total + (terms.mean() if counts is None else terms.sum() / counts[1])
     return total

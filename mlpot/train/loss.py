@@ -16,17 +16,28 @@ from .config import LossConfig
 
 
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor,
-                weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
+                weight: Optional[torch.Tensor] = None,
+                count: Optional[float] = None) -> Tuple[torch.Tensor, int]:
     """Mean over the finite entries of ``target`` of weight * (pred - target)^2; ``weight``
-    broadcasts against the targets (a per-structure or per-atom weight, 1 when None)."""
+    broadcasts against the targets (a per-structure or per-atom weight, 1 when None). With
+    ``count``, the sum is divided by it instead (the entries of the global batch of several
+    processes: see mlpot.train.distributed)."""
     mask = torch.isfinite(target)
     n = int(mask.sum())
     if n == 0:
-        return pred.new_zeros(()), 0
+        return pred.new_zeros((), dtype=torch.float64), 0
     sq = (pred - torch.where(mask, target, pred).detach()).to(torch.float64) ** 2
     if weight is not None:
         sq = sq * weight.to(torch.float64).reshape(weight.shape + (1,) * (sq.dim() - 1))
-    return sq[mask].mean(), n
+    return (sq[mask].mean() if count is None else sq[mask].sum() / count), n
+
+
+def entry_counts(batch) -> torch.Tensor:
+    """The finite energy, force-component and stress-component labels of a batch [3] (float64):
+    the denominators of the loss's means, summed over processes in data-parallel training."""
+    return torch.tensor([0.0 if t is None else float(torch.isfinite(t).sum())
+                         for t in (batch.energy, batch.forces, batch.stress)],
+                        dtype=torch.float64)
 
 
 class Loss:
@@ -51,25 +62,29 @@ class Loss:
     def needs_stress(self) -> bool:
         return self.cfg.stress > 0 or (self.cfg.stress_start or 0) > 0
 
-    def __call__(self, pred: Dict[str, torch.Tensor], batch, lr_ratio: float = 1.0
-                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def __call__(self, pred: Dict[str, torch.Tensor], batch, lr_ratio: float = 1.0,
+                 counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The loss and its parts (the unweighted MSEs). ``counts`` [3]: divide the sums by these
+        entry counts (of the global batch, ``entry_counts`` summed over processes) instead of
+        this batch's own."""
         w = self.weights(lr_ratio)
+        c = [None] * 3 if counts is None else [max(float(x), 1.0) for x in counts]
         total = pred[K.ENERGY].new_zeros(())
         parts: Dict[str, float] = {}
         n_atoms = batch.num_atoms.to(torch.float64)
         if batch.energy is not None and w["energy"] > 0:
             mse, _ = _masked_mse(pred[K.ENERGY] / n_atoms, batch.energy / n_atoms,
-                                 batch.energy_weight)
+                                 batch.energy_weight, c[0])
             total = total + w["energy"] * mse
             parts["energy"] = float(mse.detach())
         if batch.forces is not None and w["forces"] > 0 and K.FORCES in pred:
             per_atom = None if batch.forces_weight is None else \
                 batch.forces_weight.repeat_interleave(batch.num_atoms)
-            mse, _ = _masked_mse(pred[K.FORCES], batch.forces, per_atom)
+            mse, _ = _masked_mse(pred[K.FORCES], batch.forces, per_atom, c[1])
             total = total + w["forces"] * mse
             parts["forces"] = float(mse.detach())
         if batch.stress is not None and w["stress"] > 0 and K.STRESS in pred:
-            mse, _ = _masked_mse(pred[K.STRESS], batch.stress)
+            mse, _ = _masked_mse(pred[K.STRESS], batch.stress, count=c[2])
             total = total + w["stress"] * mse
             parts["stress"] = float(mse.detach())
         return total, parts

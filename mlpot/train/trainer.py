@@ -24,6 +24,10 @@ stopping use the loss of the committee mean (the ``Committee`` of the EMA weight
 ``members.<k>.*``), with per-member optimizer, EMA and loader RNG states as lists. After
 training, ``finalize`` fits the calibration factor on the validation split
 (``MetricAccumulator.calibration_factor``) and stores it in ``best.pt``.
+
+Data-parallel training (``torchrun --nproc-per-node N mlpot train CONFIG.yaml``): each process
+trains on its shard of every global batch, DDP averages the gradients, rank 0 decides and writes;
+the rules are in ``mlpot.train.distributed``. A committee's members are wrapped each in its own DDP.
 """
 from __future__ import annotations
 
@@ -51,12 +55,14 @@ from ..models.committee import Committee
 from ..models.mve import build_mve, gaussian_nll
 from .config import Config, ConfigError, check_config
 from .data import TrainingData, load_training_data
-from .loss import Loss
+from .distributed import Distributed, ShardedBatches
+from .loss import Loss, entry_counts
 from .metrics import MetricAccumulator
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: Optional[TrainingData] = None):
+    def __init__(self, cfg: Config, data: Optional[TrainingData] = None,
+                 dist: Optional[Distributed] = None):
         check_config(cfg)  # a Config built in Python too: every value before any data are read
         usable_device(cfg.training.device, "training.device")
         self.cfg = cfg
@@ -69,7 +75,8 @@ class Trainer:
         self.data = data if data is not None else load_training_data(cfg, tuple(require))
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
-        self.device = torch.device(cfg.training.device)
+        self.dist = dist if dist is not None else Distributed()
+        self.device = self.dist.device(cfg.training.device)
         mc = cfg.model
         seed, k_members = cfg.training.seed, cfg.training.ensemble
         self.members: List[torch.nn.Module] = []
@@ -93,6 +100,8 @@ class Trainer:
         self._fit_statistics()
         for m in self.members:
             m.to(self.device)
+        # what a training step calls: DDP around each member (rank 0's weights broadcast now)
+        self.step_models = [self.dist.wrap(m, self.device) for m in self.members]
         # K = 1: the Potential itself (checkpoint layout as before); K >= 2: the Committee
         self.model = self.members[0] if k_members == 1 else \
             Committee(self.members).to(self.device)
@@ -143,22 +152,25 @@ class Trainer:
             m.energy_scale.fill_(max(scale, 1e-3))
             m.fit_statistics(items[: min(len(items), 200)])
 
+    def member_batches(self, k: int) -> ShardedBatches:
+        """Member k's frame indices per step over the shared training set (or its bootstrap
+        resample), shuffled by its generator; this process's shard when data-parallel."""
+        frames = self.member_frames[k]
+        return ShardedBatches(range(len(self.train_set)) if frames is None else frames,
+                              self.cfg.training.batch_size, self.dist.world_size,
+                              self.dist.rank, self.generators[k])
+
     def member_loader(self, k: int):
-        """Member k's shuffled loader over the shared training set (or its bootstrap resample)."""
-        bs = self.cfg.training.batch_size
-        if self.member_frames[k] is None:
-            return self.train_set.loader(bs, shuffle=True, generator=self.generators[k])
+        """Member k's batches for one epoch (see ``member_batches``)."""
         from ..data import AtomicData
 
-        subset = torch.utils.data.Subset(self.train_set, self.member_frames[k])
-        return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=True,
-                                           collate_fn=AtomicData.collate,
-                                           generator=self.generators[k])
+        for frames in self.member_batches(k):
+            yield AtomicData.collate([self.train_set[i] for i in frames])
 
     # ------------------------------------------------------------------ schedule
     def progress(self) -> float:
         """Fraction of the run done: by epochs or by wall-clock time, whichever is further."""
-        steps_per_epoch = max(1, math.ceil(len(self.train_set) / self.cfg.training.batch_size))
+        steps_per_epoch = max(1, self.member_batches(0).global_batches())
         total = steps_per_epoch * self.cfg.training.max_epochs
         if self.cfg.training.max_steps:
             total = min(total, self.cfg.training.max_steps)
@@ -188,19 +200,27 @@ class Trainer:
         sums: Dict[str, float] = {}
         n = 0
         loaders = [self.member_loader(k) for k in range(self.committee_size)]
+        world = self.dist.world_size
         for batches in zip(*loaders):
             t0 = time.perf_counter()
             lr = self.lr()
+            counts = None
+            if self.dist.active:  # the global batch's label counts, per member [K, 3]
+                counts = self.dist.all_reduce_sum(torch.stack([entry_counts(b)
+                                                               for b in batches]))
             for k, batch in enumerate(batches):
                 batch = batch.to(self.device)
-                model, optimizer = self.members[k], self.optimizers[k]
+                model, optimizer = self.step_models[k], self.optimizers[k]
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 pred = model(batch.as_dict(), compute_forces=self.loss_fn.needs_forces,
                              compute_stress=self.loss_fn.needs_stress)
-                loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr)
+                loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr,
+                                           counts=None if counts is None else counts[k])
                 if self.mve:  # the variance network's likelihood of the (detached) errors
-                    nll = gaussian_nll(pred, batch.forces, batch.energy, batch.num_atoms)
+                    nll = gaussian_nll(pred, batch.forces, batch.energy, batch.num_atoms,
+                                       None if counts is None else
+                                       (float(counts[k][1]) / 3.0, float(counts[k][0])))
                     loss = loss + cfg.loss.nll * nll
                     sums["nll"] = sums.get("nll", 0.0) + float(nll.detach()) / len(batches)
                 if not torch.isfinite(loss):
@@ -210,23 +230,32 @@ class Trainer:
                         f"{float(loss)}; lower optim.lr or check the data (last good "
                         "checkpoint: last.pt)")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # data-parallel: this process's share of the global loss, times N as DDP
+                # averages the gradients over the N processes
+                (loss * world if world > 1 else loss).backward()
+                member = self.members[k]
                 if cfg.optim.grad_clip:  # mve: the mean model's norm alone, as without it
-                    groups = model.parameter_groups() if hasattr(model, "parameter_groups") \
-                        else [model.parameters()]
+                    groups = member.parameter_groups() if hasattr(member, "parameter_groups") \
+                        else [member.parameters()]
                     for group in groups:
                         torch.nn.utils.clip_grad_norm_(group, cfg.optim.grad_clip)
                 optimizer.step()
                 if self.emas is not None:
-                    self.emas[k].update_parameters(model)
+                    self.emas[k].update_parameters(member)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / len(batches)
                 for key, v in parts.items():
                     sums["mse_" + key] = sums.get("mse_" + key, 0.0) + v / len(batches)
             self.step += 1
             n += 1
-            self.elapsed_s += time.perf_counter() - t0
+            # rank 0's clock for every process: the schedule and time limit must agree
+            self.elapsed_s = self.dist.from_main(self.elapsed_s + time.perf_counter() - t0)
             if self.time_is_up() or self.steps_are_done():  # within a step, not at epoch end
                 break
+        if self.dist.active and sums:  # each process holds its share of the global means
+            names = sorted(sums)
+            total = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in names],
+                                                          dtype=torch.float64))
+            sums = {k: float(v) for k, v in zip(names, total)}
         return {k: v / max(n, 1) for k, v in sums.items()}
 
     def steps_are_done(self) -> bool:
@@ -308,13 +337,16 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> Dict[str, float]:
         """Train until max_epochs, max_steps, the time limit or early stopping; returns the last metrics."""
-        os.makedirs(self.out_dir, exist_ok=True)
+        main = self.dist.is_main
         last = os.path.join(self.out_dir, "last.pt")
         best = os.path.join(self.out_dir, "best.pt")
-        for path in (last, best, os.path.join(self.out_dir, "log.csv")):
-            remove_stale_temporaries(path)  # left by a kill -9 during a write
-        if os.path.exists(os.path.join(self.out_dir, "log.csv.tmp")):
-            os.remove(os.path.join(self.out_dir, "log.csv.tmp"))
+        if main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            for path in (last, best, os.path.join(self.out_dir, "log.csv")):
+                remove_stale_temporaries(path)  # left by a kill -9 during a write
+            if os.path.exists(os.path.join(self.out_dir, "log.csv.tmp")):
+                os.remove(os.path.join(self.out_dir, "log.csv.tmp"))
+        self.dist.barrier()  # the others read the out_dir only after rank 0 tidied it
         if resume:
             if not os.path.exists(last):
                 raise ConfigError(f"--resume: no checkpoint {last} to resume from")
@@ -323,12 +355,18 @@ class Trainer:
         elif os.path.exists(last):
             raise ConfigError(f"{self.out_dir} already holds a run (last.pt); use --resume to "
                               "continue it, or choose another training.out_dir")
-        self._write_config()
-        if self.cfg.training.tensorboard:
+        if self.dist.active and main:
+            b = self.cfg.training.batch_size
+            print(f"data-parallel training: {self.dist.world_size} processes "
+                  f"({self.dist.backend}), training.batch_size {b} per process, global batch "
+                  f"{b * self.dist.world_size} structures", flush=True)
+        if main:
+            self._write_config()
+        if self.cfg.training.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_writer = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
-        bar = _progress_bar(self.cfg, self.progress())
+        bar = _progress_bar(self.cfg, self.progress()) if main else None
         metrics: Dict[str, float] = {}
         while not self.done():
             train_metrics = self.train_epoch()
@@ -342,7 +380,7 @@ class Trainer:
             bar.close()
         if self.tb_writer is not None:
             self.tb_writer.close()
-        if not os.path.exists(best):  # no validation improved since a broken pair was found
+        if main and not os.path.exists(best):  # no validation improved since a broken pair was found
             warnings.warn(f"{best}: no validation wrote it in this run; it holds the last "
                           "weights", stacklevel=2)
             write_checkpoint(self.state_dict(), best)
@@ -381,10 +419,16 @@ class Trainer:
         return bool(t.early_stopping_patience) and self.epochs_since_best >= t.early_stopping_patience
 
     def after_validation(self, train_metrics: Dict[str, float]) -> Dict[str, float]:
-        val = self.evaluate(self.val_set)
+        """Validate, log, track the best, write best.pt (when better) then last.pt. Data-parallel:
+        rank 0 validates and writes; the others take its validation loss for the decisions."""
+        main = self.dist.is_main
+        val = self.evaluate(self.val_set) if main else {"loss": math.nan}
+        val["loss"] = self.dist.from_main(val["loss"])
         row = {"epoch": self.epoch, "step": self.step, "time_s": round(self.elapsed_s, 3),
                "lr": self.lr(), **{"train_" + k: v for k, v in train_metrics.items()},
                **{"val_" + k: v for k, v in val.items()}}
+        if self.dist.active:
+            row["world_size"] = self.dist.world_size
         self.history.append(row)
         better = val["loss"] < self.best_val
         if better:
@@ -396,6 +440,8 @@ class Trainer:
             if self.cfg.optim.scheduler == "plateau" and \
                     self.epochs_since_best % self.cfg.optim.plateau_patience == 0:
                 self.plateau_scale *= self.cfg.optim.plateau_factor
+        if not main:
+            return row
         self._write_log()
         if self.tb_writer is not None:
             for key, value in row.items():
@@ -567,10 +613,18 @@ def _short(m: Dict[str, float]) -> str:
 
 
 def train(cfg: Config, resume: bool = False) -> Dict[str, float]:
-    """Train as ``cfg`` says; writes checkpoints, log.csv, metrics.json and plots to out_dir."""
-    trainer = Trainer(cfg)
-    trainer.fit(resume=resume)
-    return finalize(trainer)
+    """Train as ``cfg`` says; writes checkpoints, log.csv, metrics.json and plots to out_dir.
+    Under torchrun, data-parallel over the processes (``mlpot.train.distributed``); rank 0
+    finalizes and returns the metrics, the other processes return an empty dict."""
+    dist = Distributed.from_env(cfg.training.device)
+    try:
+        trainer = Trainer(cfg, dist=dist)
+        trainer.fit(resume=resume)
+        if not dist.is_main:
+            return {}
+        return finalize(trainer)
+    finally:
+        dist.close()
 
 
 def _shift_reference_energies(state: Dict[str, torch.Tensor], shift: torch.Tensor) -> None:
@@ -623,6 +677,7 @@ def finalize(trainer: Trainer) -> Dict[str, float]:
         parity_plot(trainer.eval_model(), trainer.val_set,
                     os.path.join(trainer.out_dir, "parity.png"), trainer.cfg.training.batch_size,
                     trainer.device)
+    results["world_size"] = trainer.dist.world_size
     results["epochs"] = trainer.epoch
     results["steps"] = trainer.step
     results["train_time_s"] = trainer.elapsed_s
