@@ -128,10 +128,25 @@ def _self_check(eager, scripted, dtype: torch.dtype) -> None:
                                f"Python model's by {err:.3e}; please report this as a bug")
 
 
+FORMATS = ("torchscript", "aoti")
+
+
+def format_of(path: str, format: Optional[str] = None) -> str:  # noqa: A002 - the CLI's name
+    """The export format: ``format`` when given, else from the suffix (.pt2: 'aoti', else
+    'torchscript')."""
+    if format is None:
+        return "aoti" if os.fspath(path).lower().endswith(".pt2") else "torchscript"
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
+    return format
+
+
 def export(model, path: str, dtype: Optional[str] = None,
            training_data_hash: Optional[str] = None, metadata: Optional[Dict] = None,
-           use_ema: bool = True, check: bool = True) -> str:
-    """Write one TorchScript file holding the model and its metadata.
+           use_ema: bool = True, check: bool = True, format: Optional[str] = None) -> str:  # noqa: A002
+    """Write one file holding the model and its metadata: a TorchScript file, or with a name
+    ending in .pt2 (or ``format="aoti"``) an AOTInductor package of compiled native code
+    (``mlpot.aoti``; minutes of compilation).
 
     Args:
         model: a ``Potential`` or the path of a checkpoint (EMA weights preferred).
@@ -139,17 +154,24 @@ def export(model, path: str, dtype: Optional[str] = None,
         dtype: 'float32' or 'float64' for the network; None keeps the model's.
         training_data_hash: stored as metadata (default: the checkpoint's, if any).
         metadata: more JSON-able entries stored under ``"user"``.
-        check: compare the scripted model with the Python model on a small molecule.
+        check: compare the exported model with the Python model on a small molecule.
+        format: 'torchscript' or 'aoti'; None: from the suffix of ``path``.
 
     Returns:
         ``path``.
     """
+    fmt = format_of(path, format)
     if isinstance(model, (str, os.PathLike)):
         ckpt = read_checkpoint(os.fspath(model))
         model = model_from_checkpoint(ckpt, use_ema)
         if training_data_hash is None:
             training_data_hash = ckpt.get("data_hash", ckpt.get("training_data_hash"))
     model, dtype = _with_dtype(model, dtype)
+    if fmt == "aoti":
+        from .aoti import export_aoti
+
+        info = model_metadata(model, FORMAT_VERSION, training_data_hash, metadata)
+        return export_aoti(model, path, info, check)
     scripted = _script(model)
     if check:
         _self_check(model, scripted, dtype_of(dtype))
@@ -171,10 +193,15 @@ def read_metadata(path: str) -> Dict:
             names = [n for n in z.namelist() if n.endswith("/extra/" + METADATA_NAME)]
             text = z.read(names[0]).decode() if names else None
     except Exception as err:  # noqa: BLE001 - not a zip, or a truncated/damaged one
-        raise ExportError(f"{path} is not an mlpot model (not a TorchScript file, or a truncated "
-                          "one). Export one with `mlpot export CHECKPOINT -o model.pt`") from err
+        raise ExportError(f"{path} is not an mlpot model (not a TorchScript file or .pt2 "
+                          "package, or a truncated one). Export one with `mlpot export "
+                          "CHECKPOINT -o model.pt`") from err
     if text is None:
-        if file_kind(path) == "torchscript":
+        from .aoti import is_aoti_archive
+
+        if is_aoti_archive(path):
+            what = "an AOTInductor package but not an mlpot model"
+        elif file_kind(path) == "torchscript":
             what = "a TorchScript file but not an mlpot model"
         else:
             what = "not an mlpot model (a torch.save file: if it is a training checkpoint"
@@ -245,9 +272,20 @@ class ExportedModel:
 
 
 def load(path: str, device: Union[str, torch.device] = "cpu") -> ExportedModel:
-    """Read an exported model (with a clear error for anything that is not one)."""
+    """Read an exported model (with a clear error for anything that is not one).
+
+    A TorchScript file (``model.pt``) is read as data: TorchScript's loader rebuilds the model's
+    TorchScript code and runs it in its interpreter, never arbitrary Python. A ``.pt2`` package
+    holds compiled native code, and loading it runs that code: load only ``.pt2`` files you made
+    or trust (checkpoints and TorchScript files need no such trust). Both give an
+    ``ExportedModel`` with the same call (a ``.pt2`` runs on the CPU, in its one dtype).
+    """
     path = os.fspath(path)
     info = read_metadata(path)
+    if info.get("format") == "aoti":
+        from .aoti import load_aoti
+
+        return load_aoti(path, info, device)
     device = usable_device(device, path)
     register_neighbor_op()
     try:
@@ -294,11 +332,15 @@ def as_exported(model, device: Optional[Union[str, torch.device]] = None) -> Exp
 # ---------------------------------------------------------------------------- CLI
 def add_export_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a training checkpoint as one TorchScript model file",
+        "export", help="write a training checkpoint as one model file (TorchScript or .pt2)",
         description="Write a checkpoint (EMA weights preferred) as one TorchScript file with "
                     "its metadata, for mlpot.load, the ASE calculator and OpenMM.")
     p.add_argument("checkpoint", help="checkpoint written by `mlpot train`")
-    p.add_argument("-o", "--output", default="model.pt", help="output file (default model.pt)")
+    p.add_argument("-o", "--output", default="model.pt",
+                   help="output file (default model.pt); a name ending in .pt2 writes an "
+                        "AOTInductor package (compiled native code, CPU; minutes to compile)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="torchscript or aoti (default: from the suffix of --output)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="network precision in the file (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
@@ -310,9 +352,12 @@ def add_export_parser(subparsers) -> None:
 def run_export(args) -> int:
     """``mlpot export``; errors in the input reach ``mlpot.cli.main`` (one line, exit code 2)."""
     path = export(args.checkpoint, args.output, dtype=args.dtype,
-                  training_data_hash=args.data_hash, use_ema=not args.no_ema)
+                  training_data_hash=args.data_hash, use_ema=not args.no_ema,
+                  format=getattr(args, "format", None))
     info = read_metadata(path)
-    print(f"wrote {path}: {info['config'].get('model', '?')} model, type map {info['type_map']}, "
+    kind = "AOTInductor package" if info.get("format") == "aoti" else "TorchScript file"
+    print(f"wrote {path} ({kind}): {info['config'].get('model', '?')} model, type map "
+          f"{info['type_map']}, "
           f"cutoff {info['cutoff']} A, {info['dtype']}, {os.path.getsize(path) / 1e6:.1f} MB")
     return 0
 

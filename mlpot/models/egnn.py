@@ -74,6 +74,7 @@ class EGNNLayer(nn.Module):
         self.message_out = nn.Linear(edge_hidden, hidden)  # W_2, b_2
         self.update = MLP([2 * hidden, hidden, hidden], act)  # phi_h
         # CPU, no attention: edges in blocks whose [P_k, E] messages take about this many bytes
+        # (0: one block)
         self.block_bytes = 1 << 23
 
     def forward(self, h: torch.Tensor, centre: torch.Tensor, neighbor: torch.Tensor,
@@ -89,18 +90,22 @@ class EGNNLayer(nn.Module):
             agg = scatter_sum(s * w, centre, n_atoms)  # [N, E]
         else:
             # CPU: messages formed and summed in blocks of edges, so that the transient [P, E]
-            # tensors stay in cache (at 10k atoms one is hundreds of MB); one block elsewhere
-            n_pairs = centre.shape[0]
-            edges = max(1, self.block_bytes // (self.edge_hidden * h.element_size())) \
-                if h.device.type == "cpu" else max(1, n_pairs)
+            # tensors stay in cache (at 10k atoms one is hundreds of MB); one block elsewhere and
+            # with block_bytes 0 (the .pt2 export: a data-dependent loop does not trace)
             w_sum = envelope_sum  # [N, 1]
             agg = torch.zeros(n_atoms, self.edge_hidden, dtype=h.dtype, device=h.device)
-            efs, cs, ns = edge_features.split(edges), centre.split(edges), neighbor.split(edges)
-            ws = envelope.split(edges)
-            for k in range(len(cs)):
-                s = self.act(self.radial(efs[k]) + a.index_select(0, cs[k])
-                             + b.index_select(0, ns[k]))  # [P_k, E]
-                agg.index_add_(0, cs[k], s * ws[k])  # [N, E]
+            if self.block_bytes <= 0 or h.device.type != "cpu":
+                s = self.act(self.radial(edge_features) + a.index_select(0, centre)
+                             + b.index_select(0, neighbor))  # [P, E]
+                agg.index_add_(0, centre, s * envelope)  # [N, E]
+            else:
+                edges = max(1, self.block_bytes // (self.edge_hidden * h.element_size()))
+                efs, cs = edge_features.split(edges), centre.split(edges)
+                ns, ws = neighbor.split(edges), envelope.split(edges)
+                for k in range(len(cs)):
+                    s = self.act(self.radial(efs[k]) + a.index_select(0, cs[k])
+                                 + b.index_select(0, ns[k]))  # [P_k, E]
+                    agg.index_add_(0, cs[k], s * ws[k])  # [N, E]
         m = (torch.matmul(agg, self.message_out.weight.t())
              + w_sum * self.message_out.bias) * scale  # [N, H]
         return h + self.update(torch.cat([h, m], dim=1))  # [N, H]

@@ -71,6 +71,10 @@ class Potential(nn.Module):
         self.repulsion = repulsion
         # inference in chunks of this many centres for local networks (0: never)
         self.chunk_atoms = 512
+        # set by the .pt2 export (mlpot.aoti): no Python numbers from tensor data, so that
+        # torch.export traces one graph for any size (local atoms as a mask, no chunks, ghost
+        # centres evaluated and masked rather than dropped); TorchScript compiles both paths
+        self.exporting = False
 
     @property
     def config(self) -> Dict:
@@ -110,7 +114,11 @@ class Potential(nn.Module):
             i, j, shifts = self.neighbor_list(pos.detach(), cell.detach(), data[K.PBC], ptr)
         # atoms n_local.. are ghosts (LAMMPS): their atomic energies are not part of the total
         n_local = n_atoms
-        if K.LOCAL_ATOMS in data:
+        local_mask: Optional[torch.Tensor] = None
+        if K.LOCAL_ATOMS in data and self.exporting:  # the caller checked the count
+            local_mask = torch.arange(n_atoms, device=pos.device) \
+                < data[K.LOCAL_ATOMS].reshape(-1)[0]
+        elif K.LOCAL_ATOMS in data:
             n_local = int(data[K.LOCAL_ATOMS].reshape(-1)[0].item())
             if n_local < 0 or n_local > n_atoms or n_struct != 1:
                 raise ValueError("local_atoms must be a count between 0 and the number of atoms, "
@@ -121,7 +129,7 @@ class Potential(nn.Module):
                 keep = i < n_local
                 i, j, shifts = i[keep], j[keep], shifts[keep]
             if (not self.training) and (not pos.requires_grad) and self.chunk_atoms > 0 \
-                    and n_atoms > self.chunk_atoms:
+                    and (not self.exporting) and n_atoms > self.chunk_atoms:
                 return self._forward_chunked(pos, cell, types, batch, i, j, shifts,
                                              compute_forces, compute_stress, n_local)
 
@@ -146,8 +154,9 @@ class Potential(nn.Module):
         if self.repulsion is not None:
             atomic = atomic + self.repulsion(types, edge_index, vectors)
         if n_local < n_atoms:
-            local = torch.arange(n_atoms, device=pos.device) < n_local
-            atomic = torch.where(local, atomic, torch.zeros_like(atomic))
+            local_mask = torch.arange(n_atoms, device=pos.device) < n_local
+        if local_mask is not None:
+            atomic = torch.where(local_mask, atomic, torch.zeros_like(atomic))
         energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, batch, atomic)  # [B]
         out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
