@@ -1,0 +1,174 @@
+"""Data-parallel training under torchrun (gloo on the CPU): 2 processes give the parameters and
+validation metrics of 1 process with the same global batch, for every model family and for
+committees and the variance network; kill -9 of one rank, then --resume, ends with the parameters
+of an uninterrupted run; a 2-process checkpoint resumes on 1 process. See
+mlpot/train/distributed.py."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from _fitting import labelled_cu_cells, write_frames
+from mlpot.checkpoint import read_checkpoint
+from mlpot.cli import main as cli
+from mlpot.models import network_class
+from mlpot.train.distributed import ShardedBatches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    # 12 frames, a third for validation: 8 training frames, i.e. 2 global batches of 4
+    return write_frames(tmp_path_factory, labelled_cu_cells(12, seed=100, stress=True))
+
+
+def write_config(path, data_file, out_dir, family="dp_se_e2_a", batch_size=2, epochs=2,
+                 model=None, training=None):
+    cfg = {"data": {"train": data_file, "validation_fraction": 0.3334},
+           "model": {"name": family, "cutoff": 4.0, "dtype": "float64",
+                     "hparams": dict(network_class(family).TEST_HPARAMS), **(model or {})},
+           "loss": {"energy": 1.0, "forces": 10.0, "stress": 1.0},
+           "optim": {"lr": 5e-3},
+           "training": {"batch_size": batch_size, "max_epochs": epochs, "out_dir": str(out_dir),
+                        "progress": False, "seed": 5, **(training or {})}}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def mlpot_cmd(config, nproc=1, *extra):
+    if nproc == 1:
+        return [sys.executable, "-m", "mlpot", "train", str(config), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "mlpot", "train", str(config), *extra]
+
+
+def run(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def max_param_diff(a, b):
+    wa, wb = a["model"], b["model"]
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa if wa[k].is_floating_point())
+
+
+def log_rows(out):
+    return list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+
+
+def test_shards_are_disjoint_and_cover_the_global_batches():
+    frames = list(range(100, 111))  # 11 frames, 2 per process, 3 processes: global batch 6
+    g = [torch.Generator().manual_seed(3) for _ in range(4)]
+    shards = [list(ShardedBatches(frames, 2, 3, r, g[r])) for r in range(3)]
+    single = list(ShardedBatches(frames, 6, 1, 0, g[3]))  # one process, the global batch
+    assert len(single) == 2 and all(len(s) == 2 for s in shards)
+    for i, batch in enumerate(single):
+        assert sum((s[i] for s in shards), []) == batch  # rank r: the r-th part, in order
+    # the last global batch (5 frames) is split 2/2/1; one of 2 frames for 3 processes is dropped
+    assert [len(s[1]) for s in shards] == [2, 2, 1]
+    assert ShardedBatches(list(range(8)), 2, 3, 0).global_batches() == 1
+
+
+# every family: the committee's members are Deep Potentials, the variance network's mean model
+# an EGNN (its variance network a small Deep Potential)
+@pytest.mark.parametrize("family,model,training", [
+    ("dp_se_e2_a", None, {"ensemble": 2, "bootstrap": True}),
+    ("egnn", {"uncertainty": "mve"}, None),
+    ("nequip", None, None),
+], ids=["dp-committee", "egnn-mve", "nequip"])
+def test_two_processes_equal_one_with_the_global_batch(data_file, tmp_path, family, model,
+                                                      training):
+    two = write_config(tmp_path / "two.yaml", data_file, tmp_path / "two", family, 2,
+                       model=model, training=training)
+    one = write_config(tmp_path / "one.yaml", data_file, tmp_path / "one", family, 4,
+                       model=model, training=training)
+    r = run(mlpot_cmd(two, 2), tmp_path)
+    assert "2 processes (gloo), training.batch_size 2 per process, global batch 4" in r.stdout
+    assert r.stdout.count("validation:") == 1  # rank 0 alone reports
+    assert cli(["train", one]) == 0  # in this process (no torchrun: a single process)
+    a = read_checkpoint(str(tmp_path / "one" / "last.pt"))
+    b = read_checkpoint(str(tmp_path / "two" / "last.pt"))
+    assert a["step"] == b["step"] == 4
+    assert max_param_diff(a, b) < 1e-10
+    assert max_param_diff(read_checkpoint(str(tmp_path / "one" / "best.pt")),
+                          read_checkpoint(str(tmp_path / "two" / "best.pt"))) < 1e-10
+    for ra, rb in zip(log_rows(tmp_path / "one"), log_rows(tmp_path / "two")):
+        for key in ("val_loss", "val_forces_rmse_meV_per_A", "train_loss"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-9), key
+    m1 = json.load(open(tmp_path / "one" / "metrics.json"))
+    m2 = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert m2["validation"]["forces_rmse_meV_per_A"] == \
+        pytest.approx(m1["validation"]["forces_rmse_meV_per_A"], rel=1e-9)
+
+
+def _rank_pid(parent: int, rank: int):
+    """The pid of the torchrun worker with RANK=rank under ``parent`` (None while not started)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(name)
+    return None
+
+
+def test_kill_one_rank_then_resume_loses_nothing(data_file, tmp_path):
+    epochs = 12
+    cfg = write_config(tmp_path / "c.yaml", data_file, tmp_path / "run", epochs=epochs)
+    ref = write_config(tmp_path / "r.yaml", data_file, tmp_path / "ref", epochs=epochs)
+    run(mlpot_cmd(ref, 2), tmp_path)  # uninterrupted
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(mlpot_cmd(cfg, 2), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log_rows(tmp_path / "run")) >= 2:
+            killed = _rank_pid(proc.pid, 1)
+            if killed:
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert killed, "the run ended before rank 1 could be killed: raise epochs"
+    assert proc.wait(timeout=120) != 0  # torchrun ends the other rank and fails
+    held = read_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert 2 <= held["epoch"] < epochs
+
+    run(mlpot_cmd(cfg, 2, "--resume"), tmp_path)
+    done = read_checkpoint(str(tmp_path / "run" / "last.pt"))
+    full = read_checkpoint(str(tmp_path / "ref" / "last.pt"))
+    assert done["epoch"] == full["epoch"] == epochs
+    for k, v in full["model"].items():  # same N: bit-identical
+        assert torch.equal(v, done["model"][k]), k
+    assert [int(r["epoch"]) for r in log_rows(tmp_path / "run")] == list(range(1, epochs + 1))
+
+    # another number of processes continues from the same checkpoint (not bit-identical)
+    more = write_config(tmp_path / "m.yaml", data_file, tmp_path / "run", epochs=epochs + 2)
+    run(mlpot_cmd(more, 1, "--resume"), tmp_path)
+    rows = log_rows(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 3))
+    assert int(rows[-1]["step"]) == int(rows[-3]["step"]) + 2 * 4  # 1 process: 4 steps of 2
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["world_size"] == 1
