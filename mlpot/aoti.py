@@ -39,6 +39,7 @@ trust; checkpoints and TorchScript files, by contrast, are read as data.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -84,12 +85,30 @@ class _FlatModel(torch.nn.Module):
         return self.model(data, True, True)
 
 
+@contextlib.contextmanager
+def _eager_e3nn():
+    """e3nn modules built meanwhile call plain Python functions (e3nn scripts some, e.g. the
+    spherical harmonics, under torch < 2.10: TorchScript functions do not trace)."""
+    try:
+        import e3nn
+    except ImportError:  # pragma: no cover - e3nn is a dependency
+        yield
+        return
+    saved = e3nn.get_optimization_defaults()["jit_mode"]
+    e3nn.set_optimization_defaults(jit_mode="eager")
+    try:
+        yield
+    finally:
+        e3nn.set_optimization_defaults(jit_mode=saved)
+
+
 def traceable_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy of ``model`` with every size-dependent blocking off and the traceable
     paths on (see the module doc); the weights are the model's, without gradients."""
     import copy
 
-    model = copy.deepcopy(model).eval()
+    with _eager_e3nn():
+        model = copy.deepcopy(model).eval()  # rebuilt from the config
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
@@ -191,6 +210,8 @@ class CompiledModel(ExportedModel):
     """An AOTInductor package read back: ``module`` is the compiled runner; calls take and give
     the same dicts as a TorchScript ``ExportedModel`` (one dtype, CPU, neighbors found inside:
     no ``edge_index`` input)."""
+
+    format = FORMAT
 
     def __call__(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                  compute_stress: bool = False) -> Dict[str, torch.Tensor]:

@@ -231,6 +231,8 @@ class ExportedModel:
     made at the first call, so set ``jit_optimize`` before it.
     """
 
+    format = "torchscript"  # mlpot.aoti.CompiledModel: "aoti"
+
     def __init__(self, module: torch.jit.ScriptModule, metadata: Dict, path: str = "",
                  jit_optimize: bool = False):
         self.module = module

@@ -85,6 +85,9 @@ class ResidualTanhLayer(nn.Module):
             self.step_scale = nn.Parameter(torch.full((n_out,), 0.1))
         else:
             self.register_parameter("step_scale", None)
+        # the .pt2 export: no backward that asks whether the row count (data-dependent there)
+        # is 1, which torch.export cannot answer (the doubled input as a concatenation)
+        self.exporting = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Checkpoints written before the rename call ``step_scale`` ``timestep``."""
@@ -95,10 +98,15 @@ class ResidualTanhLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w2, b2 = 2.0 * self.linear.weight, 2.0 * self.linear.bias  # tiny: not on [P, n_out]
-        h = torch.sigmoid(torch.addmm(b2, x, w2.t()))  # [P, n_out], tanh(W x + b) = 2 h - 1
+        if self.exporting and self.n_in == 1:  # addmm's backward asks whether [P, 1] is
+            h = torch.sigmoid(x * w2.t() + b2)  # column-major, i.e. P == 1: a product instead
+        else:
+            h = torch.sigmoid(torch.addmm(b2, x, w2.t()))  # [P, n_out], tanh(W x + b) = 2 h - 1
         if self.shortcut == 0:
             return 2.0 * h - 1.0
-        if self.shortcut == 2:  # [x, x] + ..., without building the concatenation
+        if self.shortcut == 2 and self.exporting:
+            x = torch.cat([x, x], dim=1)  # [P, n_out]
+        elif self.shortcut == 2:  # [x, x] + ..., without building the concatenation
             x = x.unsqueeze(1)  # [P, 1, n_in]
             h = h.view(-1, 2, self.n_in)  # [P, 2, n_in]
         dt = self.step_scale
@@ -177,6 +185,9 @@ class DeepPotSeA(Network):
         self.register_buffer("avg_num_neighbors", torch.tensor(n_norm))  # [] N_norm
         # run the embedding on the padded blocks when they have at most this many rows per edge
         self.pad_tolerance = 1.25
+        # the .pt2 export (mlpot.aoti) sets this: a path without sizes read from the data (per
+        # type and group index lists, the environment sum scattered from [P, 4, M1] products)
+        self.exporting = False
         self.reset_parameters()
 
     @classmethod
@@ -225,6 +236,9 @@ class DeepPotSeA(Network):
         vectors only), so ``Potential`` may evaluate a large system in chunks of centres, each
         with the edges of its centres (``centre_types`` [Nc], ``edge_centre`` [P] in 0..Nc-1,
         ``neighbor_types`` [P], ``edge_vectors`` [P, 3])."""
+        if self.exporting:
+            return self._traceable_centre_energies(centre_types, edge_centre, neighbor_types,
+                                                   edge_vectors)
         descriptor, type_sizes, rank = self._sorted_descriptor(
             centre_types, edge_centre, neighbor_types, edge_vectors)
         energies: List[torch.Tensor] = []
@@ -257,17 +271,56 @@ class DeepPotSeA(Network):
         if not self.type_one_side:
             group = centre_type * self.num_types + group
 
+        env, s_hat = self._environment(centre_type, edge_vectors)
+        t = self._environment_sum(s_hat, env, centre, group, n_atoms)  # [N, 4, M1]
+        d = self._from_environment_sum(t, sorted_types)
+        type_sizes: List[int] = torch.bincount(atom_types, minlength=self.num_types).tolist()
+        return d, type_sizes, rank
+
+    def _environment(self, centre_type: torch.Tensor, edge_vectors: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(env [P, 4] = s(r) (1, x/r, y/r, z/r), the standardised embedding input s_hat [P])."""
         r = torch.linalg.norm(edge_vectors, dim=1)  # [P]
         s = smooth_inverse_switch(r, self.rcut_smth, self.cutoff)  # [P]
         env = torch.cat([s.unsqueeze(1), (s / r).unsqueeze(1) * edge_vectors], dim=1)  # [P, 4]
         s_hat = (s - self.env_mean.index_select(0, centre_type)) \
             / self.env_std[:, 0].index_select(0, centre_type)  # [P]
-        t = self._environment_sum(s_hat, env, centre, group, n_atoms)  # [N, 4, M1]
+        return env, s_hat
+
+    def _from_environment_sum(self, t: torch.Tensor, centre_types: torch.Tensor) -> torch.Tensor:
+        """D_i flattened from the environment sums [N, 4, M1] of centres of these types."""
         scale = 1.0 / (self.env_std * self.avg_num_neighbors)  # [T, 4]
-        t = t * scale.index_select(0, sorted_types).unsqueeze(2)  # [N, 4, M1]  T_i
+        t = t * scale.index_select(0, centre_types).unsqueeze(2)  # [N, 4, M1]  T_i
         d = torch.bmm(t.transpose(1, 2), t[:, :, : self.axis_neuron])  # [N, M1, M2]
-        type_sizes: List[int] = torch.bincount(atom_types, minlength=self.num_types).tolist()
-        return d.reshape(n_atoms, self.m1 * self.axis_neuron), type_sizes, rank
+        return d.reshape(t.shape[0], self.m1 * self.axis_neuron)
+
+    def _traceable_centre_energies(self, centre_types: torch.Tensor, edge_centre: torch.Tensor,
+                                   neighbor_types: torch.Tensor, edge_vectors: torch.Tensor
+                                   ) -> torch.Tensor:
+        """``centre_energies`` without Python numbers from the data (torch.export): each
+        network on the index list of its edges or atoms (sizes the trace leaves symbolic), the
+        environment sum scattered from per-edge products  # [Nc]
+
+        The same function; the [P, 4, M1] products cost 16 M1 bytes per edge in float32."""
+        n_atoms = centre_types.shape[0]
+        centre_type = centre_types.index_select(0, edge_centre)  # [P]
+        group = neighbor_types
+        if not self.type_one_side:
+            group = centre_type * self.num_types + group
+        env, s_hat = self._environment(centre_type, edge_vectors)
+        x = s_hat.unsqueeze(1)  # [P, 1]
+        g = env.new_zeros(env.shape[0], self.m1)  # [P, M1] G
+        for k, net in enumerate(self.embeddings):
+            idx = torch.nonzero(group == k).squeeze(1)
+            g = g.index_copy(0, idx, net(x.index_select(0, idx)))
+        products = (env.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, 4 * self.m1)  # [P, 4 M1]
+        t = env.new_zeros(n_atoms, 4 * self.m1).index_add(0, edge_centre, products)
+        d = self._from_environment_sum(t.view(n_atoms, 4, self.m1), centre_types)
+        energies = d.new_zeros(n_atoms)
+        for k, net in enumerate(self.fittings):
+            idx = torch.nonzero(centre_types == k).squeeze(1)
+            energies = energies.index_copy(0, idx, net(d.index_select(0, idx)).squeeze(1))
+        return energies  # [Nc]
 
     def _environment_sum(self, s_hat: torch.Tensor, env: torch.Tensor, centre: torch.Tensor,
                          group: torch.Tensor, n_atoms: int) -> torch.Tensor:

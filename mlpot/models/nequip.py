@@ -103,7 +103,8 @@ class InteractionLayer(nn.Module):
                                          for n in self.conv.group_paths])
         # values per edge the radial MLP keeps for the backward pass (activations, weights)
         self.radial_width = 2 * sum(radial_widths[1:]) + c * sum(self.conv.group_paths)
-        self.radial_block_bytes = 1 << 25  # CPU: edges per radial MLP pass (32 MB of those)
+        # CPU: edges per radial MLP pass (32 MB of those); 0: all edges in one block
+        self.radial_block_bytes = 1 << 25
         self.post = IrrepsLinear(irreps_out, fan_in, gate_widths(irreps_out, c), irreps_in, c,
                                  num_types)
         self.gate = Gate(irreps_out, c)
@@ -117,12 +118,28 @@ class InteractionLayer(nn.Module):
         # the radial MLP runs on super-blocks of edges (a whole number of message blocks, about
         # radial_block_bytes), so that its [P, H] activations and weights are never made for all
         # edges at once on large systems, and it is one pass on small ones
+        acc = conv.accumulators(x[0].shape[0], c, y)
+        if self.radial_block_bytes <= 0:  # one block (the .pt2 export: loops over a
+            # data-dependent number of blocks do not trace)
+            r = self.radial_act(self.radial_hidden(basis))  # [P, H]
+            conv.add_block(acc, conv.gather(x, neighbor), y, [lin(r) for lin in self.radial_out],
+                           centre)
+        else:
+            self._add_blocks(acc, x, y, basis, centre, neighbor)
+        a = conv.finish(acc, c)  # [N, 2l+1, paths(o) * C] per output irrep
+        a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
+        return self.gate(self.post(a, h, onehot))
+
+    def _add_blocks(self, acc: List[torch.Tensor], x: List[torch.Tensor], y: torch.Tensor,
+                    basis: torch.Tensor, centre: torch.Tensor, neighbor: torch.Tensor) -> None:
+        """The messages of all edges added to ``acc`` in blocks (see ``forward``)."""
+        c = self.channels
+        conv = self.conv
         n_pairs = y.shape[0]
         edges = conv.edges_per_block(n_pairs, c, y)
         per_pass = edges * max(1, self.radial_block_bytes
                                // (edges * self.radial_width * y.element_size())) \
             if y.device.type == "cpu" else max(1, n_pairs)
-        acc = conv.accumulators(x[0].shape[0], c, y)
         xs = [x_j.split(edges) for x_j in conv.gather(x, neighbor)]
         ys, cs = y.split(edges), centre.split(edges)
         k = 0
@@ -132,9 +149,6 @@ class InteractionLayer(nn.Module):
             for q in range(len(ws[0])):
                 conv.add_block(acc, [x_j[k] for x_j in xs], ys[k], [w[q] for w in ws], cs[k])
                 k += 1
-        a = conv.finish(acc, c)  # [N, 2l+1, paths(o) * C] per output irrep
-        a = self.product(self.mix_a(a, h, onehot), atom_types)  # MACE: [N, 2L+1, C] per irrep
-        return self.gate(self.post(a, h, onehot))
 
 
 class NequIP(Network):
