@@ -48,19 +48,18 @@ def advice_for(error: str) -> str:
     """Plain words for the failures seen most in this field."""
     import torch
 
+    from .openmm.forces import TORCHFORCE_ADVICE
+
     tv = torch.__version__.split("+")[0]
     if "libnvrtc" in error or "libcudart" in error or "libc10" in error or "libtorch" in error:
         return ("openmm-torch could not find torch's libraries: import torch before openmm and "
                 "openmmtorch in your scripts (mlpot.openmm does this itself, and reloads "
                 "openmm-torch's plugins if openmm came first)")
     if "set_stride" in error or "undefined symbol" in error or "version mismatch" in error.lower():
-        return (f"openmm-torch was built against another torch than the installed {tv}: this is "
-                "the torch/openmm-torch mismatch. The openmmtorch 1.5 wheels need torch 2.9.x: "
-                "`pip install 'torch==2.9.*'`, or build openmm-torch from source for your torch, "
-                "or use backend='python' (PythonForce, no openmm-torch needed)")
+        return (f"openmm-torch was built against another torch than the installed {tv}: this "
+                f"is the torch/openmm-torch mismatch; {TORCHFORCE_ADVICE}")
     if "No module named 'openmmtorch'" in error:
-        return ("openmm-torch is not installed: `pip install openmmtorch==1.5` (with torch 2.9), "
-                "or use backend='python' (PythonForce)")
+        return f"openmm-torch is not installed; {TORCHFORCE_ADVICE}"
     if "PythonForce" in error:
         return "PythonForce needs OpenMM >= 8.5: `pip install -U openmm`"
     if "mlpot::neighbor_list" in error or "mlpot.neighbor_list" in error:
@@ -101,6 +100,19 @@ def versions(report: Report) -> None:
     from . import __version__
 
     report.line("info", f"mlpot {__version__} ({os.path.dirname(os.path.abspath(__file__))})")
+    try:
+        from .openmm.forces import TORCHFORCE_ADVICE, torchforce_combination
+    except Exception:  # noqa: BLE001 - OpenMM missing: its section says so
+        return
+    match, combination = torchforce_combination()
+    if match is False:
+        report.line(_WARN, "TorchForce combination", combination)
+        report.advise(TORCHFORCE_ADVICE)
+    elif match is None and _dist_version("openmmtorch") is None:
+        report.line("info", f"TorchForce: {combination}; OpenMM uses PythonForce",
+                    TORCHFORCE_ADVICE)
+    else:
+        report.line("info", f"TorchForce combination: {combination}")
 
 
 def extension(report: Report) -> None:

@@ -11,6 +11,7 @@ from openmm import app, unit
 from ase.build import molecule
 
 import mlpot.openmm as mo
+from mlpot.openmm import forces
 from _fitting import periodic_water_and_ethanol
 from mlpot import keys as K
 from mlpot import testing as T
@@ -427,9 +428,35 @@ def test_doctor_advice_for_the_usual_failures():
     assert "import torch before openmm" in advice_for(
         "libnvrtc.so.12: cannot open shared object file")
     assert "torch/openmm-torch mismatch" in advice_for("RuntimeError: set_stride is not allowed")
-    assert "pip install 'torch==2.9.*'" in advice_for("undefined symbol: _ZN3c10")
+    assert 'pip install -e ".[torchforce]"' in advice_for("undefined symbol: _ZN3c10")
     assert "OpenMM >= 8.5" in advice_for("OpenMM 8.4 has no PythonForce")
     assert advice_for("something else entirely") == ""
+
+
+@pytest.mark.parametrize("dist,version,requires,torch_version,match", [
+    ("openmmtorch", "1.5", [], "2.9.1+cu128", True),             # PyPI's wheel: built for 2.9
+    ("openmmtorch", "1.5", [], "2.10.0", False),                 # openmm-torch issue 175
+    ("acellera-openmmtorch-cpu", "1.10", ["openmm", "torch<2.13,>=2.10"], "2.12.1", True),
+    ("acellera-openmmtorch-cpu", "1.10", ["openmm", "torch<2.13,>=2.10"], "2.13.0", False),
+    ("acellera-openmmtorch-cu12", "1.10", ["torch (>=2.10,<2.13)"], "2.9.1", False),
+    ("openmm-torch", "1.6", [], "2.14.1", None),                 # from source / conda: trusted
+    (None, None, [], "2.14.1", None),                            # not installed
+])
+def test_torchforce_is_chosen_only_for_the_torch_its_wheel_is_built_for(
+        monkeypatch, dist, version, requires, torch_version, match):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "packages_distributions",
+                        lambda: {"openmmtorch": [dist]} if dist else {})
+    monkeypatch.setattr(metadata, "version", lambda name: version)
+    monkeypatch.setattr(metadata, "requires", lambda name: requires)
+    monkeypatch.setattr(forces.torch, "__version__", torch_version)
+    got, line = forces.torchforce_combination()
+    assert got is match, line
+    assert f"torch {torch_version}" in line
+    if match is False:
+        ok, why = forces.backend_status("torch")
+        assert not ok and "it crashes with this torch" in why and "[torchforce]" in why
 
 
 @pytest.mark.skipif("torch" not in BACKENDS, reason="openmm-torch cannot run here")

@@ -5,9 +5,10 @@
 * ``"python"``: OpenMM's ``PythonForce`` (OpenMM >= 8.5) calling the same wrapper from Python on
   the device you choose; works whatever torch version is installed.
 
-``backend="auto"`` takes TorchForce where openmm-torch can run (it imports, and torch < 2.10: the
-openmm-torch 1.5 wheels are built against torch 2.9 and crash with later ones), else PythonForce,
-and says so once.
+``backend="auto"`` takes TorchForce where openmm-torch is installed for the installed torch
+(``torchforce_combination``: the openmmtorch 1.5 wheels on PyPI are built against torch 2.9 and
+crash with later ones; Acellera's ``acellera-openmmtorch-*`` 1.10 wheels declare torch >= 2.10,
+< 2.13), else PythonForce, and says so once.
 """
 from __future__ import annotations
 
@@ -36,9 +37,69 @@ logger = logging.getLogger("mlpot")
 
 
 # ---------------------------------------------------------------------------- availability
-def _torch_too_new() -> bool:
-    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    return (major, minor) >= (2, 10)
+def _release(version: str) -> Tuple[int, ...]:
+    out = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if not part.isdigit() else part
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def _satisfies(version: str, spec: str) -> bool:
+    """``version`` within a simple specifier such as ``>=2.10,<2.13`` (release numbers only)."""
+    v = _release(version)
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        op = next(o for o in ("==", ">=", "<=", "!=", ">", "<", "~=") if clause.startswith(o))
+        ref = clause[len(op):].strip()
+        if op == "==" and ref.endswith(".*"):
+            ok = v[:len(_release(ref[:-2]))] == _release(ref[:-2])
+        else:
+            r = _release(ref)
+            w = v[:len(r)] if op in ("==", "!=") else v + (0,) * (len(r) - len(v))
+            ok = {"==": w == r, "!=": w != r, ">=": v >= r, "<=": v <= r, ">": v > r,
+                  "<": v < r, "~=": v >= r}[op]
+        if not ok:
+            return False
+    return True
+
+
+# openmm-torch's wheels on PyPI and the torch each is built for. PyPI's openmmtorch 1.5 declares
+# no torch requirement, but is built against torch 2.9 (openmm-torch issue 175); Acellera's
+# wheels declare theirs (read from their metadata when installed).
+_TORCHFORCE_WHEELS = {"openmmtorch": "==2.9.*"}
+TORCHFORCE_ADVICE = (
+    "for TorchForce: torch 2.9 with `pip install -e \".[torchforce]\"` (openmmtorch 1.5 from "
+    "PyPI), or with torch 2.10-2.12 Acellera's `pip install acellera-openmmtorch-cpu==1.10` "
+    "(or -cu12/-cu13; not checked here), or openmm-torch built from source or from conda-forge "
+    "for your torch; without it OpenMM uses PythonForce, which needs no openmm-torch")
+
+
+def torchforce_combination() -> Tuple[Optional[bool], str]:
+    """(True: the installed openmm-torch distribution is built for the installed torch; False:
+    it is not; None: no openmm-torch distribution is installed, or one whose torch is unknown
+    (built from source, conda: trusted)), and a line naming the combination."""
+    from importlib import metadata
+
+    tv = torch.__version__
+    try:
+        dists = metadata.packages_distributions().get("openmmtorch", [])
+    except Exception:  # noqa: BLE001 - odd environments: fall back to the import check
+        dists = []
+    if not dists:
+        return None, f"torch {tv}; no openmm-torch distribution found"
+    name = dists[0]
+    version = metadata.version(name)
+    spec = _TORCHFORCE_WHEELS.get(name.lower())
+    for req in metadata.requires(name) or []:
+        head = req.split(";")[0].replace(" ", "")
+        if head.lower().startswith("torch") and head[5:6] in "<>=!~(" and head[5:6]:
+            spec = head[5:].strip("()")
+    what = f"torch {tv} with {name} {version}"
+    if spec is None:
+        return None, what + " (torch requirement unknown: assumed to match)"
+    if _satisfies(tv, spec):
+        return True, what + f" (built for torch {spec})"
+    return False, what + f", which is built for torch {spec}"
 
 
 def backend_status(backend: str) -> Tuple[bool, str]:
@@ -46,9 +107,9 @@ def backend_status(backend: str) -> Tuple[bool, str]:
     doctor`` runs real ones)."""
     backend = _ALIASES.get(backend.lower(), backend)
     if backend == "torch":
-        if _torch_too_new():
-            return False, (f"torch {torch.__version__} >= 2.10: the openmm-torch 1.5 wheels are "
-                           "built against torch 2.9 and crash with it (install torch 2.9.x)")
+        match, combination = torchforce_combination()
+        if match is False:
+            return False, (f"{combination}: it crashes with this torch; {TORCHFORCE_ADVICE}")
         try:
             import openmmtorch  # noqa: F401 - torch is imported first (it loads CUDA libraries)
         except Exception as err:  # noqa: BLE001
@@ -117,6 +178,9 @@ class PythonComputation:
         return float(energy.detach()), forces.detach().cpu().numpy()
 
     def __getstate__(self) -> Dict:
+        if not isinstance(self.wrapper, torch.jit.ScriptModule):  # a .pt2 model: by its path
+            return {"aoti": self.wrapper.model.path, "periodic": self.periodic,
+                    "atom_types": self.wrapper.atom_types.tolist(), "device": str(self.device)}
         buffer = io.BytesIO()
         torch.jit.save(self.wrapper.cpu(), buffer)
         self.wrapper.to(self.device)
@@ -124,6 +188,14 @@ class PythonComputation:
                 "device": str(self.device)}
 
     def __setstate__(self, state: Dict) -> None:
+        if "aoti" in state:
+            from ..export import load
+
+            model = load(state["aoti"])
+            wrapper = OpenMMWrapper(model, torch.tensor(state["atom_types"]), None,
+                                    state["periodic"], model.dtype)
+            self.__init__(wrapper, state["periodic"], state["device"])
+            return
         register_neighbor_op()
         wrapper = torch.jit.load(io.BytesIO(state["wrapper"]), map_location="cpu")
         self.__init__(wrapper, state["periodic"], state["device"])
@@ -203,8 +275,12 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
     subset = None if atoms is None else np.asarray(list(atoms), dtype=np.int64).reshape(-1)
     n_particles = None if system is None else int(system.getNumParticles())
     numbers = check_atom_count(numbers, subset, n_particles)
-    name = select_backend(backend)
     model = as_exported(model)
+    compiled = model.format == "aoti"  # a .pt2: native code, called from Python (PythonForce)
+    if compiled and backend == "torch":
+        raise OpenMMSetupError("mlpot.openmm: TorchForce runs TorchScript files; a .pt2 model "
+                               "runs with backend='python' (PythonForce) or 'auto'")
+    name = select_backend("python" if compiled else backend)
     types_ = atom_types_of(model, numbers)
     if name == "torch":
         indices = None if subset is None else torch.from_numpy(subset)
@@ -221,8 +297,10 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
         if not jit_optimize:
             _no_jit_optimization_in_this_thread()
         return force
-    wrapper = torch.jit.script(OpenMMWrapper(model.module, types_, None, periodic, model.dtype))
-    return _python_force(wrapper, subset, periodic, device, force_group)
+    wrapper = OpenMMWrapper(model if compiled else model.module, types_, None, periodic,
+                            model.dtype)
+    return _python_force(wrapper if compiled else torch.jit.script(wrapper), subset, periodic,
+                         device, force_group)
 
 
 def _no_jit_optimization_in_this_thread() -> None:
