@@ -170,7 +170,9 @@ class Trainer:
     # ------------------------------------------------------------------ schedule
     def progress(self) -> float:
         """Fraction of the run done: by epochs or by wall-clock time, whichever is further."""
-        steps_per_epoch = max(1, self.member_batches(0).global_batches())
+        if not hasattr(self, "_steps_per_epoch"):  # the same for every member and epoch
+            self._steps_per_epoch = max(1, self.member_batches(0).global_batches())
+        steps_per_epoch = self._steps_per_epoch
         total = steps_per_epoch * self.cfg.training.max_epochs
         if self.cfg.training.max_steps:
             total = min(total, self.cfg.training.max_steps)
