@@ -91,7 +91,10 @@ class Committee(SharedNeighbors):
             res[K.FORCES] = forces_members.mean(dim=0)
             res[K.FORCES_MEMBERS] = forces_members
             virial_members = torch.stack(virials) if compute_stress else None
-            num_atoms = torch.bincount(batch, minlength=n_struct)
+            # [B] atoms per structure (not bincount: its size comes from the data, which the
+            # .pt2 export cannot trace for one structure)
+            num_atoms = torch.zeros(n_struct, dtype=torch.long, device=batch.device) \
+                .index_add(0, batch, torch.ones_like(batch))
             dev = model_deviation(energy_members, forces_members, batch, num_atoms,
                                   virial_members)
             res.update(dev)

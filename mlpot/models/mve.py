@@ -116,7 +116,8 @@ class MVEPotential(SharedNeighbors):
         length = nn.functional.softplus(self.energy_length_raw).index_select(0, types)  # [N] A
         var_e = torch.zeros(n_struct, dtype=torch.float64, device=s.device)
         var_e = var_e.index_add(0, batch, (length * s).pow(2))
-        atoms = torch.bincount(batch, minlength=n_struct).to(torch.float64).clamp(min=1.0)
+        atoms = torch.zeros(n_struct, dtype=torch.float64, device=s.device).index_add(
+            0, batch, torch.ones_like(s)).clamp(min=1.0)  # [B] (not bincount: see committee)
         dev = {K.FORCES_DEV: s, K.MAX_FORCE_DEV: max_dev, K.ENERGY_DEV: var_e.sqrt() / atoms}
         dev.update(calibrated(dev, float(self.calibration)))
         return dev
