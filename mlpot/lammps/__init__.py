@@ -48,7 +48,20 @@ __all__ = ["plugin_path", "lammps_dir", "mpi_lib_dir", "env_line", "preload_mpi"
 
 PLUGIN_NAME = "mlpotplugin.so"  # LAMMPS_PLUGIN_PATH loads files named *plugin.so
 _SOURCES = ("pair_mlpot.cpp", "pair_mlpot.h")
-_CFLAGS = ["-O2", "-std=c++17", "-fPIC", "-DLAMMPS_SMALLBIG"]  # SMALLBIG: the wheel's CMake config
+_CFLAGS = ["-O2", "-fPIC", "-DLAMMPS_SMALLBIG"]  # SMALLBIG: the wheel's CMake config
+
+
+def _cxx_standard() -> str:
+    """The C++ standard the installed torch's headers need: C++17 up to torch 2.9, C++20 where
+    ATen.h says so (torch 2.14 does: "C++20 or later compatible compiler is required")."""
+    import torch.utils.cpp_extension as ext
+
+    for inc in ext.include_paths():
+        header = Path(inc) / "ATen" / "ATen.h"
+        if header.exists():
+            return "-std=c++20" if "202002L" in header.read_text(errors="replace") else \
+                "-std=c++17"
+    return "-std=c++17"
 
 INFO = {"action": None, "build_seconds": None}
 
@@ -170,7 +183,7 @@ def _command(cxx: str, sources: Path, op: Path, output: Path) -> List[str]:
 
     torch_lib = [str(p) for p in cpp_extension.library_paths()]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, *_CFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-shared",
+    cmd = [cxx, *_CFLAGS, _cxx_standard(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-shared",
            "-I" + str(lammps_dir() / "include" / "lammps"),
            "-I" + str(_mpich_file("mpi.h").parent)]
     for inc in cpp_extension.include_paths():
@@ -194,7 +207,8 @@ def _build_id(sources: Path, op: Path, cxx: str):
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (sources / name).read_bytes())
     for part in (torch.__version__, _lammps_version(), str(op), str(op.stat().st_mtime_ns),
-                 " ".join(_CFLAGS), cxx, f"{sys.version_info[0]}.{sys.version_info[1]}"):
+                 " ".join(_CFLAGS), _cxx_standard(), cxx,
+                 f"{sys.version_info[0]}.{sys.version_info[1]}"):
         h.update(b"\0" + part.encode())
     version = re.sub(r"[^A-Za-z0-9._]", "_", torch.__version__)
     return cache_root("lammps") / f"lammps-{version}-{h.hexdigest()[:16]}"
