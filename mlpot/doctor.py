@@ -234,6 +234,13 @@ def _openmm_checks(report, model, water, box, check, platforms) -> None:
     for backend in ("torch", "python"):
         ok, why = backend_status(backend)
         label = {"torch": "TorchForce", "python": "PythonForce"}[backend]
+        if not ok and backend == "torch" and "No module named 'openmmtorch'" in why:
+            report.line("info", "OpenMM TorchForce: openmm-torch is not installed (optional: "
+                        "OpenMM runs mlpot through PythonForce)")
+            continue
+        if not ok and backend == "torch" and "it crashes with this torch" in why:
+            report.line(_WARN, f"OpenMM {label}", why)  # auto takes PythonForce
+            continue
         if not ok:
             report.line(_FAIL, f"OpenMM {label}", why)
             hint = advice_for(why)

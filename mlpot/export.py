@@ -27,6 +27,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 
+from . import jit
 from . import keys as K
 from .checkpoint import file_kind, model_metadata, model_from_checkpoint, read_checkpoint
 from .dtypes import DTYPES, dtype_name, dtype_of, usable_device
@@ -68,12 +69,6 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------- export
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _with_dtype(potential, dtype: Optional[str]):
     """``potential`` itself when it already runs in ``dtype``, else a converted copy (rebuilt from
     its config, or deep-copied for a network outside the registry); the original is untouched."""
@@ -143,7 +138,8 @@ def format_of(path: str, format: Optional[str] = None) -> str:  # noqa: A002 - t
 
 def export(model, path: str, dtype: Optional[str] = None,
            training_data_hash: Optional[str] = None, metadata: Optional[Dict] = None,
-           use_ema: bool = True, check: bool = True, format: Optional[str] = None) -> str:  # noqa: A002
+           use_ema: bool = True, check: bool = True,
+           format: Optional[str] = None) -> str:  # noqa: A002 - the CLI's name
     """Write one file holding the model and its metadata: a TorchScript file, or with a name
     ending in .pt2 (or ``format="aoti"``) an AOTInductor package of compiled native code
     (``mlpot.aoti``; minutes of compilation).
@@ -177,8 +173,9 @@ def export(model, path: str, dtype: Optional[str] = None,
         _self_check(model, scripted, dtype_of(dtype))
     info = model_metadata(model, FORMAT_VERSION, training_data_hash, metadata)
     text = json.dumps(info, sort_keys=True, indent=1)
-    atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
-                                                   _extra_files={METADATA_NAME: text}))
+    with jit.quiet():
+        atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
+                                                       _extra_files={METADATA_NAME: text}))
     return os.fspath(path)
 
 
@@ -291,7 +288,8 @@ def load(path: str, device: Union[str, torch.device] = "cpu") -> ExportedModel:
     device = usable_device(device, path)
     register_neighbor_op()
     try:
-        module = torch.jit.load(path, map_location=device)
+        with jit.quiet():
+            module = torch.jit.load(path, map_location=device)
     except RuntimeError as err:
         msg = str(err)
         if "mlpot::" in msg or "mlpot.neighbor_list" in msg:

@@ -204,10 +204,13 @@ def assert_script_equals_eager(model, data: AtomicData, atol: float = 1e-10,
     stress = bool(data.pbc.all())
     eager = _run(model, data, stress)
     got = _run(scripted, data, stress)
+    from . import jit
+
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf)
+    with jit.quiet():
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
     again = _run(loaded, data, stress)
     for key in eager:
         _close(got[key], eager[key], atol, f"scripted vs eager {key}", rtol=1e-6)

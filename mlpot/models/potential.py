@@ -289,8 +289,11 @@ def fit_network_statistics(net: nn.Module, structures, cutoff: float,
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
     """TorchScript-compile a Potential (with e3nn's scripting for e3nn parts)."""
-    try:
-        from e3nn.util.jit import script as e3nn_script
-    except ImportError:  # pragma: no cover - e3nn is a dependency
-        return torch.jit.script(model)
-    return e3nn_script(model)
+    from .. import jit
+
+    with jit.quiet():
+        try:
+            from e3nn.util.jit import script as e3nn_script
+        except ImportError:  # pragma: no cover - e3nn is a dependency
+            return torch.jit.script(model)
+        return e3nn_script(model)

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import jit
 from ..errors import UserError
 from ..export import ExportedModel, as_exported, register_neighbor_op
 from .wrapper import OpenMMWrapper
@@ -182,7 +183,8 @@ class PythonComputation:
             return {"aoti": self.wrapper.model.path, "periodic": self.periodic,
                     "atom_types": self.wrapper.atom_types.tolist(), "device": str(self.device)}
         buffer = io.BytesIO()
-        torch.jit.save(self.wrapper.cpu(), buffer)
+        with jit.quiet():
+            torch.jit.save(self.wrapper.cpu(), buffer)
         self.wrapper.to(self.device)
         return {"wrapper": buffer.getvalue(), "periodic": self.periodic,
                 "device": str(self.device)}
@@ -197,7 +199,8 @@ class PythonComputation:
             self.__init__(wrapper, state["periodic"], state["device"])
             return
         register_neighbor_op()
-        wrapper = torch.jit.load(io.BytesIO(state["wrapper"]), map_location="cpu")
+        with jit.quiet():
+            wrapper = torch.jit.load(io.BytesIO(state["wrapper"]), map_location="cpu")
         self.__init__(wrapper, state["periodic"], state["device"])
 
 
@@ -287,7 +290,7 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
         # a fresh copy of the model, wrapped and saved with the optimizer on: a module already
         # run by the unoptimized executor (mlpot.load's calls), or scripted under it, leaves
         # openmm-torch's copy without its submodules' methods
-        with torch.jit.optimized_execution(True):
+        with torch.jit.optimized_execution(True), jit.quiet():
             buffer = io.BytesIO()
             torch.jit.save(model.module, buffer)
             buffer.seek(0)
@@ -299,8 +302,10 @@ def create_force(model, atomic_numbers: Sequence[int], atoms: Optional[Sequence[
         return force
     wrapper = OpenMMWrapper(model if compiled else model.module, types_, None, periodic,
                             model.dtype)
-    return _python_force(wrapper if compiled else torch.jit.script(wrapper), subset, periodic,
-                         device, force_group)
+    if not compiled:
+        with jit.quiet():
+            wrapper = torch.jit.script(wrapper)
+    return _python_force(wrapper, subset, periodic, device, force_group)
 
 
 def _no_jit_optimization_in_this_thread() -> None:
