@@ -44,7 +44,7 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -175,9 +175,11 @@ def _trace(model, dtype: torch.dtype):
             "file instead (-o model.pt)") from err
 
 
-def export_aoti(model, path: str, info: Dict, check: bool = True) -> str:
+def export_aoti(model, path: str, info: Dict, check: bool = True,
+                inductor_options: Optional[Dict] = None) -> str:
     """Compile ``model`` (a Potential, committee or variance model, in its dtype) into the PT2
-    archive ``path`` with ``info`` (``model_metadata``) as its ``mlpot.json``."""
+    archive ``path`` with ``info`` (``model_metadata``) as its ``mlpot.json``;
+    ``inductor_options``: more AOTInductor settings (e.g. kernel profiling for a benchmark)."""
     from torch._inductor import aot_compile
     from torch.export.pt2_archive._package import package_pt2
 
@@ -190,7 +192,7 @@ def export_aoti(model, path: str, info: Dict, check: bool = True) -> str:
     with tempfile.TemporaryDirectory(prefix="mlpot-aoti-") as tmp:
         options = {"aot_inductor.package": True, "aot_inductor.output_path": tmp,
                    # OpenMP threads taken at run time (torch.set_num_threads), not compile time
-                   "cpp.dynamic_threads": True}
+                   "cpp.dynamic_threads": True, **(inductor_options or {})}
         args, kwargs = program.example_inputs
         files = aot_compile(program.module(check_guards=False), args, kwargs, options=options)
 
@@ -208,16 +210,14 @@ def export_aoti(model, path: str, info: Dict, check: bool = True) -> str:
 
 class CompiledModel(ExportedModel):
     """An AOTInductor package read back: ``module`` is the compiled runner; calls take and give
-    the same dicts as a TorchScript ``ExportedModel`` (one dtype, CPU, neighbors found inside:
-    no ``edge_index`` input)."""
+    the same dicts as a TorchScript ``ExportedModel`` (one dtype, CPU). The package finds its
+    own neighbors: ``edge_index`` and ``edge_cell_shift`` in the input (as ``mlpot test``'s
+    datasets carry, the same pairs at the same cutoff) are not used."""
 
     format = FORMAT
 
     def __call__(self, data: Dict[str, torch.Tensor], compute_forces: bool = True,
                  compute_stress: bool = False) -> Dict[str, torch.Tensor]:
-        if K.EDGE_INDEX in data:
-            raise ExportError(f"{self.path or 'this .pt2 model'} finds its own neighbors: it "
-                              "takes no edge_index input (use the TorchScript file for that)")
         pos = data[K.POSITIONS].detach().to(self.dtype)
         n_atoms = pos.shape[0]
         cell = data[K.CELL].detach().to(self.dtype)

@@ -5,6 +5,7 @@ clear errors for wrong and truncated files.
 Each package is compiled once per session (about a minute each on 2 cores), in float64: the
 compiling tests are marked slow (the suite runs them; ``-m "not slow"`` skips them).
 """
+import json
 import shutil
 import zipfile
 
@@ -220,8 +221,6 @@ def test_wrong_and_truncated_pt2(packages, tmp_path):
         load(str(damaged))
     shutil.copy(path, tmp_path / "ok.pt2")
     model = load(str(tmp_path / "ok.pt2"))
-    with pytest.raises(ExportError, match="takes no edge_index"):
-        model({K.EDGE_INDEX: torch.zeros(2, 0, dtype=torch.long)})
     with pytest.raises(ExportError, match="compiled for the CPU"):
         model.to("cuda")
     atoms = systems()["periodic"]
@@ -245,3 +244,36 @@ def test_format_choice_and_export_errors(tmp_path, monkeypatch):
         export(small("egnn"), str(tmp_path / "m.pt2"))
     assert not (tmp_path / "m.pt2").exists()
     assert set(FAMILIES) <= set(available())
+
+
+@slow
+def test_mlpot_test_and_md_take_a_pt2(packages, tmp_path, capsys):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    scripted, path = packages("egnn")
+    frames = []
+    for atoms in list(systems().values())[:3]:  # labelled by the model itself, with an offset
+        out = scripted(T.to_data(atoms, scripted).as_dict())
+        out = {k: v.detach() for k, v in out.items()}
+        atoms.calc = SinglePointCalculator(atoms, energy=float(out[K.ENERGY][0]) + 0.1,
+                                           forces=out[K.FORCES].detach().numpy() + 0.01)
+        frames.append(atoms)
+    data = str(tmp_path / "data.xyz")
+    write(data, frames, format="extxyz")
+    metrics = []
+    for model in (scripted.path, path):
+        assert cli(["test", model, "--data", data, "--json"]) == 0
+        metrics.append(json.loads(capsys.readouterr().out))
+    for key, value in metrics[0].items():
+        assert metrics[1][key] == pytest.approx(value, rel=1e-8, abs=1e-10), key
+    structure = str(tmp_path / "water.xyz")
+    write(structure, T.small_molecule("H2O"), format="extxyz")
+    assert cli(["md", path, structure, "--ensemble", "nve", "--steps", "3",
+                "--no-progress"]) == 0
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(open(path, "rb").read()[:1000])
+    capsys.readouterr()
+    assert cli(["test", str(truncated), "--data", data]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "not an mlpot model" in err[0]
