@@ -122,7 +122,9 @@ def categorize(name: str) -> str:
         return "gathers"
     if "cpp_fused" in low:
         return "other fused elementwise"
-    return "other"
+    if low.startswith("aten::"):
+        return "elementwise and other ATen ops"
+    return "interpreter and other"
 
 
 def profile_case(name: str, dtype: str, n: int, threads: int, calls: int) -> dict:

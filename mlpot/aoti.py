@@ -175,6 +175,45 @@ def _trace(model, dtype: torch.dtype):
             "file instead (-o model.pt)") from err
 
 
+def _index_add_as_scatter(x, dim, index, source, *, alpha=1):
+    """index_add as a sum-scatter with the index broadcast to the source's shape (a view)."""
+    if alpha != 1:
+        source = source * alpha
+    shape = [1] * source.dim()
+    shape[dim] = -1
+    return x.scatter_reduce(dim, index.view(shape).expand_as(source), source, "sum",
+                            include_self=True)
+
+
+@contextlib.contextmanager
+def _sums_in_aten():
+    """Sums over edges (index_add: the forward messages, the backward of every gather) run by
+    ATen's scatter kernel: AOTInductor's own CPU code for them adds element by element with an
+    atomic compare-and-swap, the largest part of a call (``benchmarks/pt2_bench.py --profile``),
+    while a sum-scatter it hands to ATen (``cpp.fallback_scatter_reduce_sum``). Inductor's
+    decomposition table is private: where it is missing, nothing is changed."""
+    import torch._inductor.compile_fx as compile_fx
+
+    original = getattr(compile_fx, "select_decomp_table", None)
+    if original is None:  # pragma: no cover - another torch
+        yield
+        return
+
+    def table():
+        out = dict(original())
+        for op in list(out):
+            if getattr(op, "overloadpacket", None) is torch.ops.aten.index_add \
+                    and op is torch.ops.aten.index_add.default:
+                out[op] = _index_add_as_scatter
+        return out
+
+    compile_fx.select_decomp_table = table
+    try:
+        yield
+    finally:
+        compile_fx.select_decomp_table = original
+
+
 def export_aoti(model, path: str, info: Dict, check: bool = True,
                 inductor_options: Optional[Dict] = None) -> str:
     """Compile ``model`` (a Potential, committee or variance model, in its dtype) into the PT2
@@ -194,7 +233,9 @@ def export_aoti(model, path: str, info: Dict, check: bool = True,
                    # OpenMP threads taken at run time (torch.set_num_threads), not compile time
                    "cpp.dynamic_threads": True, **(inductor_options or {})}
         args, kwargs = program.example_inputs
-        files = aot_compile(program.module(check_guards=False), args, kwargs, options=options)
+        with _sums_in_aten():
+            files = aot_compile(program.module(check_guards=False), args, kwargs,
+                                options=options)
 
         def write(target: str) -> None:
             with open(target, "wb+") as f:
