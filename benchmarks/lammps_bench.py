@@ -436,7 +436,7 @@ def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
             out.setdefault("estimated_not_measured", {})[c] = {
                 "ms_per_step": round(base * cluster / size, 1),
                 "speedup_vs_1x1": round(size / cluster, 3),
-                "how": "1x1 time x (local + ghost atoms of the most loaded rank) / atoms"}
+                "how": "1x1 time x (local + ghost atoms of the most loaded rank) over atoms"}
     return out
 
 
