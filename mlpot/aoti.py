@@ -28,6 +28,9 @@ How it traces:
 * The autograd of forces and stress is traced below autograd first (``make_fx``, as NequIP's
   compiler does), then exported: ``torch.export`` of ``torch.autograd.grad`` itself keeps
   tensors of data-dependent size as constants, which AOTInductor then cannot compile.
+* Sums over edges (``index_add``: messages, and the backward of every gather) are compiled as
+  ATen sum-scatters: AOTInductor's own CPU code for them adds element by element with an
+  atomic compare-and-swap, which took most of the time of a call.
 * Size-dependent blocking does not trace (a Python loop over a data-dependent number of
   blocks): the traced copy runs one block (``Potential.exporting``, ``chunk_atoms`` 0, the
   ``block_bytes`` of ``egnn`` and ``radial_block_bytes`` of ``nequip`` 0, the Deep Potential's
@@ -200,12 +203,7 @@ def _sums_in_aten():
         return
 
     def table():
-        out = dict(original())
-        for op in list(out):
-            if getattr(op, "overloadpacket", None) is torch.ops.aten.index_add \
-                    and op is torch.ops.aten.index_add.default:
-                out[op] = _index_add_as_scatter
-        return out
+        return {**original(), torch.ops.aten.index_add.default: _index_add_as_scatter}
 
     compile_fx.select_decomp_table = table
     try:
