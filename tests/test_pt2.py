@@ -251,7 +251,7 @@ def test_format_choice_and_export_errors(tmp_path, monkeypatch):
 
 
 @slow
-def test_mlpot_test_and_md_take_a_pt2(packages, tmp_path, capsys):
+def test_mlpot_test_and_md_take_a_pt2(packages, tmp_path, capsys, monkeypatch):
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
@@ -266,6 +266,7 @@ def test_mlpot_test_and_md_take_a_pt2(packages, tmp_path, capsys):
     data = str(tmp_path / "data.xyz")
     write(data, frames, format="extxyz")
     metrics = []
+    capsys.readouterr()  # what the fixture printed
     for model in (scripted.path, path):
         assert cli(["test", model, "--data", data, "--json"]) == 0
         metrics.append(json.loads(capsys.readouterr().out))
@@ -273,8 +274,10 @@ def test_mlpot_test_and_md_take_a_pt2(packages, tmp_path, capsys):
         assert metrics[1][key] == pytest.approx(value, rel=1e-8, abs=1e-10), key
     structure = str(tmp_path / "water.xyz")
     write(structure, T.small_molecule("H2O"), format="extxyz")
+    monkeypatch.chdir(tmp_path)  # mlpot md writes md_thermo.csv here
     assert cli(["md", path, structure, "--ensemble", "nve", "--steps", "3",
                 "--no-progress"]) == 0
+    assert (tmp_path / "md_thermo.csv").read_text().count("\n") >= 2
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(open(path, "rb").read()[:1000])
     capsys.readouterr()
