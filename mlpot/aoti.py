@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import tempfile
-import zipfile
 from typing import Dict, Optional, Union
 
 import torch
@@ -69,11 +68,9 @@ _BLOCK_ATTRS = ("chunk_atoms", "block_bytes", "radial_block_bytes")  # 0: one bl
 
 def is_aoti_archive(path: str) -> bool:
     """Whether ``path`` is a PT2 archive holding an AOTInductor model (from its zip members)."""
-    try:
-        with zipfile.ZipFile(os.fspath(path)) as z:
-            return any("/data/aotinductor/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+    from .checkpoint import file_kind
+
+    return file_kind(path) == "aoti"
 
 
 class _FlatModel(torch.nn.Module):

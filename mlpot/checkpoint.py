@@ -49,8 +49,9 @@ class CheckpointError(UserError, ValueError):
 
 # ---------------------------------------------------------------------------- file kind
 def file_kind(path: str) -> str:
-    """What a file is, from its zip members alone (nothing is unpickled): ``"torchscript"``,
-    ``"checkpoint"`` (a ``torch.save`` archive), ``"missing"`` or ``"unknown"``."""
+    """What a file is, from its zip members alone (nothing is unpickled): ``"aoti"`` (a PT2
+    archive holding an AOTInductor model), ``"torchscript"``, ``"checkpoint"`` (a
+    ``torch.save`` archive), ``"missing"`` or ``"unknown"``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         return "missing"
@@ -59,6 +60,8 @@ def file_kind(path: str) -> str:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return "unknown"
+    if any("/data/aotinductor/" in n for n in names):
+        return "aoti"
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
@@ -88,9 +91,11 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     kind = file_kind(path)
     if kind == "missing":
         raise CheckpointError(f"{path}: no such checkpoint")
-    if kind == "torchscript":
-        raise CheckpointError(f"{path} is an exported (TorchScript) model, not a training "
-                              "checkpoint; use it as a model (mlpot.load, mlpot test, mlpot md)")
+    if kind in ("torchscript", "aoti"):
+        what = "TorchScript" if kind == "torchscript" else "compiled .pt2"
+        raise CheckpointError(f"{path} is an exported ({what}) model, not a training "
+                              "checkpoint; use it as a model (mlpot.load, mlpot test, mlpot md), "
+                              "or export from the best.pt that `mlpot train` wrote")
     if kind != "checkpoint":
         raise CheckpointError(f"{path} is not a readable mlpot checkpoint (not a torch.save "
                               "file, or a truncated one); give the best.pt or last.pt that "

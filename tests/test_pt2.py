@@ -17,7 +17,7 @@ from ase import Atoms
 from mlpot import keys as K
 from mlpot import testing as T
 from mlpot.aoti import CompiledModel, is_aoti_archive
-from mlpot.checkpoint import save_checkpoint
+from mlpot.checkpoint import CheckpointError, file_kind, read_checkpoint, save_checkpoint
 from mlpot.data.atomic_data import AtomicData
 from mlpot.cli import main as cli
 from mlpot.export import METADATA_NAME, ExportError, export, format_of, load, read_metadata
@@ -232,6 +232,11 @@ def test_wrong_and_truncated_pt2(packages, tmp_path):
     data[K.LOCAL_ATOMS] = torch.tensor([len(atoms) + 1])
     with pytest.raises(ValueError, match="local_atoms must be a count"):
         model(data)
+    # a .pt2 given where a training checkpoint belongs: named as what it is
+    assert file_kind(path) == "aoti"
+    with pytest.raises(CheckpointError, match=r"exported \(compiled .pt2\) model, not a "
+                                              "training checkpoint"):
+        read_checkpoint(path)
 
 
 def test_format_choice_and_export_errors(tmp_path, monkeypatch):
