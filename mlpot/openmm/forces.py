@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
@@ -39,11 +40,9 @@ logger = logging.getLogger("mlpot")
 
 # ---------------------------------------------------------------------------- availability
 def _release(version: str) -> Tuple[int, ...]:
-    out = []
-    for part in version.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if not part.isdigit() else part
-        out.append(int(digits or 0))
-    return tuple(out)
+    """The leading release numbers: "2.10.0+cpu" -> (2, 10, 0), "2.11.0rc1" -> (2, 11, 0)."""
+    return tuple(int(re.match(r"\d*", part).group() or 0)
+                 for part in version.split("+")[0].split(".")[:3])
 
 
 def _satisfies(version: str, spec: str) -> bool:
@@ -58,7 +57,7 @@ def _satisfies(version: str, spec: str) -> bool:
             r = _release(ref)
             w = v[:len(r)] if op in ("==", "!=") else v + (0,) * (len(r) - len(v))
             ok = {"==": w == r, "!=": w != r, ">=": v >= r, "<=": v <= r, ">": v > r,
-                  "<": v < r, "~=": v >= r}[op]
+                  "<": v < r, "~=": v >= r and v[:len(r) - 1] == r[:-1]}[op]
         if not ok:
             return False
     return True
