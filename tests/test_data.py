@@ -319,3 +319,20 @@ def test_dataset_and_loader(xyz_file):
     assert batches[0].edge_index.shape[1] == 3 * 8 * 12  # fcc: 12 nearest neighbors < 3 A
     with pytest.raises(DataError, match="no structures"):
         AtomicDataset([], TypeMap(["Cu"]), 3.0, name="validation")
+
+
+def test_virial_only_file_satisfies_a_stress_requirement(tmp_path, xyz_file):
+    # MACE-style files (mlearn, for one) carry REF_virial and no stress: training with a stress
+    # loss must read them, with stress = -virial / volume
+    _, frames = xyz_file
+    for a in frames:
+        stress = a.info.pop("REF_stress")
+        xx, yy, zz, yz, xz, xy = stress
+        s = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        a.info["REF_virial"] = (-s * a.get_volume()).reshape(-1)
+    path = tmp_path / "virial.xyz"
+    write(path, frames, format="extxyz")
+    data = read(str(path), type_map=["Cu"], require=("energy", "forces", "stress"))
+    for d, a in zip(data, frames):
+        np.testing.assert_allclose(d.stress[0].numpy() * a.get_volume(),
+                                   -np.reshape(a.info["REF_virial"], (3, 3)), rtol=1e-6)

@@ -144,7 +144,9 @@ def read_ase(
             "stress": _find(atoms, stress_key, STRESS_KEYS, where, False, "stress", "stress", where),
             "virial": _find(atoms, virial_key, VIRIAL_KEYS, where, False, "virial", "virial", where),
         }
-        missing = [r for r in require if labels[r] is None]
+        # a virial gives the stress (``_make``), so it satisfies a stress requirement
+        missing = [r for r in require if labels[r] is None
+                   and not (r == "stress" and labels["virial"] is not None)]
         if missing:
             hint = ("; data without forces: set loss.forces: 0 to train on energies alone, or "
                     "let an energy-only committee give the forces (`mlpot distill`, mode: "
