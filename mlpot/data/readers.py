@@ -369,6 +369,32 @@ def _read_deepmd_system(system, tm, require, e_f, l_f, min_distance) -> List[Ato
     return out
 
 
+def read_info(path: str, key: str, format: Optional[str] = None) -> List[str]:
+    """A label per frame of ``path`` for stratified splits: ``info[key]`` of each frame of an
+    ASE format (every frame must have it), or, for DeePMD npy data with key "system", the
+    system folder of each frame (in the order ``read`` returns the frames)."""
+    import ase.io
+
+    if format == "deepmd" or (format is None and os.path.isdir(path)):
+        if key != "system":
+            raise DataError(f"{path}: DeePMD data have no per-frame info; split by 'system' "
+                            f"(data.split_key: system), not {key!r}")
+        labels: List[str] = []
+        for system in find_deepmd_systems(path):
+            for s in sorted(glob.glob(os.path.join(system, "set.*"))):
+                coord = _load_npy(os.path.join(s, "coord.npy"))
+                labels.extend([os.path.relpath(system, path)] * coord.shape[0])
+        return labels
+    labels = []
+    for k, atoms in enumerate(ase.io.iread(path, index=":", format=format)):
+        value = atoms.info.get(key)
+        if value is None:
+            raise DataError(f"{path}:frame {k}: no info key {key!r} to split by; give every "
+                            "frame one, or change or remove data.split_key")
+        labels.append(str(value))
+    return labels
+
+
 def read(path: str, format: Optional[str] = None, **kwargs) -> List[AtomicData]:
     """Read structures and labels from ``path``: DeePMD npy data when ``format='deepmd'`` or the
     path is a folder holding type.raw, otherwise anything ``ase.io.read`` reads."""

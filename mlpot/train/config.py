@@ -38,6 +38,11 @@ class DataConfig:
     validation: Optional[Union[str, List[str]]] = None  # separate validation data, or ...
     validation_fraction: float = _spec(0.1, ge=0.0, lt=1.0)  # ... this fraction of train, by seed
     test: Optional[Union[str, List[str]]] = None
+    # ... or this fraction of train, held out from training and checkpoint selection alike
+    test_fraction: float = _spec(0.0, ge=0.0, lt=1.0)
+    # stratify the validation_fraction/test_fraction split by this info key (e.g. config_type;
+    # ASE formats) or, for DeePMD data, by system folder ("system"); None: one random split
+    split_key: Optional[str] = None
     format: Optional[str] = None                # None: deepmd for folders, else ase.io guesses
     type_map: Optional[List[str]] = None        # default: the elements of the training data
     energy_key: Optional[str] = None
@@ -332,6 +337,12 @@ def check_config(cfg: Config, where: str = "config") -> None:
                                               f.metadata, f"{where}: {name}.{f.name}"))
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train is required (a file or folder of training data)")
+    if cfg.data.test and cfg.data.test_fraction > 0:
+        raise ConfigError(f"{where}: data.test and data.test_fraction are both set; give one "
+                          "(a test file, or the fraction of data.train to hold out)")
+    if (0 if cfg.data.validation else cfg.data.validation_fraction) + cfg.data.test_fraction >= 1:
+        raise ConfigError(f"{where}: data.validation_fraction + data.test_fraction must be < 1 "
+                          "(frames must be left to train on)")
     _choice(cfg.data.energy_unit, sorted(ENERGY_UNITS_TO_EV), f"{where}: data.energy_unit")
     _choice(cfg.data.length_unit, sorted(LENGTH_UNITS_TO_ANGSTROM), f"{where}: data.length_unit")
     _choice(cfg.model.name, available(), f"{where}: model.name")

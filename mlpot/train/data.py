@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,8 +46,52 @@ def _read_all(paths: List[str], cfg: Config, type_map: Optional[TypeMap], requir
     return out
 
 
+def split_indices(n: int, validation_fraction: float, test_fraction: float, seed: int,
+                  groups: Optional[Sequence[str]] = None) -> Tuple[List[int], List[int], List[int]]:
+    """Frame indices of the train, validation and test parts, drawn by ``seed``.
+
+    With ``groups`` (a label per frame, e.g. the config_type), each group is split in the same
+    proportions (stratified), so that a small group such as surfaces appears in every part: a
+    group of m frames gives round(f * m) frames to a part of fraction f, and at least one when
+    f > 0 and the group has three or more frames. Without, the frames form one group."""
+    groups = list(groups) if groups is not None else [""] * n
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group labels for {n} frames")
+    gen = torch.Generator().manual_seed(seed)
+    parts: Tuple[List[int], List[int], List[int]] = ([], [], [])
+    for label in sorted(set(groups)):
+        members = [k for k in range(n) if groups[k] == label]
+        order = [members[k] for k in torch.randperm(len(members), generator=gen).tolist()]
+        m = len(order)
+        n_test = int(round(test_fraction * m))
+        n_val = int(round(validation_fraction * m))
+        if m >= 3:
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            n_val = max(n_val, 1 if validation_fraction > 0 else 0)
+        elif n == m and m == 2 and validation_fraction > 0:  # one group of two frames
+            n_val, n_test = 1, 0
+        parts[2].extend(order[:n_test])
+        parts[1].extend(order[n_test:n_test + n_val])
+        parts[0].extend(order[n_test + n_val:])
+    return sorted(parts[0]), sorted(parts[1]), sorted(parts[2])
+
+
+def _split_groups(paths: List[str], cfg: Config, n: int) -> List[str]:
+    """The label of every training frame for a stratified split (``data.split_key``): an info
+    value of ASE formats, or "system" for the folder of DeePMD data."""
+    from ..data.readers import read_info
+
+    key, d = cfg.data.split_key, cfg.data
+    labels: List[str] = []
+    for p in paths:
+        is_deepmd = d.format == "deepmd" or (d.format is None and os.path.isdir(p))
+        labels.extend(read_info(p, key, format=None if is_deepmd else d.format))
+    return labels[:n]  # data.max_frames keeps the first frames
+
+
 def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
-    """Read and check all data before training starts; split off validation frames by seed."""
+    """Read and check all data before training starts; split off validation (and test) frames by
+    seed, stratified by ``data.split_key`` when it is set."""
     d = cfg.data
     train_paths = _paths(d.train)
     tm = TypeMap(d.type_map) if d.type_map else None
@@ -58,9 +102,22 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
         tm = TypeMap.from_atomic_numbers(torch.cat([s.atomic_numbers for s in train]).tolist())
         for s in train:
             s.atom_types = tm.types(s.atomic_numbers.numpy(), s.sources[0])
+    groups = _split_groups(train_paths, cfg, len(train)) if d.split_key else None
+    test: List[AtomicData] = []
     if d.validation:
         validation = _read_all(_paths(d.validation), cfg, tm, require)
-    else:
+        if d.test_fraction > 0:
+            _, _, test_idx = split_indices(len(train), 0.0, d.test_fraction,
+                                           cfg.training.seed, groups)
+            test = [train[k] for k in test_idx]
+            train = [train[k] for k in range(len(train)) if k not in set(test_idx)]
+    elif d.test_fraction > 0 or groups is not None:
+        train_idx, val_idx, test_idx = split_indices(len(train), d.validation_fraction,
+                                                     d.test_fraction, cfg.training.seed, groups)
+        validation = [train[k] for k in val_idx]
+        test = [train[k] for k in test_idx]
+        train = [train[k] for k in train_idx]
+    else:  # the original random split (kept as it was: runs resume on the same frames)
         gen = torch.Generator().manual_seed(cfg.training.seed)
         order = torch.randperm(len(train), generator=gen).tolist()
         n_val = int(round(d.validation_fraction * len(train)))
@@ -69,7 +126,8 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
         val_idx = set(order[:n_val])
         validation = [train[k] for k in sorted(val_idx)]
         train = [train[k] for k in range(len(train)) if k not in val_idx]
-    test = _read_all(_paths(d.test), cfg, tm, require) if d.test else []
+    if d.test:
+        test = _read_all(_paths(d.test), cfg, tm, require)
     if not train:
         raise DataError(f"{d.train}: the training split is empty; give more frames or lower "
                         "data.validation_fraction")
