@@ -91,3 +91,26 @@ def test_split_errors_are_one_line(tmp_path):
         _cfg(path, tmp_path, validation_fraction=0.6, test_fraction=0.5)
     with pytest.raises(DataError, match="no info key 'config_type' to split by"):
         load_training_data(_cfg(path, tmp_path, split_key="config_type"), ("energy",))
+
+
+def test_rotated_copies_stay_in_one_part(tmp_path):
+    # mlearn holds strained cells once per axis: the same energy and force magnitudes in a
+    # rotated frame. A test frame whose copy is in training would measure memory, not skill.
+    frames = labelled_cu_cells(12, seed=0)
+    copies = []
+    for a in frames[:4]:
+        b = a.copy()
+        b.rotate(90, "z", rotate_cell=True)
+        b.info["REF_energy"] = a.info["REF_energy"]
+        b.arrays["REF_forces"] = a.arrays["REF_forces"][:, [1, 0, 2]] * [-1, 1, 1]
+        copies.append(b)
+    path = str(tmp_path / "copies.xyz")
+    write(path, frames + copies, format="extxyz")
+    for seed in range(5):
+        cfg = _cfg(path, tmp_path / "run", validation_fraction=0.25, test_fraction=0.25)
+        cfg.training.seed = seed
+        data = load_training_data(cfg, ("energy", "forces"))
+        parts = [{round(float(d.energy[0]), 6) for d in p}
+                 for p in (data.train, data.validation, data.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(data.train) + len(data.validation) + len(data.test) == 16

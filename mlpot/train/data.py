@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,20 +47,29 @@ def _read_all(paths: List[str], cfg: Config, type_map: Optional[TypeMap], requir
 
 
 def split_indices(n: int, validation_fraction: float, test_fraction: float, seed: int,
-                  groups: Optional[Sequence[str]] = None) -> Tuple[List[int], List[int], List[int]]:
+                  groups: Optional[Sequence[str]] = None,
+                  copies: Optional[Sequence] = None) -> Tuple[List[int], List[int], List[int]]:
     """Frame indices of the train, validation and test parts, drawn by ``seed``.
 
     With ``groups`` (a label per frame, e.g. the config_type), each group is split in the same
     proportions (stratified), so that a small group such as surfaces appears in every part: a
-    group of m frames gives round(f * m) frames to a part of fraction f, and at least one when
-    f > 0 and the group has three or more frames. Without, the frames form one group."""
+    group of m units gives round(f * m) units to a part of fraction f, and at least one when
+    f > 0 and the group has three or more. Without, the frames form one group. ``copies`` (a key
+    per frame, ``equivalence_key``) keeps frames with the same key in the same part, so that a
+    rotated copy of a training frame never lands in the test part; the units are then these
+    sets of copies."""
     groups = list(groups) if groups is not None else [""] * n
-    if len(groups) != n:
-        raise ValueError(f"{len(groups)} group labels for {n} frames")
+    copies = list(copies) if copies is not None else list(range(n))
+    if len(groups) != n or len(copies) != n:
+        raise ValueError(f"{len(groups)} group labels and {len(copies)} keys for {n} frames")
     gen = torch.Generator().manual_seed(seed)
     parts: Tuple[List[int], List[int], List[int]] = ([], [], [])
     for label in sorted(set(groups)):
-        members = [k for k in range(n) if groups[k] == label]
+        units: Dict = {}  # key -> frames, in order of first appearance
+        for k in range(n):
+            if groups[k] == label:
+                units.setdefault(copies[k], []).append(k)
+        members = list(units.values())
         order = [members[k] for k in torch.randperm(len(members), generator=gen).tolist()]
         m = len(order)
         n_test = int(round(test_fraction * m))
@@ -68,12 +77,26 @@ def split_indices(n: int, validation_fraction: float, test_fraction: float, seed
         if m >= 3:
             n_test = max(n_test, 1 if test_fraction > 0 else 0)
             n_val = max(n_val, 1 if validation_fraction > 0 else 0)
-        elif n == m and m == 2 and validation_fraction > 0:  # one group of two frames
+        elif len(set(groups)) == 1 and m == 2 and validation_fraction > 0:  # two units in all
             n_val, n_test = 1, 0
-        parts[2].extend(order[:n_test])
-        parts[1].extend(order[n_test:n_test + n_val])
-        parts[0].extend(order[n_test + n_val:])
+        for part, chosen in ((2, order[:n_test]), (1, order[n_test:n_test + n_val]),
+                             (0, order[n_test + n_val:])):
+            parts[part].extend(k for unit in chosen for k in unit)
     return sorted(parts[0]), sorted(parts[1]), sorted(parts[2])
+
+
+def equivalence_key(frame: AtomicData):
+    """Frames with equal keys are copies of one structure, up to rotation, reflection,
+    translation and the order of the atoms (the mlearn sets hold strained cells three and six
+    times, once per axis): the same elements, the same energy to 1 ueV and the same sorted force
+    magnitudes to 0.1 meV/A. A frame without an energy label is its own key."""
+    if frame.energy is None or not torch.isfinite(frame.energy).all():
+        return id(frame)
+    key = (tuple(sorted(frame.atomic_numbers.tolist())), round(float(frame.energy[0]), 6))
+    if frame.forces is not None:
+        norms = torch.linalg.norm(frame.forces.to(torch.float64), dim=1)
+        key += (tuple(round(x, 4) for x in sorted(norms.tolist())),)
+    return key
 
 
 def _split_groups(paths: List[str], cfg: Config, n: int) -> List[str]:
@@ -103,17 +126,19 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
         for s in train:
             s.atom_types = tm.types(s.atomic_numbers.numpy(), s.sources[0])
     groups = _split_groups(train_paths, cfg, len(train)) if d.split_key else None
+    copies = [equivalence_key(f) for f in train]  # copies stay together (new splits only)
     test: List[AtomicData] = []
     if d.validation:
         validation = _read_all(_paths(d.validation), cfg, tm, require)
         if d.test_fraction > 0:
             _, _, test_idx = split_indices(len(train), 0.0, d.test_fraction,
-                                           cfg.training.seed, groups)
+                                           cfg.training.seed, groups, copies)
             test = [train[k] for k in test_idx]
             train = [train[k] for k in range(len(train)) if k not in set(test_idx)]
     elif d.test_fraction > 0 or groups is not None:
         train_idx, val_idx, test_idx = split_indices(len(train), d.validation_fraction,
-                                                     d.test_fraction, cfg.training.seed, groups)
+                                                     d.test_fraction, cfg.training.seed, groups,
+                                                     copies)
         validation = [train[k] for k in val_idx]
         test = [train[k] for k in test_idx]
         train = [train[k] for k in train_idx]
