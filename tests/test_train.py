@@ -262,3 +262,22 @@ def test_energy_shift_removes_the_offset_on_fixed_composition(tmp_path, data_fil
                                    (plain[key]["reference_energies"] + shift).numpy(),
                                    rtol=1e-12)
     assert "energy_mean_error_meV_per_atom" in results["validation"]
+
+
+def test_energy_slope_measures_a_compressed_parity_plot():
+    from types import SimpleNamespace
+
+    from mlpot.train.metrics import MetricAccumulator
+
+    n = torch.tensor([8, 8, 16, 16, 32], dtype=torch.long)
+    per_atom = torch.tensor([-5.4, -5.2, -4.7, -5.3, -5.0], dtype=torch.float64)
+    ref = per_atom * n
+    batch = SimpleNamespace(energy=ref, forces=None, stress=None, num_atoms=n,
+                            num_structures=5)
+    acc = MetricAccumulator()
+    acc.add({"energy": (0.8 * per_atom + 0.3) * n}, batch)  # scale 0.8 and an offset
+    m = acc.result()
+    assert m["energy_slope"] == pytest.approx(0.8, rel=1e-12)
+    acc = MetricAccumulator()
+    acc.add({"energy": ref + 0.01 * n}, batch)  # an offset alone: slope 1
+    assert acc.result()["energy_slope"] == pytest.approx(1.0, rel=1e-12)

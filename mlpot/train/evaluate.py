@@ -61,6 +61,7 @@ def format_table(metrics: Dict[str, float]) -> str:
     rows = [("frames", "frames", "{:.0f}"),
             ("energy MAE", "energy_mae_meV_per_atom", "{:.3f} meV/atom"),
             ("energy RMSE", "energy_rmse_meV_per_atom", "{:.3f} meV/atom"),
+            ("energy slope", "energy_slope", "{:.4f} (parity fit; 1: no scale error)"),
             ("force MAE", "forces_mae_meV_per_A", "{:.2f} meV/A"),
             ("force RMSE", "forces_rmse_meV_per_A", "{:.2f} meV/A"),
             ("stress RMSE", "stress_rmse_meV_per_A3", "{:.3f} meV/A^3"),

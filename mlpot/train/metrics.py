@@ -84,6 +84,12 @@ class MetricAccumulator:
             # signed: a constant offset shows here (MAE = RMSE = |mean error| for a pure offset)
             out["energy_mean_error_meV_per_atom"] = float(d.mean())
             out["frames"] = float(len(ep))
+            # least-squares slope of predicted on reference energy per atom: 1 for no scale
+            # error (a slope below 1 is the "compressed parity plot" of an under-fitted energy)
+            x, y = er / n, ep / n
+            if len(x) >= 3 and float(x.var()) > 1e-12:
+                out["energy_slope"] = float(((x - x.mean()) * (y - y.mean())).mean() / x.var(
+                    unbiased=False))
         if self.f_pred and sum(len(x) for x in self.f_pred):
             d = (torch.cat(self.f_pred) - torch.cat(self.f_ref)) * 1e3
             out["forces_mae_meV_per_A"] = float(d.abs().mean())
