@@ -126,23 +126,20 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
         for s in train:
             s.atom_types = tm.types(s.atomic_numbers.numpy(), s.sources[0])
     groups = _split_groups(train_paths, cfg, len(train)) if d.split_key else None
-    copies = [equivalence_key(f) for f in train]  # copies stay together (new splits only)
     test: List[AtomicData] = []
     if d.validation:
         validation = _read_all(_paths(d.validation), cfg, tm, require)
-        if d.test_fraction > 0:
-            _, _, test_idx = split_indices(len(train), 0.0, d.test_fraction,
-                                           cfg.training.seed, groups, copies)
-            test = [train[k] for k in test_idx]
-            train = [train[k] for k in range(len(train)) if k not in set(test_idx)]
-    elif d.test_fraction > 0 or groups is not None:
-        train_idx, val_idx, test_idx = split_indices(len(train), d.validation_fraction,
-                                                     d.test_fraction, cfg.training.seed, groups,
-                                                     copies)
-        validation = [train[k] for k in val_idx]
+    if d.test_fraction > 0 or (groups is not None and not d.validation):
+        copies = [equivalence_key(f) for f in train]  # copies stay together (new splits only)
+        train_idx, val_idx, test_idx = split_indices(
+            len(train), 0.0 if d.validation else d.validation_fraction, d.test_fraction,
+            cfg.training.seed, groups, copies)
+        if not d.validation:
+            validation = [train[k] for k in val_idx]
         test = [train[k] for k in test_idx]
         train = [train[k] for k in train_idx]
-    else:  # the original random split (kept as it was: runs resume on the same frames)
+    elif not d.validation:  # the original random split, kept as it was (old runs resume on
+        # the same frames)
         gen = torch.Generator().manual_seed(cfg.training.seed)
         order = torch.randperm(len(train), generator=gen).tolist()
         n_val = int(round(d.validation_fraction * len(train)))
