@@ -242,8 +242,10 @@ def portable(value, **roots):
         return {k: portable(v, **roots) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [portable(v, **roots) for v in value]
-    if not isinstance(value, (str, Path)) or not os.path.isabs(value):
+    if not isinstance(value, (str, Path)):
         return value
+    if not os.path.isabs(value):  # as given (relative to where the script ran)
+        return value.as_posix() if isinstance(value, Path) else value
     path = Path(os.path.abspath(value))
     named = sorted(((n, Path(os.path.abspath(r))) for n, r in roots.items() if r),
                    key=lambda item: -len(item[1].parts))  # the innermost root first

@@ -38,6 +38,11 @@ Variants (e.g. the same models with the ZBL repulsion prior): ``--tag zbl`` runs
 as ``<case>_zbl`` (model run folders ``<run>_zbl`` under --models unless --model names them),
 so that ``3bpa_dp`` and ``3bpa_dp_zbl`` stand side by side in the results.
 
+``--add-repulsion zbl`` (with ``--tag zbl``) instead adds the prior to each case's own trained
+model (``mlpot.models.with_repulsion``), after checking that the prior is zero on every frame of
+that model's training data: training with the prior would then have given the very same weights
+and reference energies (tests/test_zbl.py checks this), so no second training run is needed.
+
 Resumable: each part of a case (the NVE run, each NVT temperature) is written to
 ``<work>/<label>.json`` when it ends; a rerun with the same settings and model keeps the parts
 done and skips finished cases. Results: benchmarks/results/stability.json (``--out``), one
@@ -136,7 +141,8 @@ def find_model(label: str, case: str, args):
             fail(f"--model {case}={given}: no such model file (give an exported model, a "
                  "checkpoint or a run folder holding best.pt)")
         return path, None
-    folder = Path(args.models) / (run + (f"_{args.tag}" if args.tag else ""))
+    tagged = args.tag and not args.add_repulsion  # an added prior: the case's own model
+    folder = Path(args.models) / (run + (f"_{args.tag}" if tagged else ""))
     for name in ("model.pt", "best.pt"):
         if (folder / name).is_file():
             return folder / name, None
@@ -162,6 +168,47 @@ def exported(path: Path, label: str, work: Path) -> Path:
         work.mkdir(parents=True, exist_ok=True)
         export(str(path), str(out))
         stamp.write_text(digest + "\n")
+    return out
+
+
+def with_prior(path: Path, label: str, repulsion: str, work: Path) -> Path:
+    """The checkpoint ``path`` with the prior added, exported once into ``work``; fails unless
+    the prior is zero on every frame of the model's training data (then training with it would
+    have given the same model)."""
+    from mlpot.checkpoint import file_kind, model_from_checkpoint, read_checkpoint
+    from mlpot.data import read
+    from mlpot.export import export
+    from mlpot.models import with_repulsion
+
+    if file_kind(str(path)) != "checkpoint":
+        fail(f"--add-repulsion needs the training checkpoint of {label}'s model, not {path}")
+    out = work / f"{label}_model.pt"
+    stamp = work / f"{label}_model.sha256"
+    digest = sha256(path) + f" +{repulsion}"
+    if out.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return out
+    ckpt = read_checkpoint(str(path))
+    model = with_repulsion(model_from_checkpoint(ckpt), repulsion)
+    data = ckpt.get("train_config", {}).get("data", {})
+    train = data.get("train")
+    paths = [train] if isinstance(train, str) else list(train or [])
+    if not paths or not all(os.path.exists(p) for p in paths):
+        fail(f"{path}: its training data ({paths}) is not here, so the prior cannot be checked "
+             "to be zero on it; train a model with `model.repulsion` instead")
+    largest = 0.0
+    for p in paths:
+        frames = read(p, format=data.get("format"), type_map=model.type_map)
+        largest = max([largest] + [abs(e) for e in model.prior_energies(frames)])
+    if largest != 0.0:
+        fail(f"{label}: the {repulsion} prior is not zero on the training data (up to "
+             f"{largest:.3g} eV in a frame), so adding it changes the model; train one with "
+             f"`model.repulsion: {repulsion}` and pass it with --model")
+    print(f"{label}: {repulsion} prior added to {portable(path)} (zero on all its training "
+          f"frames) -> {portable(out)}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    export(model, str(out), training_data_hash=ckpt.get("data_hash"),
+           metadata={"repulsion_added_to": portable(path)})
+    stamp.write_text(digest + "\n")
     return out
 
 
@@ -219,7 +266,8 @@ def run_case(label: str, case: str, args) -> dict:
         return {"label": label, "case": case, "done": False, "skipped": why}
     atoms, described, molecular = structure(system, args.shared, args.si_hot)
     work = Path(args.work)
-    model_file = exported(model_path, label, work)
+    model_file = with_prior(model_path, label, args.add_repulsion, work) if args.add_repulsion \
+        else exported(model_path, label, work)
     digest = sha256(model_file)
     settings = settings_of(args)
     part_file = work / f"{label}.json"
@@ -329,6 +377,9 @@ def main() -> None:
                         "(repeatable)")
     p.add_argument("--tag", default="",
                    help="a variant's name: results under <case>_<tag>, model folders <run>_<tag>")
+    p.add_argument("--add-repulsion", choices=["zbl"], default=None,
+                   help="add this prior to each case's own trained model (with --tag; checked "
+                        "to be zero on its training data)")
     p.add_argument("--ps", type=float, default=10.0, help="length of each run, ps (default 10)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--replicas", type=int, default=5, help="NVT replicas (default 5)")
@@ -353,6 +404,9 @@ def main() -> None:
     args.model = parse_models(args.model)
     if args.tag and not args.tag.replace("_", "").isalnum():
         fail(f"--tag {args.tag!r}: use letters, digits and underscores")
+    if args.add_repulsion and not args.tag:
+        fail("--add-repulsion needs a --tag (e.g. --tag zbl) so its results stand beside the "
+             "model's own")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:

@@ -308,6 +308,53 @@ def test_trainer_builds_the_prior_and_fits_e0_without_it(tmp_path):
     assert float((expected - fit_reference_energies(items, 1)).abs().max()) > 0.01
 
 
+def test_adding_the_prior_after_training_equals_training_with_it(tmp_path):
+    """Where no training pair comes within the switch the prior is zero on every frame, so
+    training with it gives the same weights and E0 as training without, and ``with_repulsion``
+    (the trained model with the prior added, as stability_bench's ``--add-repulsion`` does) is
+    the model trained with the prior, close contacts included."""
+    from _fitting import labelled_cu_cells
+    from ase.io import write
+
+    from mlpot.data import read
+    from mlpot.models import with_repulsion
+    from mlpot.train import train as train_run
+
+    path = str(tmp_path / "cu.xyz")
+    write(path, labelled_cu_cells(6, seed=0, stress=False), format="extxyz")
+
+    def train(repulsion):
+        cfg = config_from_dict({
+            "data": {"train": path, "validation_fraction": 0.2},
+            "model": {"name": "egnn", "cutoff": 3.6, "repulsion": repulsion, "dtype": "float64",
+                      "hparams": {"hidden": 8, "edge_hidden": 8, "num_layers": 1,
+                                  "readout_hidden": 8}},
+            "training": {"out_dir": str(tmp_path / f"run_{repulsion}"), "progress": False,
+                         "max_epochs": 3, "batch_size": 2}})
+        train_run(cfg)
+        return model_from_checkpoint(str(tmp_path / f"run_{repulsion}" / "best.pt"))
+
+    plain, with_prior = train(None), train("zbl")
+    frames = read(path, type_map=with_prior.type_map)
+    assert max(abs(e) for e in with_prior.prior_energies(frames)) == 0.0
+    added = with_repulsion(plain)
+    assert added.config == with_prior.config
+    state = with_prior.state_dict()
+    assert set(added.state_dict()) == set(state)
+    for k, v in added.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    atoms = close_contacts()
+    atoms.set_chemical_symbols(["Cu"] * len(atoms))
+
+    def energy(model):
+        return float(model(T.to_data(atoms, model).as_dict(), False)[K.ENERGY].detach())
+
+    assert energy(added) == energy(with_prior)
+    assert energy(added) - energy(plain) > 10.0
+    with pytest.raises(ValueError, match="prior already"):
+        with_repulsion(with_prior)
+
+
 # ---------------------------------------------------------------------------- errors
 def test_config_and_build_errors_are_one_line():
     base = {"data": {"train": "x.xyz"}}

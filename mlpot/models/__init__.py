@@ -175,6 +175,27 @@ def from_config(config: Dict) -> Potential:
                        repulsion_radii=config.get("repulsion_radii"), **config["hparams"])
 
 
-__all__ = ["MODELS", "ENTRY_POINT_GROUP", "Network", "Potential", "available", "build_model",
+def with_repulsion(model: Potential, repulsion: str = "zbl",
+                   repulsion_radii: Optional[List[float]] = None) -> Potential:
+    """The trained ``model`` with the short-range prior ``repulsion`` added, every weight and
+    statistic the same. It is the model that training with the prior would have given when the
+    prior is zero on every training frame (``Potential.prior_energies``: the trainer then fits
+    the same reference energies and every loss term is unchanged); check that first."""
+    if not isinstance(model, Potential) or model.config.get("model") in ("committee", "mve"):
+        raise ValueError("with_repulsion takes a single Potential (not a committee or a model "
+                         "with a variance network)")
+    if model.repulsion is not None:
+        raise ValueError(f"the model has a {model.config.get('repulsion')} prior already")
+    config = {k: v for k, v in model.config.items() if k not in ("repulsion", "repulsion_radii")}
+    config.update(repulsion=repulsion, repulsion_radii=repulsion_radii)
+    new = from_config(config)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("repulsion.") for k in missing):
+        raise ValueError(f"the weights do not fit the rebuilt model (missing {missing}, "
+                         f"unexpected {unexpected})")
+    return new.to(next(model.buffers()).device).train(model.training)
+
+
+__all__ = ["MODELS", "with_repulsion", "ENTRY_POINT_GROUP", "Network", "Potential", "available", "build_model",
            "from_config", "script", "fit_reference_energies", "force_rms", "check_hparams",
            "hparam_defaults", "network_class", "validate_model_config"]
