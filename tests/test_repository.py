@@ -118,6 +118,7 @@ def test_every_benchmark_answers_help_without_the_shared_folder(tmp_path):
     ["model_bench.py", "--quick", "--only", "dp_se_e2_a", "--json", "{tmp}/model.json"],
     ["peer_scaling.py"],
     ["uq_bench.py", "--work", "{tmp}/runs"],
+    ["peer_train_bench.py", "3bpa", "--work", "{tmp}/runs"],
 ])
 def test_a_missing_shared_folder_is_one_clear_line(tmp_path, command):
     """No shared folder beside the clone: exit 2 with one line naming --shared, nothing run."""
