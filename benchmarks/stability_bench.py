@@ -7,7 +7,7 @@ For each case (a trained model on a starting structure), two measures:
                  line through the conserved energy (kinetic + potential) per atom after a 1 ps
                  warm-up, meV/atom/ps (``integrators.nve_drift``). Target: below 0.1.
   NVT survival   --replicas (default 5) independent Langevin runs (BAOAB, friction 0.01/fs;
-                 different velocity seeds and noise) of --ps ps, batched in one
+                 different velocity seeds and noise) of --ps ps (or --nvt-ps), batched in one
                  ``integrators`` run, at each temperature of the case; the fraction that finish
                  without a blow-up: an atom's force above 50 eV/A (or non-finite), two atoms
                  closer than 0.5 A, or, in molecules and water, a bond of the starting
@@ -214,7 +214,8 @@ def with_prior(path: Path, label: str, repulsion: str, work: Path) -> Path:
 
 # ------------------------------------------------------------------ one case
 def settings_of(args) -> dict:
-    return {"ps": args.ps, "timestep_fs": args.timestep, "replicas": args.replicas,
+    nvt = {} if args.nvt_ps is None else {"nvt_ps": args.nvt_ps}  # old records: NVT as long
+    return {"ps": args.ps, **nvt, "timestep_fs": args.timestep, "replicas": args.replicas,
             "nve_replicas": args.nve_replicas, "nve_temperature_K": NVE_TEMPERATURE_K,
             "warmup_ps": args.warmup_ps, "thermostat": "langevin",
             "friction_per_fs": args.friction, "check_every": args.check_every,
@@ -327,18 +328,19 @@ def run_case(label: str, case: str, args) -> dict:
                                  for k, d in enumerate(drift)]}
             save()
             print(f"{label}: NVE drift {drift} meV/atom/ps", flush=True)
+        nvt_ps = args.ps if args.nvt_ps is None else args.nvt_ps
         for t in temps:
             key = f"{t:g}"
             if key in record["nvt"]:
                 continue
-            r = I.run_nvt(forces, state, t, args.ps, args.timestep, rule,
+            r = I.run_nvt(forces, state, t, nvt_ps, args.timestep, rule,
                           replicas=args.replicas, friction_per_fs=args.friction,
                           check_every=args.check_every, seed=args.seed,
                           progress=progress_printer(label, f"NVT {key} K"))
             record["nvt"][key] = {"temperature_K": t, **outcome_json(r)}
             save()
             print(f"{label}: NVT {key} K: {r.survived}/{len(r.outcomes)} survived "
-                  f"{args.ps:g} ps", flush=True)
+                  f"{nvt_ps:g} ps", flush=True)
     except UserError as err:
         fail(f"{label}: {err}")
     nve = record["nve"]
@@ -381,6 +383,9 @@ def main() -> None:
                    help="add this prior to each case's own trained model (with --tag; checked "
                         "to be zero on its training data)")
     p.add_argument("--ps", type=float, default=10.0, help="length of each run, ps (default 10)")
+    p.add_argument("--nvt-ps", type=float, default=None,
+                   help="length of the NVT runs when shorter than --ps (default: --ps), for "
+                        "models too slow for 5 replicas x 10 ps here")
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--replicas", type=int, default=5, help="NVT replicas (default 5)")
     p.add_argument("--nve-replicas", type=int, default=1, help="NVE replicas (default 1)")
@@ -412,6 +417,8 @@ def main() -> None:
     if unknown or not cases:
         fail(f"--cases: unknown case(s) {', '.join(unknown) or '(none given)'}; the cases are "
              f"{', '.join(CASES)}")
+    if args.nvt_ps is not None and not args.nvt_ps > 0:
+        fail("--nvt-ps must be > 0")
     if not args.ps > 0 or not args.timestep > 0 or args.replicas < 1 or args.nve_replicas < 1:
         fail("--ps and --timestep must be > 0, --replicas and --nve-replicas >= 1")
     if not 0 <= args.warmup_ps < args.ps:
