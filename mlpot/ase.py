@@ -44,7 +44,9 @@ class MLPotCalculator(Calculator):
         min_distance: warn (once per calculator) when two atoms come closer than this many
             Angstrom, as the readers refuse such training data; None: no check.
     Properties: energy, free_energy (= energy), forces, stress (periodic cells), energies
-    (per-atom energies, summing to the energy).
+    (per-atom energies, summing to the energy), stresses (periodic cells: per-atom stresses
+    [N, 6], Voigt, eV/A^3, summing to the stress as ASE's own calculators' do: -W_i / V with the
+    per-atom virial W_i of ``mlpot.keys.ATOMIC_VIRIAL``, LAMMPS's compute stress/atom).
 
     Committees (``mlpot.models.committee``): energy, forces and stress are the members' mean,
     and ``results`` also holds the committee's values for the same structure (``UNCERTAINTY``,
@@ -57,7 +59,7 @@ class MLPotCalculator(Calculator):
     machinery (trajectories, ``SinglePointCalculator``) stays untouched.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "stresses"]
 
     def __init__(self, model, device: str = "cpu", min_distance: Optional[float] = 0.5,
                  **kwargs):
@@ -115,10 +117,11 @@ class MLPotCalculator(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         self.results = dict(old)
         want_stress = "stress" in properties and "stress" not in self.results
+        want_stresses = "stresses" in properties and "stresses" not in self.results
         need_energy = "energy" not in self.results
-        if not (want_stress or need_energy):
+        if not (want_stress or want_stresses or need_energy):
             return
-        if want_stress and not self.atoms.pbc.all():
+        if (want_stress or want_stresses) and not self.atoms.pbc.all():
             raise PropertyNotImplementedError(
                 "MLPotCalculator: stress needs a cell periodic in all three directions")
         cell, pbc = self._cell_tensors(self.atoms)
@@ -127,6 +130,8 @@ class MLPotCalculator(Calculator):
             self._atom_types(self.atoms.numbers), cell, pbc)
         if self.min_distance is not None and not self._overlap_warned:
             self._warn_about_overlap(data[K.POSITIONS], cell, pbc)
+        if want_stresses:
+            data[K.COMPUTE_ATOMIC_VIRIAL] = torch.tensor(True, device=self.device)
         out = read_outputs(self.model(data, True, want_stress), 1, want_stress)
         energy = float(out[K.ENERGY][0])
         self.results["energy"] = energy
@@ -136,6 +141,10 @@ class MLPotCalculator(Calculator):
         if want_stress:
             s = out[K.STRESS][0].cpu().numpy().astype(np.float64)
             self.results["stress"] = s[_VOIGT[0], _VOIGT[1]]
+        if want_stresses:
+            w = out[K.ATOMIC_VIRIAL][0].cpu().numpy()
+            w = 0.5 * (w + w.transpose(0, 2, 1))  # as LAMMPS's (the sum is symmetric anyway)
+            self.results["stresses"] = -w[:, _VOIGT[0], _VOIGT[1]] / self.atoms.get_volume()
         self._committee_results(out)
 
     def _committee_results(self, out) -> None:

@@ -69,7 +69,8 @@ def replica_inputs(positions: Tensor, atom_types: Tensor, cell: Tensor, pbc: Ten
 def read_outputs(out: Dict[str, Tensor], replicas: int = 1,
                  compute_stress: bool = False) -> Dict[str, Tensor]:
     """The model's outputs per structure, detached: ``energy`` [R] float64 (eV), ``forces``
-    [R, N, 3] (eV/A), ``atomic_energies`` [R, N] (eV) when the model gives them, and with
+    [R, N, 3] (eV/A), ``atomic_energies`` [R, N] (eV) and ``atomic_virial`` [R, N, 3, 3] (eV)
+    when the model gives them, and with
     ``compute_stress`` ``stress`` [R, 3, 3] (eV/A^3, ASE's sign). For a committee also its
     members (``energy_members`` [R, K], ``forces_members`` [R, K, N, 3], ``virial_members``
     [R, K, 3, 3]) and deviations (``forces_dev`` [R, N]; ``max_force_dev``, ``energy_dev``,
@@ -82,6 +83,8 @@ def read_outputs(out: Dict[str, Tensor], replicas: int = 1,
         res[K.ATOMIC_ENERGIES] = out[K.ATOMIC_ENERGIES].detach().reshape(replicas, n)
     if compute_stress:
         res[K.STRESS] = out[K.STRESS].detach().reshape(replicas, 3, 3)
+    if K.ATOMIC_VIRIAL in out:
+        res[K.ATOMIC_VIRIAL] = out[K.ATOMIC_VIRIAL].detach().reshape(replicas, n, 3, 3)
     if K.MAX_FORCE_DEV in out:  # a committee: its members and deviations, per replica
         for key in out.keys():
             value = out[key].detach()

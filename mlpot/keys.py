@@ -28,6 +28,12 @@ ATOMIC_ENERGIES = "atomic_energies"  # [N] float64, eV
 FORCES = "forces"                # [N, 3] float, eV/Angstrom
 VIRIAL = "virial"                # [B, 3, 3] float, eV
 STRESS = "stress"                # [B, 3, 3] float, eV/Angstrom^3, = -virial / volume
+# Per-atom virial (LAMMPS's compute stress/atom), computed when the input holds
+# COMPUTE_ATOMIC_VIRIAL ([] bool, true): with g_e = dE/dv_e for the pair vector v_e of edge
+# (i, j), W_i = -1/2 sum over the edges e of i (as centre or neighbor) of v_e (x) g_e, so that
+# the sum over atoms (ghosts included) is the virial; W[n, a, b] = -1/2 sum v_a g_b.
+ATOMIC_VIRIAL = "atomic_virial"  # [N, 3, 3] float64, eV
+COMPUTE_ATOMIC_VIRIAL = "compute_atomic_virial"  # [] bool input flag
 
 # Committees (K members) and their model deviation, with DeePMD-kit's definitions (population
 # standard deviation over the members) so that DP-GEN trust levels carry over

@@ -236,6 +236,38 @@ def test_two_layer_model_on_two_ranks_equals_one_rank(plugin, tmp_path_factory, 
     assert_matches(two, ase_reference(model, atoms))
 
 
+@pytest.mark.parametrize("name,ranks,ghosts", [(n, 1, "auto") for n in FAMILIES]
+                         + [(n, 2, "auto") for n in FAMILIES] + [("nequip", 1, "always")])
+def test_stress_atom_is_the_ase_per_atom_stress(plugin, models, tmp_path, name, ranks, ghosts):
+    """compute stress/atom (virial part) equals the ASE calculator's per-atom stresses times the
+    volume, atom by atom, in the periodic mode and in ghost clusters (where ghosts' shares go
+    back to their owners), and sums to LAMMPS's own virial."""
+    atoms = triclinic_cell()
+    write_data(tmp_path / "data", atoms)
+    script = input_script(plugin, models[name], tmp_path / "data", tmp_path / "out",
+                          ghosts=ghosts)
+    script += (f"compute sa all stress/atom NULL virial\nrun 0\n"
+               f"write_dump all custom {tmp_path / 'sa.dump'} id c_sa[1] c_sa[2] c_sa[3] "
+               "c_sa[4] c_sa[5] c_sa[6] modify sort id format float %.15g\n")
+    got = run_lammps(script, tmp_path, ranks)
+    lines = (tmp_path / "sa.dump").read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("ITEM: ATOMS"))) + 1
+    s = np.array([[float(v) for v in ln.split()[1:7]] for ln in lines[start:]])
+    w = -s / NKTV2P  # per-atom virial, eV: xx yy zz xy xz yz
+    a = atoms.copy()
+    from mlpot.ase import MLPotCalculator
+
+    a.calc = MLPotCalculator(models[name])
+    ref = -a.get_stresses() * a.get_volume()  # ASE's Voigt order: xx yy zz yz xz xy
+    ref = ref[:, [0, 1, 2, 5, 4, 3]]
+    scale = float(np.abs(ref).max())
+    assert scale > 1e-6
+    assert np.abs(w - ref).max() <= 1e-8 * scale
+    virial = got["virial"]
+    total = [virial[0, 0], virial[1, 1], virial[2, 2], virial[0, 1], virial[0, 2], virial[1, 2]]
+    assert np.abs(w.sum(0) - total).max() <= 1e-8 * max(float(np.abs(virial).max()), 1e-3)
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_under_pair_style_hybrid(plugin, models, tmp_path, ranks):
     """Under hybrid/overlay (with a zero pair style) the numbers stay the ASE calculator's:

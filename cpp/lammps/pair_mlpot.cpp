@@ -51,6 +51,9 @@ PairMLPot::PairMLPot(LAMMPS *lmp) : Pair(lmp)
   one_coeff = 1;
   manybody_flag = 1;
   no_virial_fdotr_compute = 0;    // the virial is sum_k x_k F_k over local and ghost atoms
+  // per-atom virials (compute stress/atom) come from the model's pair-vector gradients; the
+  // centroid form (compute centroid/stress/atom) is not computed
+  centroidstressflag = CENTROID_NOTAVAIL;
 }
 
 PairMLPot::~PairMLPot()
@@ -293,10 +296,10 @@ double PairMLPot::init_one(int i, int j)
 void PairMLPot::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  if (vflag_atom || cvflag_atom)
+  if (cvflag_atom)
     error->all(FLERR,
-               "pair_style mlpot does not compute per-atom virials (compute stress/atom); "
-               "use the global pressure");
+               "pair_style mlpot does not compute centroid per-atom virials (compute "
+               "centroid/stress/atom); use compute stress/atom");
   if (periodic_mode)
     compute_periodic();
   else
@@ -362,6 +365,7 @@ void PairMLPot::compute_periodic()
   input.insert("atom_types", types);
   input.insert("cell", cell);
   input.insert("pbc", pbc);
+  if (vflag_atom) input.insert("compute_atomic_virial", torch::tensor(true));
   // (with fdotr available ev_init sets vflag_fdotr instead of vflag_global for the global virial)
   bool want_virial = vflag_global != 0 || vflag_fdotr != 0;
   bool devi = deviation_step();
@@ -380,6 +384,7 @@ void PairMLPot::compute_periodic()
     for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
   }
   if (devi) deviation_periodic(out);
+  if (vflag_atom) add_atomic_virial(out, nlocal);
   if (want_virial) {    // mlpot's virial -dE/d(strain) is LAMMPS's sum x F
     torch::Tensor w = out.at("virial").toTensor().to(torch::kFloat64).reshape({3, 3}).contiguous();
     auto wa = w.accessor<double, 2>();
@@ -426,8 +431,11 @@ void PairMLPot::compute_ghosts()
   input.insert("edge_index", torch::stack({ei, ej}));
   input.insert("edge_cell_shift", shifts);
   input.insert("local_atoms", torch::tensor(int64_t(nlocal), i64));
+  if (vflag_atom) input.insert("compute_atomic_virial", torch::tensor(true));
   auto out = run_model(input, false).toGenericDict();
   if (deviation_step()) deviation_ghosts(out, types);
+  // ghosts' shares go back to their owners with compute stress/atom's reverse communication
+  if (vflag_atom) add_atomic_virial(out, nall);
 
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
   auto fa = forces.accessor<double, 2>();
@@ -452,6 +460,29 @@ void PairMLPot::compute_ghosts()
       w[5] += x[k][1] * fa[k][2];
     }
     for (int c = 0; c < 6; c++) virial[c] += w[c];
+  }
+}
+
+/* the model's per-atom virials W [n, 3, 3] (eV) of atoms 0..n-1 into vatom (xx, yy, zz, xy, xz,
+   yz; off-diagonals symmetrised: the sum over atoms, the global virial, is symmetric) */
+
+void PairMLPot::add_atomic_virial(const c10::impl::GenericDict &out, int n)
+{
+  if (!out.contains("atomic_virial"))
+    error->one(FLERR,
+               "pair_style mlpot: the model {} returns no per-atom virial (compute stress/atom); "
+               "export it again with this mlpot",
+               model_path);
+  torch::Tensor w = out.at("atomic_virial").toTensor().detach().to(torch::kFloat64)
+                        .reshape({-1, 3, 3}).contiguous();
+  auto wa = w.accessor<double, 3>();
+  for (int k = 0; k < n; k++) {
+    vatom[k][0] += wa[k][0][0];
+    vatom[k][1] += wa[k][1][1];
+    vatom[k][2] += wa[k][2][2];
+    vatom[k][3] += 0.5 * (wa[k][0][1] + wa[k][1][0]);
+    vatom[k][4] += 0.5 * (wa[k][0][2] + wa[k][2][0]);
+    vatom[k][5] += 0.5 * (wa[k][1][2] + wa[k][2][1]);
   }
 }
 

@@ -16,7 +16,11 @@
 
    On one MPI rank the model gets the local atoms with the periodic cell instead and finds its
    own periodic neighbors (no ghost cluster to evaluate; the virial from the model's strain
-   derivative). `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too, as
+   derivative).
+
+   compute pe/atom and compute stress/atom (virial part) work in both modes: the per-atom virial
+   is the model's (mlpot.keys.ATOMIC_VIRIAL: each pair vector's share -1/2 v (x) dE/dv on both of
+   its atoms; ghosts' shares are reverse-communicated by the compute), so it sums to the virial. `pair_style mlpot model.pt ghosts always` uses the ghost cluster there too, as
    does pair_style hybrid (whose virial is sum x F over local and ghost atoms).
 
    Model deviation (DP-GEN's model_devi.out, as DeePMD-kit's pair_style deepmd writes it), for
@@ -61,6 +65,7 @@ class PairMLPot : public Pair {
   void compute_periodic();
   void atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor &types);
   void compute_ghosts();
+  void add_atomic_virial(const c10::impl::GenericDict &out, int n);
   torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
   bool deviation_step() const;
   void deviation_periodic(const c10::impl::GenericDict &out);

@@ -5,7 +5,7 @@ Every member shares the type map, cutoff and precision; the neighbor list is bui
 and handed to each member. Outputs (``mlpot.keys``):
 
 * ``energy``, ``forces``, ``atomic_energies``, and with ``compute_stress`` ``virial`` and
-  ``stress``: the mean over the members (what MD runs on);
+  ``stress`` (and ``atomic_virial`` when asked for): the mean over the members (what MD runs on);
 * ``energy_members`` [K, B], ``forces_members`` [K, N, 3] (and ``virial_members`` [K, B, 3, 3]);
 * the model deviation of ``mlpot.uncertainty`` (DeePMD-kit's definitions): ``forces_dev``,
   ``max_force_dev``, ``energy_dev`` (and ``virial_dev``), raw;
@@ -71,6 +71,7 @@ class Committee(SharedNeighbors):
         forces: List[torch.Tensor] = []
         virials: List[torch.Tensor] = []
         stresses: List[torch.Tensor] = []
+        atomic_virials: List[torch.Tensor] = []
         for member in self.members:
             out = member(inputs, compute_forces, compute_stress)
             energies.append(out[K.ENERGY])
@@ -80,6 +81,8 @@ class Committee(SharedNeighbors):
             if compute_stress:
                 virials.append(out[K.VIRIAL])
                 stresses.append(out[K.STRESS])
+            if K.ATOMIC_VIRIAL in out:
+                atomic_virials.append(out[K.ATOMIC_VIRIAL])
         energy_members = torch.stack(energies)  # [K, B]
         res: Dict[str, torch.Tensor] = {
             K.ENERGY: energy_members.mean(dim=0),
@@ -103,6 +106,8 @@ class Committee(SharedNeighbors):
             res[K.VIRIAL_MEMBERS] = torch.stack(virials)
             res[K.VIRIAL] = res[K.VIRIAL_MEMBERS].mean(dim=0)
             res[K.STRESS] = torch.stack(stresses).mean(dim=0)
+        if len(atomic_virials) > 0:
+            res[K.ATOMIC_VIRIAL] = torch.stack(atomic_virials).mean(dim=0)
         return res
 
     def set_calibration(self, factor: float) -> None:

@@ -7,6 +7,9 @@ everything the physics needs, in one place for all models:
     F_i = -dE/dx_i                                         (autograd)
     W_b = -dE/d(eps_b),  stress_b = -W_b / V_b             (displacement trick: x -> x (1 + eps),
                                                             cell -> cell (1 + eps), eps symmetric)
+    W_i = -1/2 sum_{e of i} v_e (x) dE/dv_e                 (per atom, asked for with the input flag
+                                                            ``compute_atomic_virial``: each edge's
+                                                            share split between its two atoms)
 
 An optional short-range prior (``repulsion``, e.g. the ZBL wall of ``mlpot.nn.zbl``, built with
 ``model.repulsion: zbl``) adds its per-atom energies (float64, from the same edges) beside E0, in
@@ -124,6 +127,8 @@ class Potential(nn.Module):
                 raise ValueError("local_atoms must be a count between 0 and the number of atoms, "
                                  "for one structure")
 
+        atomic_virial = K.COMPUTE_ATOMIC_VIRIAL in data and \
+            bool(data[K.COMPUTE_ATOMIC_VIRIAL].reshape(-1)[0])
         if hasattr(self.net, "centre_energies"):  # alone: TorchScript drops the branch if not
             if n_local < n_atoms:  # a centre's energy needs its own edges only: drop ghosts'
                 keep = i < n_local
@@ -131,7 +136,8 @@ class Potential(nn.Module):
             if (not self.training) and (not pos.requires_grad) and self.chunk_atoms > 0 \
                     and (not self.exporting) and n_atoms > self.chunk_atoms:
                 return self._forward_chunked(pos, cell, types, batch, i, j, shifts,
-                                             compute_forces, compute_stress, n_local)
+                                             compute_forces, compute_stress, n_local,
+                                             atomic_virial)
 
         grad_inputs: List[torch.Tensor] = []
         if compute_forces and not pos.requires_grad:
@@ -147,6 +153,10 @@ class Potential(nn.Module):
             cell = cell + torch.bmm(cell, sym)
 
         vectors = pair_vectors(pos, cell, batch, i, j, shifts)  # [P, 3]
+        if atomic_virial:
+            if not vectors.requires_grad:
+                vectors.requires_grad_(True)
+            grad_inputs.append(vectors)
         edge_index = torch.stack([i, j])
         atomic = self.net(types, edge_index, vectors.to(self.model_dtype))  # [N]
         atomic = atomic.to(torch.float64) * self.energy_scale \
@@ -172,7 +182,23 @@ class Potential(nn.Module):
                 g = grads[k]
                 de_deps = g if g is not None else torch.zeros_like(strain)
                 self._add_virial_and_stress(out, de_deps, data[K.CELL])
+                k += 1
+            if atomic_virial:
+                g = grads[k]
+                if g is None:
+                    g = torch.zeros_like(vectors)
+                out[K.ATOMIC_VIRIAL] = self._atomic_virial(vectors.detach(), g, i, j, n_atoms)
         return out
+
+    @staticmethod
+    def _atomic_virial(vectors: torch.Tensor, g: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+                       n_atoms: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, 3, 3] float64: -1/2 v_e (x) g_e added to both atoms of every edge (into ``out``
+        when given, for the chunked path)."""
+        half = -0.5 * vectors.to(torch.float64).unsqueeze(2) * g.to(torch.float64).unsqueeze(1)
+        if out is None:
+            out = torch.zeros(n_atoms, 3, 3, dtype=torch.float64, device=vectors.device)
+        return out.index_add_(0, i, half).index_add_(0, j, half)
 
     @staticmethod
     def _add_virial_and_stress(out: Dict[str, torch.Tensor], de_deps: torch.Tensor,
@@ -187,7 +213,7 @@ class Potential(nn.Module):
     def _forward_chunked(self, pos: torch.Tensor, cell: torch.Tensor, types: torch.Tensor,
                          batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
                          shifts: torch.Tensor, compute_forces: bool, compute_stress: bool,
-                         n_local: int) -> Dict[str, torch.Tensor]:
+                         n_local: int, atomic_virial: bool) -> Dict[str, torch.Tensor]:
         """``forward`` for a local network, ``chunk_atoms`` centres at a time (see the module
         doc). With v_e = x_j - x_i + S @ cell and g_e = dE/dv_e: F_i += g_e, F_j -= g_e, and
         dE/d(eps_b) = sym(sum_{e in b} v_e^T g_e) (a strain maps every v_e to v_e (1 + eps)).
@@ -205,8 +231,10 @@ class Potential(nn.Module):
             i, j, shifts = i.index_select(0, order), j.index_select(0, order), \
                 shifts.index_select(0, order)
         counts: List[int] = torch.bincount(edge_chunk, minlength=n_chunks).tolist()
-        need_grad = compute_forces or compute_stress
+        need_grad = compute_forces or compute_stress or atomic_virial
         atomic = torch.zeros(n_atoms, dtype=torch.float64, device=pos.device)
+        w_atoms = torch.zeros(n_atoms if atomic_virial else 0, 3, 3, dtype=torch.float64,
+                              device=pos.device)
         forces = torch.zeros_like(pos)
         de_dsym = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device)
         e0 = 0
@@ -236,6 +264,8 @@ class Potential(nn.Module):
                     if compute_stress:
                         outer = vectors.detach().unsqueeze(2) * g.unsqueeze(1)  # [Pc, 3, 3]
                         de_dsym.index_add_(0, batch.index_select(0, ic), outer)
+                    if atomic_virial:
+                        self._atomic_virial(vectors.detach(), g, ic, jc, n_atoms, w_atoms)
         energy = torch.zeros(n_struct, dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, batch, atomic)  # [B]
         out: Dict[str, torch.Tensor] = {K.ENERGY: energy, K.ATOMIC_ENERGIES: atomic}
@@ -243,6 +273,8 @@ class Potential(nn.Module):
             out[K.FORCES] = forces
         if compute_stress:
             self._add_virial_and_stress(out, 0.5 * (de_dsym + de_dsym.transpose(1, 2)), cell)
+        if atomic_virial:
+            out[K.ATOMIC_VIRIAL] = w_atoms
         return out
 
     # ------------------------------------------------------------------ python-side helpers
