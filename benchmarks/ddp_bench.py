@@ -10,8 +10,17 @@ processes take twice the frames per step. Settings are interleaved in rounds (ta
 going first); each reports the median of its rounds with min and max. Models and their
 hyperparameters are those of train_bench.py (3BPA), batch size 5 per process.
 
-    python benchmarks/ddp_bench.py [--models dp_se_e2_a nequip] [--steps 40] [--rounds 3]
+    python benchmarks/ddp_bench.py [--models dp_se_e2_a nequip] [--steps N] [--rounds 3]
                                    [--shared DIR] [--json benchmarks/results/ddp_bench.json]
+
+Two more settings take the cost apart (diagnostics, not ways to train):
+* "2 separate runs x 1 thread": two independent single-process runs at once (their frames/s
+  added; each run's steps must overlap the other's, hence the longer default runs): what the
+  machine gives two processes with no communication at all, the ceiling of any 2 x 1.
+* "2 processes x 1 thread, no gradient all-reduce": torchrun as above with DDP's gradient
+  all-reduce replaced by a hook that keeps each process's gradients (``mlpot.train.distributed``,
+  environment ``MLPOT_BENCH_NO_GRADIENT_SYNC=1``; the parameters then differ between processes);
+  every other synchronisation of a step stays. Its gap to 2 x 1 is the gradient all-reduce.
 
 Target (issue: data-parallel training): 2 x 1 at least 1.7x the frames per second of 1 x 1.
 """
@@ -25,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import yaml
@@ -33,9 +43,16 @@ from _common import (add_shared_option, command_line, machine_info, shared_path,
                      write_json)
 from train_bench import CUTOFF, MODELS
 
+from mlpot.train.distributed import NO_GRADIENT_SYNC
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2),
-            "2 processes x 1 thread": (2, 1)}
+            "2 processes x 1 thread": (2, 1),
+            "2 processes x 1 thread, no gradient all-reduce": (2, 1),
+            "2 separate runs x 1 thread": (1, 1)}
+# steps per run (at batch 5): long enough that start-up's slow first steps do not decide the rate
+# and that two separate runs' training overlaps (a Deep Potential step takes ~35 ms here)
+STEPS = {"dp_se_e2_a": 300, "nequip": 60, "egnn": 100}
 
 
 def config(data: Path, model: str, out: Path, steps: int, threads: int, batch: int) -> dict:
@@ -49,8 +66,31 @@ def config(data: Path, model: str, out: Path, steps: int, threads: int, batch: i
                          "threads": threads, "seed": 0}}
 
 
+def run_setting(name: str, data: Path, model: str, steps: int, batch: int,
+                workdir: Path) -> dict:
+    """One run of a setting; two at once for the separate-runs ceiling (frames/s added)."""
+    nproc, threads = SETTINGS[name]
+    if name.startswith("2 separate runs"):
+        res: list = [None, None]
+
+        def go(k: int) -> None:
+            res[k] = one_run(data, model, nproc, threads, steps, batch, workdir)
+
+        workers = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if None in res:
+            raise SystemExit(f"{model} {name}: a run failed")
+        return {"frames_per_s": res[0]["frames_per_s"] + res[1]["frames_per_s"],
+                "runs": res, "frames": res[0]["frames"] + res[1]["frames"]}
+    return one_run(data, model, nproc, threads, steps, batch, workdir,
+                   no_gradient_sync="no gradient all-reduce" in name)
+
+
 def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch: int,
-            workdir: Path) -> dict:
+            workdir: Path, no_gradient_sync: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(dir=workdir))
     cfg = out / "config.yaml"
     cfg.write_text(yaml.safe_dump(config(data, model, out / "run", steps, threads, batch)))
@@ -59,6 +99,8 @@ def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "mlpot", "train", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if no_gradient_sync:
+        env[NO_GRADIENT_SYNC] = "1"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{model} {nproc}x{threads} failed:\n{r.stderr[-3000:]}")
@@ -72,7 +114,8 @@ def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["dp_se_e2_a", "nequip"], choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"steps per run (default per model: {STEPS})")
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-wait", type=float, default=120.0,
@@ -83,7 +126,8 @@ def main() -> None:
     data = shared_path(args.shared, "data", "3bpa", "train_300K.xyz", what="the 3BPA data")
     names = list(SETTINGS)
     results = {"date": datetime.date.today().isoformat(), "command": command_line(shared=args.shared),
-               "machine": machine_info(), "steps": args.steps,
+               "machine": machine_info(),
+               "steps": {m: args.steps or STEPS[m] for m in args.models},
                "batch_size_per_process": args.batch_size, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -92,9 +136,8 @@ def main() -> None:
                 waited = wait_quiet(max_wait=args.max_wait)
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
-                    nproc, threads = SETTINGS[name]
-                    res = one_run(data, model, nproc, threads, args.steps, args.batch_size,
-                                  Path(tmp))
+                    res = run_setting(name, data, model, args.steps or STEPS[model],
+                                      args.batch_size, Path(tmp))
                     res["waited_s"] = round(waited, 1)
                     runs[name].append(res)
                     print(f"{model:12s} round {r + 1} {name:24s} "
@@ -112,7 +155,7 @@ def main() -> None:
             results["models"][model] = rows
             write_json(args.json, results)
     print(f"\n3BPA training throughput ({results['date']}, batch {args.batch_size} per process, "
-          f"{args.steps} steps, median of {args.rounds} rounds)")
+          f"steps {results['steps']}, median of {args.rounds} rounds)")
     for model, rows in results["models"].items():
         for name in names:
             r = rows[name]

@@ -172,3 +172,22 @@ def test_kill_one_rank_then_resume_loses_nothing(data_file, tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 3))
     assert int(rows[-1]["step"]) == int(rows[-3]["step"]) + 2 * 4  # 1 process: 4 steps of 2
     assert json.load(open(tmp_path / "run" / "metrics.json"))["world_size"] == 1
+
+
+def test_benchmark_switch_keeps_gradients_local(data_file, tmp_path):
+    """ddp_bench's diagnostic setting (MLPOT_BENCH_NO_GRADIENT_SYNC=1) really drops the gradient
+    all-reduce, says so, and nothing else changes: without it the same run equals 1 process."""
+    from mlpot.train.distributed import NO_GRADIENT_SYNC
+
+    two = write_config(tmp_path / "two.yaml", data_file, tmp_path / "two", batch_size=2, epochs=1)
+    one = write_config(tmp_path / "one.yaml", data_file, tmp_path / "one", batch_size=4, epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", NO_GRADIENT_SYNC: "1"}
+    r = subprocess.run(mlpot_cmd(two, 2), cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gradients are not averaged over processes" in r.stderr
+    assert cli(["train", one]) == 0
+    a = read_checkpoint(str(tmp_path / "one" / "last.pt"))
+    b = read_checkpoint(str(tmp_path / "two" / "last.pt"))
+    assert a["step"] == b["step"] == 2
+    assert max_param_diff(a, b) > 1e-6  # rank 0's weights followed its own half-batches

@@ -35,6 +35,17 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+# benchmarks/ddp_bench.py only: DDP runs with gradients kept local (no all-reduce), which tells
+# the cost of the gradient communication apart from the rest; the training is then wrong
+NO_GRADIENT_SYNC = "MLPOT_BENCH_NO_GRADIENT_SYNC"
+
+
+def _local_gradients(state, bucket):  # no annotation: DDP checks it, and strings fail
+    """A DDP communication hook that returns the bucket's local gradients unchanged."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
 
 @dataclass
 class Distributed:
@@ -86,8 +97,14 @@ class Distributed:
         # a [1, F] weight's gradient may come out with strides (1, 1): harmless, said once per
         # process by DDP as a performance hint that is not about anything a user can change
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                       gradient_as_bucket_view=True)
+        ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                      gradient_as_bucket_view=True)
+        if os.environ.get(NO_GRADIENT_SYNC) == "1":
+            warnings.warn(f"{NO_GRADIENT_SYNC}=1: gradients are not averaged over processes, so "
+                          "this training is wrong (a benchmark's measure of the all-reduce cost)",
+                          stacklevel=2)
+            ddp.register_comm_hook(None, _local_gradients)
+        return ddp
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over processes (float64 on the CPU with gloo; the tensor itself when single)."""
