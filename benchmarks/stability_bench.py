@@ -160,13 +160,21 @@ def exported(path: Path, label: str, work: Path) -> Path:
         fail(f"{path} is neither an exported mlpot model nor a training checkpoint")
     from mlpot.export import export
 
+    def write(out: Path) -> None:
+        print(f"{label}: exporting {portable(path)} -> {portable(out)}", flush=True)
+        export(str(path), str(out))
+
+    return export_once(label, work, sha256(path), write)
+
+
+def export_once(label: str, work: Path, digest: str, write) -> Path:
+    """``<work>/<label>_model.pt``, made by ``write(path)`` unless the file is there with the
+    same ``digest`` (of what it was made from) in ``<label>_model.sha256`` beside it."""
     out = work / f"{label}_model.pt"
     stamp = work / f"{label}_model.sha256"
-    digest = sha256(path)
     if not out.is_file() or not stamp.is_file() or stamp.read_text().strip() != digest:
-        print(f"{label}: exporting {portable(path)} -> {portable(out)}", flush=True)
         work.mkdir(parents=True, exist_ok=True)
-        export(str(path), str(out))
+        write(out)
         stamp.write_text(digest + "\n")
     return out
 
@@ -175,18 +183,20 @@ def with_prior(path: Path, label: str, repulsion: str, work: Path) -> Path:
     """The checkpoint ``path`` with the prior added, exported once into ``work``; fails unless
     the prior is zero on every frame of the model's training data (then training with it would
     have given the same model)."""
-    from mlpot.checkpoint import file_kind, model_from_checkpoint, read_checkpoint
+    from mlpot.checkpoint import file_kind
+
+    if file_kind(str(path)) != "checkpoint":
+        fail(f"--add-repulsion needs the training checkpoint of {label}'s model, not {path}")
+    return export_once(label, work, sha256(path) + f" +{repulsion}",
+                       lambda out: _export_with_prior(path, label, repulsion, out))
+
+
+def _export_with_prior(path: Path, label: str, repulsion: str, out: Path) -> None:
+    from mlpot.checkpoint import model_from_checkpoint, read_checkpoint
     from mlpot.data import read
     from mlpot.export import export
     from mlpot.models import with_repulsion
 
-    if file_kind(str(path)) != "checkpoint":
-        fail(f"--add-repulsion needs the training checkpoint of {label}'s model, not {path}")
-    out = work / f"{label}_model.pt"
-    stamp = work / f"{label}_model.sha256"
-    digest = sha256(path) + f" +{repulsion}"
-    if out.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
-        return out
     ckpt = read_checkpoint(str(path))
     model = with_repulsion(model_from_checkpoint(ckpt), repulsion)
     data = ckpt.get("train_config", {}).get("data", {})
@@ -205,11 +215,8 @@ def with_prior(path: Path, label: str, repulsion: str, work: Path) -> Path:
              f"`model.repulsion: {repulsion}` and pass it with --model")
     print(f"{label}: {repulsion} prior added to {portable(path)} (zero on all its training "
           f"frames) -> {portable(out)}", flush=True)
-    work.mkdir(parents=True, exist_ok=True)
     export(model, str(out), training_data_hash=ckpt.get("data_hash"),
            metadata={"repulsion_added_to": portable(path)})
-    stamp.write_text(digest + "\n")
-    return out
 
 
 # ------------------------------------------------------------------ one case
