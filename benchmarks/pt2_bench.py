@@ -18,6 +18,8 @@ Usage: python benchmarks/pt2_bench.py [--models egnn dp_se_e2_a nequip] [--dtype
            [--json benchmarks/results/pt2_bench.json]
        python benchmarks/pt2_bench.py --profile --sizes 4 --threads 1 --calls 5
            [--json benchmarks/results/pt2_profile.json]   (where the time goes)
+       python benchmarks/pt2_bench.py --blocking --sizes 8 --threads 1 --rounds 5
+           [--json benchmarks/results/pt2_blocking.json]  (TorchScript blocked vs one block)
 """
 from __future__ import annotations
 
@@ -175,6 +177,43 @@ def profile_case(name: str, dtype: str, n: int, threads: int, calls: int) -> dic
     return {"model": name, "n_atoms": 3 * n ** 3, "threads": threads, **result}
 
 
+BLOCKING = ("chunk_atoms", "block_bytes", "radial_block_bytes")  # 0: one block, as in the .pt2
+
+
+def blocking_case(name: str, dtype: str, n: int, rounds: int) -> dict:
+    """The TorchScript file as exported (blocked: the Deep Potential's chunks of centres,
+    ``egnn``'s and ``nequip``'s edge blocks) against the same file with every block size 0, the
+    one block that the .pt2 runs: how much of the .pt2's time at a size is the lost blocking."""
+    import torch
+
+    from mlpot.export import export, load
+    from mlpot.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, ["H", "O"], dtype=dtype).eval()
+    path = os.path.join(tempfile.mkdtemp(prefix="mlpot-pt2-blocking-"), "m.pt")
+    export(model, path)
+    blocked, one = load(path), load(path)
+    for module in one.module.modules():
+        for attr in BLOCKING:
+            if hasattr(module, attr):
+                setattr(module, attr, 0)
+    data = box_inputs(blocked, n)
+    models = {"blocked": blocked, "one block": one}
+    for m in models.values():
+        call(m, data)
+        call(m, data)
+    times = {k: [] for k in models}
+    for r in range(rounds):
+        for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            t0 = time.perf_counter()
+            call(models[k], data)
+            times[k].append(time.perf_counter() - t0)
+    return {"model": name, "n_atoms": int(data["positions"].shape[0]),
+            "threads": torch.get_num_threads(),
+            "ms_per_call": {k: round(1e3 * statistics.median(v), 1) for k, v in times.items()}}
+
+
 def memory_child(path: str, n: int) -> None:
     """(child process) Peak RSS of one call above the RSS after loading and a small call."""
     import torch
@@ -213,6 +252,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="instead: where the time goes, by kind of work, for each model at the "
                         "first size and thread count (the .pt2 compiled with kernel profiling)")
+    p.add_argument("--blocking", action="store_true",
+                   help="instead: TorchScript blocked against the one block of the .pt2, for "
+                        "each model at each size (first thread count)")
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
@@ -229,6 +271,23 @@ def main(argv=None):
                       f"per call; self ms by kind: {kinds}")
         if args.json:
             write_json(args.json, {"profile": rows, "machine": machine_info(),
+                                   "load": os.getloadavg(),
+                                   "argv": portable(sys.argv[1:] if argv is None
+                                                    else list(argv))})
+        return rows
+
+    if args.blocking:
+        torch.set_num_threads(args.threads[0])
+        rows = []
+        for name in args.models:
+            for n in args.sizes:
+                row = blocking_case(name, args.dtype, n, args.rounds)
+                rows.append(row)
+                print(f"{name} {row['n_atoms']} atoms, {row['threads']} thr, TorchScript: "
+                      f"blocked {row['ms_per_call']['blocked']} ms, one block "
+                      f"{row['ms_per_call']['one block']} ms", flush=True)
+        if args.json:
+            write_json(args.json, {"blocking": rows, "machine": machine_info(),
                                    "load": os.getloadavg(),
                                    "argv": portable(sys.argv[1:] if argv is None
                                                     else list(argv))})
