@@ -173,19 +173,22 @@ void out_release(void* p) {
 }
 
 void* out_acquire(size_t bytes) {
+  // a little headroom, so that the next MD step's slightly longer list fits the same block
+  size_t cap = bytes + bytes / 16;
+  cap = (cap + kOutAlign - 1) / kOutAlign * kOutAlign;
   {
     std::lock_guard<std::mutex> lock(g_out_mutex);
     auto it = g_out_free.lower_bound(bytes);
-    if (it != g_out_free.end() && it->first <= bytes + bytes / 4) {  // at most 25 % unused
+    // at most 25 % unused, or no larger than a fresh block would be: blocks are whole multiples
+    // of kOutAlign, so a 2.1 MB list gets a 4 MiB block, which the next step must be able to
+    // reuse (else every step leaves one more unusable block in the cache, up to kOutCacheBytes)
+    if (it != g_out_free.end() && it->first <= std::max(bytes + bytes / 4, cap)) {
       void* p = it->second;
       g_out_free_bytes -= it->first;
       g_out_free.erase(it);
       return p;
     }
   }
-  // a little headroom, so that the next MD step's slightly longer list fits the same block
-  size_t cap = bytes + bytes / 16;
-  cap = (cap + kOutAlign - 1) / kOutAlign * kOutAlign;
   void* p = std::aligned_alloc(kOutAlign, cap);
   if (p == nullptr) throw std::bad_alloc();
   std::lock_guard<std::mutex> lock(g_out_mutex);
