@@ -142,6 +142,11 @@ class MLPotCalculator(Calculator):
             s = out[K.STRESS][0].cpu().numpy().astype(np.float64)
             self.results["stress"] = s[_VOIGT[0], _VOIGT[1]]
         if want_stresses:
+            if K.ATOMIC_VIRIAL not in out:
+                raise PropertyNotImplementedError(
+                    "MLPotCalculator: this model gives no per-atom virials (a .pt2 package, or "
+                    "a file exported by an older mlpot), so no per-atom stresses; use the "
+                    "TorchScript file of `mlpot export` (model.pt) for get_stresses()")
             w = out[K.ATOMIC_VIRIAL][0].cpu().numpy()
             w = 0.5 * (w + w.transpose(0, 2, 1))  # as LAMMPS's (the sum is symmetric anyway)
             self.results["stresses"] = -w[:, _VOIGT[0], _VOIGT[1]] / self.atoms.get_volume()

@@ -166,6 +166,12 @@ def test_ase_integrators_and_openmm_take_a_pt2(packages):
     for k in (1, 2):
         np.testing.assert_allclose(results[1][k], results[0][k],
                                    atol=1e-8 * np.linalg.norm(results[0][k]))
+    # per-atom stresses: the TorchScript file only; the .pt2 says so in one line
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    a.calc = MLPotCalculator(path)
+    with pytest.raises(PropertyNotImplementedError, match="no per-atom virials"):
+        a.get_stresses()
     # integrators: three replicas as one batch
     types_ = scripted.atom_types(atoms.numbers)
     pos = torch.tensor(atoms.positions)
