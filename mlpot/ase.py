@@ -148,7 +148,6 @@ class MLPotCalculator(Calculator):
                     "a file exported by an older mlpot), so no per-atom stresses; use the "
                     "TorchScript file of `mlpot export` (model.pt) for get_stresses()")
             w = out[K.ATOMIC_VIRIAL][0].cpu().numpy()
-            w = 0.5 * (w + w.transpose(0, 2, 1))  # as LAMMPS's (the sum is symmetric anyway)
             self.results["stresses"] = -w[:, _VOIGT[0], _VOIGT[1]] / self.atoms.get_volume()
         self._committee_results(out)
 

@@ -30,8 +30,8 @@ VIRIAL = "virial"                # [B, 3, 3] float, eV
 STRESS = "stress"                # [B, 3, 3] float, eV/Angstrom^3, = -virial / volume
 # Per-atom virial (LAMMPS's compute stress/atom), computed when the input holds
 # COMPUTE_ATOMIC_VIRIAL ([] bool, true): with g_e = dE/dv_e for the pair vector v_e of edge
-# (i, j), W_i = -1/2 sum over the edges e of i (as centre or neighbor) of v_e (x) g_e, so that
-# the sum over atoms (ghosts included) is the virial; W[n, a, b] = -1/2 sum v_a g_b.
+# (i, j), W_i = -1/2 sum over the edges e of i (as centre or neighbor) of sym(v_e (x) g_e), so
+# that the sum over atoms (ghosts included) is the virial; symmetric, as the virial.
 ATOMIC_VIRIAL = "atomic_virial"  # [N, 3, 3] float64, eV
 COMPUTE_ATOMIC_VIRIAL = "compute_atomic_virial"  # [] bool input flag
 

@@ -45,6 +45,7 @@ def test_atomic_virial_sums_to_the_virial(name, tmp_path):
     assert w.shape == (8, 3, 3) and w.dtype == torch.float64
     assert float(virial.abs().max()) > 1e-4
     torch.testing.assert_close(w.sum(0), virial, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w, w.transpose(1, 2), rtol=0, atol=0)
     assert K.ATOMIC_VIRIAL not in model({k: v for k, v in data.items()
                                          if k != K.COMPUTE_ATOMIC_VIRIAL}, True, True)
     path = str(tmp_path / "m.pt")
@@ -110,4 +111,5 @@ def test_each_atom_gets_half_of_its_pairs():
     for a, b, vv, gg in zip(i, j, v, g):
         ref[a] -= 0.5 * np.outer(vv, gg)
         ref[b] -= 0.5 * np.outer(vv, gg)
+    assert np.abs(ref - ref.transpose(0, 2, 1)).max() < 1e-12  # pair forces lie along v
     np.testing.assert_allclose(w, ref, rtol=1e-10, atol=1e-12)

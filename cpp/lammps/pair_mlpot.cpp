@@ -463,8 +463,8 @@ void PairMLPot::compute_ghosts()
   }
 }
 
-/* the model's per-atom virials W [n, 3, 3] (eV) of atoms 0..n-1 into vatom (xx, yy, zz, xy, xz,
-   yz; off-diagonals symmetrised: the sum over atoms, the global virial, is symmetric) */
+/* the model's per-atom virials W [n, 3, 3] (eV, symmetric) of atoms 0..n-1 into vatom (xx, yy,
+   zz, xy, xz, yz) */
 
 void PairMLPot::add_atomic_virial(const c10::impl::GenericDict &out, int n)
 {
@@ -480,9 +480,9 @@ void PairMLPot::add_atomic_virial(const c10::impl::GenericDict &out, int n)
     vatom[k][0] += wa[k][0][0];
     vatom[k][1] += wa[k][1][1];
     vatom[k][2] += wa[k][2][2];
-    vatom[k][3] += 0.5 * (wa[k][0][1] + wa[k][1][0]);
-    vatom[k][4] += 0.5 * (wa[k][0][2] + wa[k][2][0]);
-    vatom[k][5] += 0.5 * (wa[k][1][2] + wa[k][2][1]);
+    vatom[k][3] += wa[k][0][1];
+    vatom[k][4] += wa[k][0][2];
+    vatom[k][5] += wa[k][1][2];
   }
 }
 

@@ -193,9 +193,10 @@ class Potential(nn.Module):
     @staticmethod
     def _atomic_virial(vectors: torch.Tensor, g: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
                        n_atoms: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[N, 3, 3] float64: -1/2 v_e (x) g_e added to both atoms of every edge (into ``out``
-        when given, for the chunked path)."""
-        half = -0.5 * vectors.to(torch.float64).unsqueeze(2) * g.to(torch.float64).unsqueeze(1)
+        """[N, 3, 3] float64: -1/2 sym(v_e (x) g_e) added to both atoms of every edge (into
+        ``out`` when given, for the chunked path); symmetric, as the virial they sum to."""
+        outer = vectors.to(torch.float64).unsqueeze(2) * g.to(torch.float64).unsqueeze(1)
+        half = -0.25 * (outer + outer.transpose(1, 2))
         if out is None:
             out = torch.zeros(n_atoms, 3, 3, dtype=torch.float64, device=vectors.device)
         return out.index_add_(0, i, half).index_add_(0, j, half)
