@@ -79,6 +79,25 @@ def export_both(name: str, dtype: str, folder: str) -> dict:
     return row
 
 
+def interleaved_times(models: dict, data, rounds: int, calls: int) -> dict:
+    """Seconds per call of each model over ``rounds`` rounds (lists), the models taking turns at
+    going first, each round's first model after an untimed call (the first call after a switch
+    runs cold), ``calls`` calls timed together."""
+    for m in models.values():
+        call(m, data)
+    times = {k: [] for k in models}
+    names = list(models)
+    for r in range(rounds):
+        order = names[r % 2:] + names[:r % 2]
+        call(models[order[0]], data)
+        for k in order:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call(models[k], data)
+            times[k].append((time.perf_counter() - t0) / calls)
+    return times
+
+
 def time_calls(paths: dict, n: int, rounds: int, calls: int) -> dict:
     """Median seconds per call of each format on the n^3 water box, interleaved rounds."""
     import torch
@@ -89,19 +108,8 @@ def time_calls(paths: dict, n: int, rounds: int, calls: int) -> dict:
     models = {fmt: load(p) for fmt, p in paths.items()}
     data = box_inputs(models["torchscript"], n)
     outs = {fmt: call(m, data) for fmt, m in models.items()}  # warm-up, and the comparison
-    for m in models.values():
-        call(m, data)
     f_ts, f_aoti = outs["torchscript"][K.FORCES], outs["aoti"][K.FORCES]
-    times = {fmt: [] for fmt in models}
-    names = list(models)
-    for r in range(rounds):
-        order = names[r % 2:] + names[:r % 2]
-        call(models[order[0]], data)  # untimed: the first call after a switch runs cold
-        for fmt in order:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                call(models[fmt], data)
-            times[fmt].append((time.perf_counter() - t0) / calls)
+    times = interleaved_times(models, data, rounds, calls)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"n_atoms": int(data[K.POSITIONS].shape[0]), "threads": torch.get_num_threads(),
             "ms_per_call": {k: round(1e3 * v, 2) for k, v in med.items()},
@@ -180,7 +188,7 @@ def profile_case(name: str, dtype: str, n: int, threads: int, calls: int) -> dic
 BLOCKING = ("chunk_atoms", "block_bytes", "radial_block_bytes")  # 0: one block, as in the .pt2
 
 
-def blocking_case(name: str, dtype: str, n: int, rounds: int) -> dict:
+def blocking_case(name: str, dtype: str, n: int, rounds: int, calls: int) -> dict:
     """The TorchScript file as exported (blocked: the Deep Potential's chunks of centres,
     ``egnn``'s and ``nequip``'s edge blocks) against the same file with every block size 0, the
     one block that the .pt2 runs: how much of the .pt2's time at a size is the lost blocking."""
@@ -200,15 +208,8 @@ def blocking_case(name: str, dtype: str, n: int, rounds: int) -> dict:
                 setattr(module, attr, 0)
     data = box_inputs(blocked, n)
     models = {"blocked": blocked, "one block": one}
-    for m in models.values():
-        call(m, data)
-        call(m, data)
-    times = {k: [] for k in models}
-    for r in range(rounds):
-        for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            t0 = time.perf_counter()
-            call(models[k], data)
-            times[k].append(time.perf_counter() - t0)
+    call(blocked, data)
+    times = interleaved_times(models, data, rounds, calls)
     return {"model": name, "n_atoms": int(data["positions"].shape[0]),
             "threads": torch.get_num_threads(),
             "ms_per_call": {k: round(1e3 * statistics.median(v), 1) for k, v in times.items()}}
@@ -281,7 +282,7 @@ def main(argv=None):
         rows = []
         for name in args.models:
             for n in args.sizes:
-                row = blocking_case(name, args.dtype, n, args.rounds)
+                row = blocking_case(name, args.dtype, n, args.rounds, args.calls)
                 rows.append(row)
                 print(f"{name} {row['n_atoms']} atoms, {row['threads']} thr, TorchScript: "
                       f"blocked {row['ms_per_call']['blocked']} ms, one block "
