@@ -33,7 +33,10 @@ Two modes, one code path (stages in this order, each skipped when already done):
     3. **label**: the training structures and the samples labelled by the teacher (``TEACHER_``);
     4. **student**: trained on the teacher's energies and forces of every structure plus, where
        the data has them, the reference labels of the training structures with the weight
-       ``weights.reference`` against 1 for a teacher label (0 leaves them out).
+       ``weights.reference`` against 1 for a teacher label (0 leaves them out). A structure's
+       teacher and reference frames (and its perturbed copies) carry one
+       ``distill_structure`` value, the student's ``data.copy_key``, so they land in the same
+       part of the validation (and test) split: no validation frame has a twin in training.
 
 Every stage's output is an ordinary file: ``OUT/teacher_labels.xyz`` (extxyz, the ``TEACHER_``
 labels beside the reference ``REF_`` ones; train on it with ``mlpot train``), the student's
@@ -65,6 +68,9 @@ from .files import atomic_write, resolve_path
 from .train.config import ConfigError, _spec, dataclass_from_dict
 
 STAGES = ("teacher", "sample", "label", "student_data", "student")
+# mode teacher: a training structure is in the student's data twice (teacher and reference
+# labels); this info key names the structure so that both land in the same part of the split
+STRUCTURE_KEY = "distill_structure"
 
 
 class DistillConfigError(ConfigError):
@@ -220,6 +226,8 @@ def student_config(cfg: DistillConfig, data_file: str, where: str = "config"):
     data.update(train=data_file, energy_key="DISTILL_energy", forces_key="DISTILL_forces",
                 energy_weight_key="DISTILL_energy_weight",
                 forces_weight_key="DISTILL_forces_weight")
+    if cfg.mode == "teacher":  # a structure's teacher and reference frames stay together
+        data["copy_key"] = STRUCTURE_KEY
     raw = copy.deepcopy(cfg.student)
     return _train_config(raw, data, os.path.join(cfg.out_dir, "student"), f"{where}: student")
 
@@ -236,6 +244,23 @@ def force_weights(forces_dev: List[np.ndarray], rule: str, minimum: float) -> np
     with np.errstate(divide="ignore"):
         w = np.where(d > 0, (ref / np.where(d > 0, d, 1.0)) ** 2, 1.0)
     return np.clip(w, minimum, 1.0)
+
+
+def tag_structures(frames, samples) -> list:
+    """``frames`` then ``samples``, each with ``info["distill_structure"]``, the structure it
+    stands for in the student's split (``data.copy_key``): a training structure's own index,
+    shared by its perturbed copies (near-duplicates of it); every MD sample its own."""
+    out = []
+    for k, a in enumerate(frames):
+        a = a.copy()
+        a.info[STRUCTURE_KEY] = f"s{k}"
+        out.append(a)
+    for j, b in enumerate(samples):
+        b = b.copy()
+        b.info[STRUCTURE_KEY] = f"s{b.info['parent']}" \
+            if b.info.get("distill_source") == "perturbed" else f"md{j}"
+        out.append(b)
+    return out
 
 
 def _reference_frames(cfg: DistillConfig):
@@ -487,7 +512,7 @@ class Distiller:
         if not os.path.exists(to_label):  # written once: the labelling's progress refers to it
             extra = _read_xyz(self.path("samples.xyz")) if self.cfg.mode == "teacher" \
                 and os.path.exists(self.path("samples.xyz")) else []
-            _write_xyz(to_label, list(frames) + list(extra))
+            _write_xyz(to_label, tag_structures(frames, extra))
         spec = LabellerSpec(kind="model", model=self.teacher_file(),
                             device=self.cfg.sample.device)
         self.log(f"label: the teacher labels {to_label}")
@@ -525,6 +550,8 @@ class Distiller:
                                        w.reference if f is not None else 0.0)
                     b.info["distill_label"] = "reference"
                     out.append(b)
+        for i, b in enumerate(out):  # a run labelled before the key existed: no grouping
+            b.info.setdefault(STRUCTURE_KEY, f"frame{i}")
         _write_xyz(self.path("student_data.xyz"), out)
         state["student_frames"] = len(out)
         self.log(f"student data: {len(out)} frames ({self.path('student_data.xyz')})")
@@ -533,6 +560,12 @@ class Distiller:
         from .train import train
 
         scfg = student_config(self.cfg, self.path("student_data.xyz"))
+        if scfg.data.copy_key:
+            import ase.io
+
+            first = ase.io.read(self.path("student_data.xyz"), index=0, format="extxyz")
+            if scfg.data.copy_key not in first.info:  # data written by an earlier version
+                scfg.data.copy_key = None
         resume = os.path.exists(os.path.join(scfg.training.out_dir, "last.pt"))
         self.log(f"student: {'resuming' if resume else 'training'} {scfg.model.name} in "
                  f"{scfg.training.out_dir}")

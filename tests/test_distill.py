@@ -18,7 +18,8 @@ from _fitting import labelled_cu_cells
 from mlpot import keys as K
 from mlpot.checkpoint import read_checkpoint
 from mlpot.distill import (DistillConfigError, distill, distill_config_from_dict,
-                           force_weights)
+                           force_weights, student_config)
+from mlpot.train.data import load_training_data
 from mlpot.inputs import structure_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -197,6 +198,22 @@ def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_pat
     assert all(a.info["DISTILL_forces_weight"] == 0.5 for a in reference)
     assert all(a.info["DISTILL_energy_weight"] == 1.0 for a in teacher_frames)
     assert {a.info["distill_source"] for a in teacher_frames} == {"reference", "md", "perturbed"}
+    # one structure, one part of the student's split: its teacher frame, its reference frame
+    # and its perturbed copy share a distill_structure, which is the student's data.copy_key
+    structure = {}
+    for a in student:
+        if a.info["distill_source"] != "md":
+            structure.setdefault(a.info["distill_structure"], set()).add(
+                (a.info["distill_source"], a.info["distill_label"]))
+    assert len(structure) == 6 and all(v == {("reference", "teacher"), ("reference", "reference"),
+                                             ("perturbed", "teacher")}
+                                       for v in structure.values())
+    scfg = student_config(distill_config_from_dict(raw), str(tmp_path / "run" /
+                                                              "student_data.xyz"))
+    assert scfg.data.copy_key == "distill_structure"
+    split = load_training_data(scfg)
+    pos = lambda d: d.positions.numpy().round(6).tobytes()  # noqa: E731
+    assert not {pos(d) for d in split.train} & {pos(d) for d in split.validation}
 
 
 def test_samples_with_overlapping_atoms_are_dropped_not_fatal(ensemble_run, tmp_path):

@@ -114,3 +114,32 @@ def test_rotated_copies_stay_in_one_part(tmp_path):
                  for p in (data.train, data.validation, data.test)]
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
         assert len(data.train) + len(data.validation) + len(data.test) == 16
+
+
+def test_copy_key_keeps_one_structure_with_two_labels_in_one_part(tmp_path):
+    # `mlpot distill` (mode teacher) writes each training structure twice, with the teacher's
+    # and the reference labels: equivalence_key cannot see they are one structure (different
+    # energies), data.copy_key names it
+    frames = labelled_cu_cells(20, seed=0)
+    twins = []
+    for k, a in enumerate(frames):
+        a.info["structure"] = f"s{k}"
+        b = a.copy()
+        b.info["REF_energy"] = a.info["REF_energy"] + 0.01
+        twins.append(b)
+    path = str(tmp_path / "twins.xyz")
+    write(path, frames + twins, format="extxyz")
+
+    def shared_positions(**data):
+        cfg = _cfg(path, tmp_path / "run", validation_fraction=0.3, **data)
+        d = load_training_data(cfg, ("energy", "forces"))
+        pos = lambda f: f.positions.numpy().round(6).tobytes()  # noqa: E731
+        parts = [{pos(f) for f in p} for p in (d.train, d.validation, d.test)]
+        assert len(d.train) + len(d.validation) + len(d.test) == 40
+        return parts[0] & parts[1] | parts[0] & parts[2] | parts[1] & parts[2]
+
+    assert shared_positions()  # without the key some structures straddle the split ...
+    assert not shared_positions(copy_key="structure")  # ... with it none
+    assert not shared_positions(copy_key="structure", test_fraction=0.2)
+    with pytest.raises(DataError, match="no info key 'nope'.*data.copy_key"):
+        load_training_data(_cfg(path, tmp_path, copy_key="nope"), ("energy",))

@@ -369,16 +369,17 @@ def _read_deepmd_system(system, tm, require, e_f, l_f, min_distance) -> List[Ato
     return out
 
 
-def read_info(path: str, key: str, format: Optional[str] = None) -> List[str]:
-    """A label per frame of ``path`` for stratified splits: ``info[key]`` of each frame of an
-    ASE format (every frame must have it), or, for DeePMD npy data with key "system", the
-    system folder of each frame (in the order ``read`` returns the frames)."""
+def read_info(path: str, key: str, format: Optional[str] = None,
+              setting: str = "data.split_key") -> List[str]:
+    """A label per frame of ``path`` for splits (``setting``, named in errors): ``info[key]`` of
+    each frame of an ASE format (every frame must have it), or, for DeePMD npy data with key
+    "system", the system folder of each frame (in the order ``read`` returns the frames)."""
     import ase.io
 
     if format == "deepmd" or (format is None and os.path.isdir(path)):
         if key != "system":
             raise DataError(f"{path}: DeePMD data have no per-frame info; split by 'system' "
-                            f"(data.split_key: system), not {key!r}")
+                            f"({setting}: system), not {key!r}")
         labels: List[str] = []
         for system in find_deepmd_systems(path):
             for s in sorted(glob.glob(os.path.join(system, "set.*"))):
@@ -390,7 +391,7 @@ def read_info(path: str, key: str, format: Optional[str] = None) -> List[str]:
         value = atoms.info.get(key)
         if value is None:
             raise DataError(f"{path}:frame {k}: no info key {key!r} to split by; give every "
-                            "frame one, or change or remove data.split_key")
+                            f"frame one, or change or remove {setting}")
         labels.append(str(value))
     return labels
 

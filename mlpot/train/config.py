@@ -43,6 +43,10 @@ class DataConfig:
     # stratify the validation_fraction/test_fraction split by this info key (e.g. config_type;
     # ASE formats) or, for DeePMD data, by system folder ("system"); None: one random split
     split_key: Optional[str] = None
+    # frames with the same value of this info key (ASE formats) are one structure and land in
+    # the same part of the split (e.g. a structure with two sets of labels); None: copies are
+    # found by data.train.equivalence_key when a new split is made
+    copy_key: Optional[str] = None
     format: Optional[str] = None                # None: deepmd for folders, else ase.io guesses
     type_map: Optional[List[str]] = None        # default: the elements of the training data
     energy_key: Optional[str] = None

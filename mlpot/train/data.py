@@ -99,16 +99,19 @@ def equivalence_key(frame: AtomicData):
     return key
 
 
-def _split_groups(paths: List[str], cfg: Config, n: int) -> List[str]:
-    """The label of every training frame for a stratified split (``data.split_key``): an info
+def _split_groups(paths: List[str], cfg: Config, n: int, setting: str) -> List[str]:
+    """The label of every training frame under the info key that ``data.<setting>`` names
+    (``split_key`` for a stratified split, ``copy_key`` for copies of one structure): an info
     value of ASE formats, or "system" for the folder of DeePMD data."""
     from ..data.readers import read_info
 
-    key, d = cfg.data.split_key, cfg.data
+    d = cfg.data
+    key = getattr(d, setting)
     labels: List[str] = []
     for p in paths:
         is_deepmd = d.format == "deepmd" or (d.format is None and os.path.isdir(p))
-        labels.extend(read_info(p, key, format=None if is_deepmd else d.format))
+        labels.extend(read_info(p, key, format=None if is_deepmd else d.format,
+                                setting=f"data.{setting}"))
     return labels[:n]  # data.max_frames keeps the first frames
 
 
@@ -125,12 +128,14 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
         tm = TypeMap.from_atomic_numbers(torch.cat([s.atomic_numbers for s in train]).tolist())
         for s in train:
             s.atom_types = tm.types(s.atomic_numbers.numpy(), s.sources[0])
-    groups = _split_groups(train_paths, cfg, len(train)) if d.split_key else None
+    groups = _split_groups(train_paths, cfg, len(train), "split_key") if d.split_key else None
     test: List[AtomicData] = []
     if d.validation:
         validation = _read_all(_paths(d.validation), cfg, tm, require)
-    if d.test_fraction > 0 or (groups is not None and not d.validation):
-        copies = [equivalence_key(f) for f in train]  # copies stay together (new splits only)
+    if d.test_fraction > 0 or ((groups is not None or d.copy_key) and not d.validation):
+        # copies stay together (new splits only): the data's own key, or found by their labels
+        copies = _split_groups(train_paths, cfg, len(train), "copy_key") if d.copy_key \
+            else [equivalence_key(f) for f in train]
         train_idx, val_idx, test_idx = split_indices(
             len(train), 0.0 if d.validation else d.validation_fraction, d.test_fraction,
             cfg.training.seed, groups, copies)
