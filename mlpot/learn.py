@@ -36,7 +36,11 @@ the chosen frames take their labels from the file: nothing is recomputed.
 
 Stopping rules, checked after each iteration: the fraction of explored frames below the lower
 level >= ``stop.accurate_fraction``; ``stop.max_iterations``; ``stop.max_wall_hours`` (wall time
-of the loop, summed over resumed runs); ``stop.max_labels`` (labels added by the loop).
+of the loop, summed over resumed runs); ``stop.max_labels`` (labels added by the loop);
+``stop.stalled_iterations`` (default 2) iterations in a row that added no label. An iteration
+that adds none warns (``LoopStallWarning``) with the reason: no explored frame
+between the trust levels (with the deviations seen, and whether to move the levels or the
+exploration), no frames explored, or every selected frame failed to label.
 
 State: ``learn_dir/state.json`` (written atomically, ``mlpot.files.atomic_write``) records the
 iteration and the last phase finished (``trained``, ``explored``, ``selected``, ``labelled``) and
@@ -77,6 +81,11 @@ STATE_FORMAT = 1
 
 class LearnConfigError(ConfigError):
     """Bad input to ``mlpot learn`` (exit code 2), found before any work starts."""
+
+
+class LoopStallWarning(UserWarning):
+    """An iteration of ``mlpot learn`` added no label (the message says why and what to
+    change); ``stop.stalled_iterations`` such iterations in a row stop the loop."""
 
 
 # --------------------------------------------------------------------------- config
@@ -130,6 +139,9 @@ class StopConfig:
     max_iterations: int = _spec(10, ge=1)
     max_wall_hours: Optional[float] = _spec(None, gt=0.0)
     max_labels: Optional[int] = _spec(None, ge=1)
+    # iterations in a row that added no label (the loop has stalled: the trust levels or the
+    # exploration need a change, which the warning names); None: never stop for this
+    stalled_iterations: Optional[int] = _spec(2, ge=1)
 
 
 @dataclass
@@ -746,6 +758,48 @@ class Learner:
                          f"{s['failed_file']})")
         _kill_point(f"learn-labels-written-{i}")
         self.row(state, i)["labels_added"] = n
+        why = self.stall_message(i, state)
+        if why:
+            warnings.warn(why, LoopStallWarning, stacklevel=2)
+
+    def stall_message(self, i: int, state) -> Optional[str]:
+        """Why iteration i added no label and what to change (None when it added some): the
+        next iteration would train on the same data and most likely stall again."""
+        import ase.io
+
+        row = self.row(state, i)
+        st = self.cfg.stop
+        if row.get("labels_added") or (st.accurate_fraction is not None and
+                                       (row.get("accurate") or 0.0) >= st.accurate_fraction):
+            return None  # labels added, or the loop is done (stop.accurate_fraction)
+        sel, head = self.cfg.selection, f"iteration {i} added no labels"
+        if row.get("selected"):
+            return (f"{head}: all {row['selected']} selected frame(s) failed to label (see "
+                    f"the failed-frames file beside {self.iter_dir(i)}/labelled.xyz); check "
+                    "the labeller's settings on one of them")
+        if st.max_labels is not None and self.labels_added(i) >= st.max_labels:
+            return None  # the label budget is spent: stop.max_labels ends the loop
+        if not row.get("frames"):
+            return (f"{head}: the exploration gave no frames; check explore.structures, "
+                    "explore.steps and explore.collect_every")
+        path = os.path.join(self.iter_dir(i), "explored.xyz")
+        frames = ase.io.read(path, index=":") if os.path.getsize(path) > 0 else []
+        devs = np.array([a.info["max_force_dev"] for a in frames if "max_force_dev" in a.info])
+        spread = (f"; max_force_dev of the collected frames: median {np.median(devs):.3g}, "
+                  f"10-90 % {np.percentile(devs, 10):.3g}-{np.percentile(devs, 90):.3g} eV/A"
+                  if len(devs) else "")
+        levels = f"selection.lower = {sel.lower:g}, upper = {sel.upper:g} eV/A"
+        acc, fail = row.get("accurate") or 0.0, row.get("failed") or 0.0
+        if fail >= acc:
+            advice = ("the committee doubts nearly every explored frame: raise the trust "
+                      "levels to the deviations seen here, or explore more gently (lower "
+                      "explore.temperatures, fewer explore.steps)")
+        else:
+            advice = ("the committee is sure of nearly every explored frame, short of "
+                      "stop.accurate_fraction: lower selection.lower, explore further (higher "
+                      "explore.temperatures, more explore.steps), or accept the model")
+        return (f"{head}: no explored frame lies between the trust levels ({levels}; "
+                f"{100 * acc:.1f} % accurate, {100 * fail:.1f} % failed{spread}): {advice}")
 
     # ------------------------------------------------------------ stopping and reports
     def stop_reason(self, state) -> Optional[str]:
@@ -766,6 +820,11 @@ class Learner:
         if self.cfg.labeller.kind == "pool" and \
                 len(state["pool_chosen"]) >= self.pool_size:
             return "the pool is used up"
+        n = st.stalled_iterations
+        if n is not None and i + 1 >= n and \
+                all(not r.get("labels_added") for r in state["rows"][i + 1 - n: i + 1]):
+            return (f"stalled: {n} iteration(s) in a row added no labels (the warning above "
+                    "says what to change; stop.stalled_iterations sets how many)")
         return None
 
     COLUMNS = ["iteration", "labels", "labels_added", "frames", "accurate", "candidate",

@@ -359,3 +359,28 @@ def test_selection_strategy_is_checked(inputs, tmp_path):
     with pytest.raises(ConfigError, match="selection.strategy = 'randomly' is not one of "
                                           r"\['committee', 'random'\]. Did you mean 'random'"):
         learn_config_from_dict(cfg)
+
+
+def test_a_loop_that_adds_no_labels_warns_why_and_stops(inputs, tmp_path):
+    """Trust levels far above the tiny committee's deviations (~1e-3 eV/A): every explored
+    frame is 'accurate', none is a candidate, stop.accurate_fraction is out of reach. Each
+    iteration warns with the reason and the deviations seen; two such iterations in a row stop
+    the loop (stop.stalled_iterations) long before stop.max_iterations."""
+    from mlpot.learn import LoopStallWarning
+
+    run = tmp_path / "run"
+    cfg = config(inputs, run, selection={"lower": 5.0, "upper": 10.0, "max_labels": 2},
+                 stop={"max_iterations": 6, "accurate_fraction": None})
+    with pytest.warns(LoopStallWarning) as caught:
+        state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    assert len(state["rows"]) == 2 and state["stopped"].startswith("stalled: 2 iteration")
+    messages = [str(w.message) for w in caught if w.category is LoopStallWarning]
+    assert len(messages) == 2
+    assert "iteration 0 added no labels" in messages[0]
+    assert "100.0 % accurate" in messages[0] and "lower selection.lower" in messages[0]
+    assert "max_force_dev of the collected frames: median" in messages[0]
+    # far below the deviations: everything failed, the other advice
+    cfg = config(inputs, tmp_path / "run2", selection={"lower": 1e-9, "upper": 2e-9},
+                 stop={"max_iterations": 1})
+    with pytest.warns(LoopStallWarning, match="doubts nearly every explored frame"):
+        learn(learn_config_from_dict(cfg), log=lambda *a: None)
