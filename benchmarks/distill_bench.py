@@ -355,6 +355,25 @@ def common_settings(args) -> dict:
                 "batch_size": train_bench().MODELS["dp_se_e2_a"]["batch_size"]}}
 
 
+def keep_other_molecules(path: Path, new: dict) -> dict:
+    """``new`` with the molecules of an earlier result in ``path`` that this run did not
+    redo (runs of one molecule at a time, e.g. on different days: each molecule keeps its own
+    date and command), when both used the same settings; otherwise ``new`` alone."""
+    if not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == new.get(k) for k in ("settings", "teacher_model", "md"))
+    if not same:
+        print(f"{portable(path)}: earlier results with other settings are replaced", flush=True)
+        return new
+    molecules = {m: {**r, "date": r.get("date", old.get("date")),
+                     "command": r.get("command", old.get("command"))}
+                 for m, r in old.get("molecules", {}).items() if m not in new["molecules"]}
+    for m in new["molecules"]:
+        new["molecules"][m]["command"] = new["command"]
+    return {**new, "molecules": {**molecules, **new["molecules"]}}
+
+
 # ------------------------------------------------------------------ energy-only
 def prepare_rmd17(args, molecule: str, folder: Path) -> dict:
     """pool_energy.xyz (800, REF_energy only), pool_forces.xyz (the same with REF_forces) and
@@ -618,11 +637,15 @@ def main() -> None:
     if "energy-only" in args.parts:
         t0 = time.time()
         res = energy_only(args)
+        for mol in res:
+            res[mol].update(date=head["date"], wall_s=round(time.time() - t0, 1))
         out = {**head, "part": "energy-only", "teacher_model": args.teacher_model,
                "teacher_members": ENSEMBLE, "md": {"temperature_K": args.md_temperature,
                                                    "ps": args.md_ps, "replicas": args.replicas},
-               "molecules": res, "wall_s": round(time.time() - t0, 1)}
-        write_json(Path(args.results_dir) / "distill_energy_only.json", portable(out, **roots))
+               "molecules": res}
+        path = Path(args.results_dir) / "distill_energy_only.json"
+        out = keep_other_molecules(path, portable(out, **roots))
+        write_json(path, out)
         print(f"wrote {portable(Path(args.results_dir) / 'distill_energy_only.json')}")
     if "fast-student" in args.parts:
         t0 = time.time()
