@@ -20,7 +20,10 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
    failed frame. The fractions are over all collected frames plus these;
 3. **select** at most ``selection.max_labels`` candidates, thinned for diversity by farthest
    point sampling (FPS) on a per-structure descriptor (``structure_descriptor``), starting from
-   the candidate of largest deviation (``selected.xyz``); ``selection.strategy: random`` (the
+   the candidate of largest deviation (``selected.xyz``); with
+   ``selection.candidates_per_label: c`` FPS runs over the c x max_labels candidates of
+   largest deviation only (the most doubted, thinned for diversity: c = 1 takes the most
+   doubted frames as they are); ``selection.strategy: random`` (the
    baseline of label-efficiency benchmarks) instead picks them uniformly at random among the
    same candidates, without FPS, reproducibly from ``selection.seed`` and the iteration
    (numpy's ``default_rng([seed, i])``); in pool mode it picks among all unchosen pool frames
@@ -112,6 +115,9 @@ class SelectionConfig:
     upper: float = _spec(0.15, gt=0.0)           # eV/A
     max_labels: int = _spec(10, ge=1)            # new labels per iteration
     pool_all_candidates: bool = True             # pool mode: every unchosen frame may be picked
+    # committee: before FPS, keep only this many candidates per label to pick, those of largest
+    # max_force_dev (the most doubted, thinned for diversity); None: FPS over all candidates
+    candidates_per_label: Optional[int] = _spec(None, ge=1)
     # committee: FPS from the most doubted candidate; random: uniformly among the candidates
     strategy: str = _spec("committee", choices=["committee", "random"])
     seed: int = _spec(0, ge=0)                   # random: iteration i picks by (seed, i)
@@ -712,6 +718,9 @@ class Learner:
             picked = [int(k) for k in rng.choice(cand, size=min(budget, len(cand)),
                                                  replace=False)]
         elif len(cand) and budget > 0:
+            if sel.candidates_per_label is not None:  # the most doubted candidates only
+                keep = sel.candidates_per_label * budget
+                cand = np.sort(cand[np.argsort(-devs[cand], kind="stable")[:keep]])
             cutoff = float(self._model(i).cutoff)
             x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
             first = int(np.argmax(devs[cand]))

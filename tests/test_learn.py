@@ -384,3 +384,25 @@ def test_a_loop_that_adds_no_labels_warns_why_and_stops(inputs, tmp_path):
                  stop={"max_iterations": 1})
     with pytest.warns(LoopStallWarning, match="doubts nearly every explored frame"):
         learn(learn_config_from_dict(cfg), log=lambda *a: None)
+
+
+def test_candidates_per_label_picks_among_the_most_doubted(inputs, tmp_path):
+    """selection.candidates_per_label: FPS over the c x max_labels candidates of largest
+    max_force_dev only; c = 1 takes exactly the most doubted frames, c = 2 picks 3 of the 6
+    most doubted, starting from the most doubted."""
+    for c in (1, 2):
+        run = tmp_path / f"c{c}"
+        cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                     explore={"structures": []},
+                     selection={"lower": 1e-5, "upper": 1.0, "max_labels": 3,
+                                "candidates_per_label": c}, stop={"max_iterations": 1})
+        learn(learn_config_from_dict(cfg), log=lambda *a: None)
+        explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+        ranked = [a.info["pool_index"] for a in
+                  sorted(explored, key=lambda a: -a.info["max_force_dev"])]
+        picked = [a.info["pool_index"] for a in read(str(run / "iter_000" / "selected.xyz"),
+                                                     index=":")]
+        assert len(picked) == 3 and picked[0] == ranked[0]
+        assert set(picked) <= set(ranked[:3 * c])
+        if c == 1:
+            assert set(picked) == set(ranked[:3])
