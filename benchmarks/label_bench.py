@@ -153,7 +153,8 @@ def learn_run(args, molecule: str, strategy: str, seed: int, files: dict) -> Pat
            # play no part in the choice; they only classify the frames in the table)
            "selection": {"strategy": strategy, "seed": seed, "max_labels": args.per_iter,
                          "pool_all_candidates": True,
-                         "candidates_per_label": args.candidates_per_label or None},
+                         "candidates_per_label": args.candidates_per_label or None,
+                         "diversity": args.diversity},
            "labeller": {"kind": "pool", "pool": str(files[f"pool_{seed}"])},
            "stop": {"max_iterations": iterations(args), "accurate_fraction": None}}
     path = Path(args.work) / molecule / f"{strategy}_s{seed}.yaml"
@@ -280,9 +281,9 @@ def results(args, t_total: float) -> dict:
                "batch_size": BATCH, "validation_fraction": VALIDATION_FRACTION,
                "committee_selection": "selection.strategy: committee, pool_all_candidates: "
                                       "true, candidates_per_label: "
-                                      f"{args.candidates_per_label or None} (FPS on "
-                                      "structure_descriptor over the most doubted unchosen "
-                                      "frames, from the largest max_force_dev)",
+                                      f"{args.candidates_per_label or None}, diversity: "
+                                      f"{args.diversity} (FPS on structure_descriptor over "
+                                      "the most doubted unchosen frames)",
                "random_selection": "selection.strategy: random (uniform over the unchosen pool, "
                                    "numpy default_rng([seed, iteration]))",
                "errors": "committee mean on the 200 test frames (trainer's test evaluation of "
@@ -399,6 +400,9 @@ def main():
     p.add_argument("--candidates-per-label", type=int, default=3,
                    help="query by committee: FPS over this many most doubted frames per label "
                         "(default 3; 0: over the whole unchosen pool)")
+    p.add_argument("--diversity", choices=["batch", "labelled"], default="batch",
+                   help="query by committee's FPS: from the most doubted frame among the "
+                        "batch's picks (batch), or away from the labelled data too (labelled)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference (whole-pool) final fits")
     p.add_argument("--threads", type=int, default=1)

@@ -23,7 +23,9 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
    the candidate of largest deviation (``selected.xyz``); with
    ``selection.candidates_per_label: c`` FPS runs over the c x max_labels candidates of
    largest deviation only (the most doubted, thinned for diversity: c = 1 takes the most
-   doubted frames as they are); ``selection.strategy: random`` (the
+   doubted frames as they are); ``selection.diversity: labelled`` counts FPS distances to the
+   data trained on (initial data and earlier labels) too, each pick the candidate farthest
+   from all of it (greedy k-centre); ``selection.strategy: random`` (the
    baseline of label-efficiency benchmarks) instead picks them uniformly at random among the
    same candidates, without FPS, reproducibly from ``selection.seed`` and the iteration
    (numpy's ``default_rng([seed, i])``); in pool mode it picks among all unchosen pool frames
@@ -118,6 +120,9 @@ class SelectionConfig:
     # committee: before FPS, keep only this many candidates per label to pick, those of largest
     # max_force_dev (the most doubted, thinned for diversity); None: FPS over all candidates
     candidates_per_label: Optional[int] = _spec(None, ge=1)
+    # committee: FPS distances to the batch's own picks ("batch", from the most doubted) or to
+    # the labelled data as well ("labelled": each pick the candidate farthest from all of it)
+    diversity: str = _spec("batch", choices=["batch", "labelled"])
     # committee: FPS from the most doubted candidate; random: uniformly among the candidates
     strategy: str = _spec("committee", choices=["committee", "random"])
     seed: int = _spec(0, ge=0)                   # random: iteration i picks by (seed, i)
@@ -387,14 +392,24 @@ def structure_descriptor(atoms, cutoff: float, bins: int = 24, width: float = 0.
     return np.concatenate(parts)
 
 
-def farthest_point_sampling(x: np.ndarray, k: int, first: int = 0) -> List[int]:
+def farthest_point_sampling(x: np.ndarray, k: int, first: int = 0,
+                            covered: Optional[np.ndarray] = None) -> List[int]:
     """Indices of ``k`` rows of ``x`` chosen greedily, each the farthest (Euclidean) from those
-    chosen before, starting with ``first``."""
+    chosen before, starting with ``first``. With ``covered`` (rows already in the data set),
+    distances count to those too and the first pick is the row farthest from them (greedy
+    k-centre, the core-set selection of Sener and Savarese, ICLR 2018); ``first`` is unused."""
     n = len(x)
     if n == 0 or k <= 0:
         return []
+    if covered is not None and len(covered):
+        dist = np.full(n, np.inf)
+        for c in covered:  # row by row: no [n, m, d] array
+            dist = np.minimum(dist, np.linalg.norm(x - c, axis=1))
+        first = int(np.argmax(dist))
+        dist = np.minimum(dist, np.linalg.norm(x - x[first], axis=1))
+    else:
+        dist = np.linalg.norm(x - x[first], axis=1)
     chosen = [int(first)]
-    dist = np.linalg.norm(x - x[first], axis=1)
     while len(chosen) < min(k, n):
         dist[chosen] = -1.0
         nxt = int(np.argmax(dist))
@@ -446,9 +461,9 @@ class Learner:
 
         atomic_write(self.state_path, write)
 
-    def signature(self) -> Dict[str, Any]:
+    def signature(self, cfg: Optional[LearnConfig] = None) -> Dict[str, Any]:
         """The config a resumed run must match: everything but ``stop``."""
-        d = dataclasses.asdict(self.cfg)
+        d = dataclasses.asdict(cfg if cfg is not None else self.cfg)
         d.pop("stop")
         return json.loads(json.dumps(d))
 
@@ -479,8 +494,12 @@ class Learner:
         os.makedirs(self.dir, exist_ok=True)
         state = self.read_state()
         signature = self.signature()
-        if state.setdefault("config", signature) != signature:
-            old, new = _flat(state["config"]), _flat(signature)
+        new = _flat(signature)
+        # settings added to mlpot since the run began count as their defaults there
+        defaults = _flat(self.signature(LearnConfig()))
+        old = {**{k: v for k, v in defaults.items() if k in new},
+               **_flat(state.setdefault("config", signature))}
+        if old != new:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
                              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise LearnConfigError(f"{self.dir} holds a loop run with another config ({diff}); "
@@ -724,7 +743,12 @@ class Learner:
             cutoff = float(self._model(i).cutoff)
             x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
             first = int(np.argmax(devs[cand]))
-            picked = [int(cand[k]) for k in farthest_point_sampling(x, budget, first)]
+            covered = None
+            if sel.diversity == "labelled":
+                covered = np.stack([structure_descriptor(a, cutoff)
+                                    for path in self.train_files(i)
+                                    for a in ase.io.read(path, index=":")])
+            picked = [int(cand[k]) for k in farthest_point_sampling(x, budget, first, covered)]
         chosen = []
         for k in picked:
             a = frames[k].copy()

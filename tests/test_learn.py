@@ -219,6 +219,8 @@ def test_pool_mode_picks_pool_frames_and_never_relabels(inputs, tmp_path):
 def test_fps_and_classes():
     x = np.array([[0.0], [0.1], [5.0], [2.4], [0.2]])
     assert farthest_point_sampling(x, 3, first=0) == [0, 2, 3]
+    # with the labelled data as centres (greedy k-centre): far from 5.0 and 0.0 first
+    assert farthest_point_sampling(x, 2, covered=np.array([[5.0], [0.0]])) == [3, 4]
     assert classify(np.array([0.01, 0.05, 0.1, 0.15, np.nan]), 0.05, 0.15).tolist() == \
         [0, 1, 1, 2, 2]
     a = bulk("Cu", "fcc", a=3.61, cubic=True)
@@ -406,3 +408,34 @@ def test_candidates_per_label_picks_among_the_most_doubted(inputs, tmp_path):
         assert set(picked) <= set(ranked[:3 * c])
         if c == 1:
             assert set(picked) == set(ranked[:3])
+
+
+def test_labelled_diversity_and_a_run_from_before_the_newer_settings(inputs, tmp_path):
+    """selection.diversity: labelled picks, in each iteration, the candidates farthest from the
+    data trained on (initial frames and earlier labels); and a loop begun before a setting
+    existed (its state.json lacks the key) resumes when the config leaves it at its default."""
+    from mlpot.learn import structure_descriptor as desc
+
+    run = tmp_path / "run"
+    cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                 explore={"structures": []},
+                 selection={"lower": 1e-5, "upper": 1.0, "max_labels": 3,
+                            "diversity": "labelled"}, stop={"max_iterations": 1})
+    learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    picked = [a.info["pool_index"] for a in read(str(run / "iter_000" / "selected.xyz"),
+                                                 index=":")]
+    x = {a.info["pool_index"]: desc(a, 3.6) for a in explored}
+    labelled_x = [desc(a, 3.6) for a in read(str(inputs / "init.xyz"), index=":")]
+    gap = {k: min(np.linalg.norm(v - c) for c in labelled_x) for k, v in x.items()}
+    assert picked[0] == max(gap, key=gap.get)  # the frame least like the training data
+    # a state written before selection.diversity and candidates_per_label existed
+    state_path = run / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("diversity", "candidates_per_label"):
+        state["config"]["selection"].pop(key)
+    state_path.write_text(json.dumps(state))
+    cfg["selection"] = {k: v for k, v in cfg["selection"].items() if k != "diversity"}
+    cfg["stop"] = {"max_iterations": 2}
+    state = learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    assert len(state["rows"]) == 2
