@@ -34,9 +34,10 @@ the seeds). A warm-started chain of short trainings is not the same training as 
 so the loops' own committees are not compared with the reference.
 
 Query by committee selects with ``selection.candidates_per_label: --candidates-per-label``
-(default 3): FPS over the 3 x 10 most doubted unchosen frames, from the most doubted (with
-``--candidates-per-label 0``: FPS over the whole unchosen pool, mostly diversity, the first
-protocol).
+(default 3): FPS over the 3 x 10 most doubted unchosen frames (with ``--candidates-per-label
+0``: over the whole unchosen pool), with ``selection.diversity: --diversity``: ``batch``
+(distances to the batch's own picks, from the most doubted frame) or ``labelled`` (distances
+to the labelled data too: each pick the candidate least like everything trained on).
 
 Results: ``benchmarks/results/label_efficiency.json`` (per molecule, strategy, seed and
 iteration: labels, test force MAE/RMSE, energy MAE/RMSE; means and spreads over seeds; the
@@ -439,7 +440,7 @@ def main():
     for mol, e in res["molecules"].items():
         print(f"{mol}: final fits ({args.final_steps} steps), test force MAE meV/A, mean over "
               f"seeds: " + ", ".join(f"{k} {v.get('forces_mae_meV_per_A', '-')}"
-                                     f"{' +- ' + str(v['forces_mae_std_meV_per_A']) if v else ''}"
+                                     f"{' +- ' + str(v['forces_mae_std_meV_per_A']) if v.get('seeds') else ''}"
                                      for k, v in e["final_fit"].items())
               + f"; target met: {e['target']['met']}")
         for s, v in e["strategies"].items():
