@@ -622,9 +622,11 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, float]:
     try:
         trainer = Trainer(cfg, dist=dist)
         trainer.fit(resume=resume)
-        if not dist.is_main:
-            return {}
-        return finalize(trainer)
+        metrics = finalize(trainer) if dist.is_main else {}
+        # all processes leave the group together: a gloo process that tears its group down while
+        # a peer is still busy (rank 0 finalizing) can abort at exit ("terminate called ...")
+        dist.barrier()
+        return metrics
     finally:
         dist.close()
 
