@@ -32,7 +32,8 @@ together. The last is the machine's ceiling for 2 processes on this work: twice 
 in the time of one of them, with no ghosts and no communication, so 2 x (1x1 time / its time)
 is the speedup 2 ranks would have if splitting the system cost nothing; what two processes
 lose to each other there (shared memory bandwidth and last-level cache) 2 ranks lose too
-(``machine_ceiling_2_processes``, and ``2_ranks_of_ceiling`` the 2-rank speedup over it). Time per step from LAMMPS's own ``Loop time`` of a ``run N`` after an untimed ``run 1``;
+(``machine_ceiling_2_processes``, and ``2_ranks_of_ceiling`` the 2-rank speedup over it).
+Time per step from LAMMPS's own ``Loop time`` of a ``run N`` after an untimed ``run 1``;
 LAMMPS's breakdown (Pair, Neigh, Comm, ...) and its Nlocal/Nghost per rank come from the log.
 With several ranks each rank evaluates its local atoms plus a ghost shell as deep as the model's
 receptive field (interaction layers x cutoff, in the exported file's metadata) + skin. The ghost
@@ -206,7 +207,13 @@ def run_lmp_twice(script: str, folder: Path, tag: str) -> dict:
     step the mean of the two and both kept. Against one run alone this is the machine's ceiling
     for 2 processes on this work (memory bandwidth and cache shared by the cores)."""
     runs = [start_lmp(script, folder, 1, 1, f"{tag}-{k}") for k in (0, 1)]
-    got = [finish_lmp(r) for r in runs]
+    try:
+        got = [finish_lmp(r) for r in runs]
+    finally:  # one failed: the other is not left running
+        for r in runs:
+            if r["proc"].poll() is None:
+                r["proc"].kill()
+                r["proc"].wait()
     ms = [1e3 * g["loop_s"] / g["steps"] for g in got]
     out = dict(got[0])
     out.update(ms_per_step=statistics.mean(ms), ms_per_step_each=[round(x, 2) for x in ms],
