@@ -13,6 +13,11 @@ hyperparameters are those of train_bench.py (3BPA), batch size 5 per process.
     python benchmarks/ddp_bench.py [--models dp_se_e2_a nequip] [--steps N] [--rounds 3]
                                    [--shared DIR] [--json benchmarks/results/ddp_bench.json]
 
+"2 processes x 1 thread" averages the gradients through shared memory (mlpot's default when
+all processes are on one host, ``mlpot.train.distributed``); "2 processes x 1 thread, gloo
+all-reduce" is the same run with gloo's TCP all-reduce (``MLPOT_DDP_ALLREDUCE=gloo``), as DDP
+does by default.
+
 Two more settings take the cost apart (diagnostics, not ways to train):
 * "2 separate runs x 1 thread": two independent single-process runs at once (their frames/s
   added; each run's steps must overlap the other's, hence the longer default runs): what the
@@ -43,11 +48,12 @@ from _common import (add_shared_option, command_line, machine_info, shared_path,
                      write_json)
 from train_bench import CUTOFF, MODELS
 
-from mlpot.train.distributed import NO_GRADIENT_SYNC
+from mlpot.train.distributed import ALLREDUCE, NO_GRADIENT_SYNC
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2),
             "2 processes x 1 thread": (2, 1),
+            "2 processes x 1 thread, gloo all-reduce": (2, 1),
             "2 processes x 1 thread, no gradient all-reduce": (2, 1),
             "2 separate runs x 1 thread": (1, 1)}
 # steps per run (at batch 5): long enough that start-up's slow first steps do not decide the rate
@@ -86,11 +92,12 @@ def run_setting(name: str, data: Path, model: str, steps: int, batch: int,
         return {"frames_per_s": res[0]["frames_per_s"] + res[1]["frames_per_s"],
                 "runs": res, "frames": res[0]["frames"] + res[1]["frames"]}
     return one_run(data, model, nproc, threads, steps, batch, workdir,
-                   no_gradient_sync="no gradient all-reduce" in name)
+                   no_gradient_sync="no gradient all-reduce" in name,
+                   gloo="gloo all-reduce" in name)
 
 
 def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch: int,
-            workdir: Path, no_gradient_sync: bool = False) -> dict:
+            workdir: Path, no_gradient_sync: bool = False, gloo: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(dir=workdir))
     cfg = out / "config.yaml"
     cfg.write_text(yaml.safe_dump(config(data, model, out / "run", steps, threads, batch)))
@@ -101,6 +108,8 @@ def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if no_gradient_sync:
         env[NO_GRADIENT_SYNC] = "1"
+    if gloo:
+        env[ALLREDUCE] = "gloo"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{model} {nproc}x{threads} failed:\n{r.stderr[-3000:]}")

@@ -51,8 +51,8 @@ def mlpot_cmd(config, nproc=1, *extra):
             f"--nproc-per-node={nproc}", "-m", "mlpot", "train", str(config), *extra]
 
 
-def run(cmd, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd, cwd, **env_extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -82,20 +82,26 @@ def test_shards_are_disjoint_and_cover_the_global_batches():
 
 
 # every family: the committee's members are Deep Potentials, the variance network's mean model
-# an EGNN (its variance network a small Deep Potential)
-@pytest.mark.parametrize("family,model,training", [
-    ("dp_se_e2_a", None, {"ensemble": 2, "bootstrap": True}),
-    ("egnn", {"uncertainty": "mve"}, None),
-    ("nequip", None, None),
-], ids=["dp-committee", "egnn-mve", "nequip"])
+# an EGNN (its variance network a small Deep Potential); gradients averaged through shared memory
+# (the default on one host: the committee's two members share it) and by gloo's all-reduce
+@pytest.mark.parametrize("family,model,training,allreduce", [
+    ("dp_se_e2_a", None, {"ensemble": 2, "bootstrap": True}, "auto"),
+    ("egnn", {"uncertainty": "mve"}, None, "auto"),
+    ("nequip", None, None, "auto"),
+    ("dp_se_e2_a", None, None, "gloo"),
+], ids=["dp-committee", "egnn-mve", "nequip", "dp-gloo-allreduce"])
 def test_two_processes_equal_one_with_the_global_batch(data_file, tmp_path, family, model,
-                                                      training):
+                                                      training, allreduce):
+    from mlpot.train.distributed import ALLREDUCE
+
     two = write_config(tmp_path / "two.yaml", data_file, tmp_path / "two", family, 2,
                        model=model, training=training)
     one = write_config(tmp_path / "one.yaml", data_file, tmp_path / "one", family, 4,
                        model=model, training=training)
-    r = run(mlpot_cmd(two, 2), tmp_path)
+    r = run(mlpot_cmd(two, 2), tmp_path, **{ALLREDUCE: allreduce})
     assert "2 processes (gloo), training.batch_size 2 per process, global batch 4" in r.stdout
+    how = "gloo's all-reduce" if allreduce == "gloo" else "shared memory"
+    assert f"gradients averaged through {how}" in r.stdout
     assert r.stdout.count("validation:") == 1  # rank 0 alone reports
     assert cli(["train", one]) == 0  # in this process (no torchrun: a single process)
     a = read_checkpoint(str(tmp_path / "one" / "last.pt"))
@@ -191,3 +197,61 @@ def test_benchmark_switch_keeps_gradients_local(data_file, tmp_path):
     b = read_checkpoint(str(tmp_path / "two" / "last.pt"))
     assert a["step"] == b["step"] == 2
     assert max_param_diff(a, b) > 1e-6  # rank 0's weights followed its own half-batches
+
+
+AVERAGE_STEPS = [[(4096, "float64")], [(1000, "float32"), (7, "float64"), (5, "float32")],
+                 [(7, "float64")], [(2000, "float32"), (2000, "float64")], [(4096, "float64")]]
+SHARED_AVERAGE_SCRIPT = f"STEPS = {AVERAGE_STEPS!r}\n" + """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from mlpot.train.distributed import SharedMemoryAverage
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+avg = SharedMemoryAverage.create(4096 * 8, world, rank)
+left = sorted(f for f in os.listdir("/dev/shm") if f.startswith("mlpot-ddp-"))
+out = {"left": left, "calls": []}
+# steps of one or several buckets of several sizes and dtypes: both slot sets used and reused
+for step in STEPS:
+    mine = torch.Generator().manual_seed(100 * len(out["calls"]) + rank)
+    xs = [torch.randn(n, generator=mine, dtype=getattr(torch, t)) for n, t in step]
+    out["calls"].append([x.tolist() for x in avg.average(xs)])
+try:
+    avg.average([torch.zeros(4096, dtype=torch.float64), torch.zeros(1)])
+except RuntimeError as e:
+    out["too_large"] = str(e)
+json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_shared_memory_average_is_the_mean_on_every_process(tmp_path):
+    """Three processes: every bucket of a step (two dtypes, several sizes and counts, both slot
+    sets reused) comes back as the mean over the processes, the same floats on each; the file is gone from
+    /dev/shm once mapped; a bucket larger than the slot is an error, not a silent overflow."""
+    script = tmp_path / "average.py"
+    script.write_text(SHARED_AVERAGE_SCRIPT)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+         str(script), str(tmp_path)], tmp_path)
+    outs = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(3)]
+    for call, step in enumerate(AVERAGE_STEPS):
+        gens = [torch.Generator().manual_seed(100 * call + r) for r in range(3)]
+        for k, (n, t) in enumerate(step):
+            dtype = getattr(torch, t)
+            inputs = [torch.randn(n, generator=g, dtype=dtype) for g in gens]
+            expected = (inputs[0] + inputs[1] + inputs[2]) / 3
+            got = [torch.tensor(o["calls"][call][k], dtype=dtype) for o in outs]
+            assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+            assert torch.allclose(got[0], expected, rtol=0,
+                                  atol=1e-6 if dtype == torch.float32 else 1e-14)
+    assert all(o["left"] == [] for o in outs)  # unlinked once every process had mapped it
+    assert all("larger than the shared-memory slot" in o["too_large"] for o in outs)
+
+
+def test_an_unknown_allreduce_setting_is_a_clear_error(monkeypatch):
+    from mlpot.train.distributed import ALLREDUCE, Distributed
+
+    monkeypatch.setenv(ALLREDUCE, "mpi")
+    with pytest.raises(ValueError, match="use auto, shm or gloo"):
+        Distributed(2, 0, 0, "gloo").shared_memory_average(torch.nn.Linear(2, 2))

@@ -361,7 +361,8 @@ class Trainer:
             b = self.cfg.training.batch_size
             print(f"data-parallel training: {self.dist.world_size} processes "
                   f"({self.dist.backend}), training.batch_size {b} per process, global batch "
-                  f"{b * self.dist.world_size} structures", flush=True)
+                  f"{b * self.dist.world_size} structures, gradients averaged through "
+                  f"{self.dist.averaging}", flush=True)
         if main:
             self._write_config()
         if self.cfg.training.tensorboard and main:
