@@ -12,6 +12,7 @@
 #include "json.h"
 #include "lammps.h"
 #include "memory.h"
+#include "neigh_list.h"
 #include "neighbor.h"
 #include "update.h"
 
@@ -282,6 +283,10 @@ void PairMLPot::init_style()
   // are not used)
   double ghost = receptive_field + neighbor->skin;
   if (!periodic_mode && comm->cutghostuser < ghost) comm->cutghostuser = ghost;
+  // a one-layer model's local energies need the pairs of local centres only (the model drops
+  // ghost-centred pairs): LAMMPS's full list has them, built at reneighboring, not every step
+  local_pairs_only = !periodic_mode && interaction_layers == 1;
+  if (local_pairs_only) neighbor->add_request(this, NeighConst::REQ_FULL);
 }
 
 double PairMLPot::init_one(int i, int j)
@@ -420,8 +425,12 @@ void PairMLPot::compute_ghosts()
                                 .findSchemaOrThrow("mlpot::neighbor_list", "")
                                 .typed<NeighborOp>();
   at::Tensor ei, ej, shifts;
-  // every pair of the cluster (a local model drops those of ghost centres itself)
-  std::tie(ei, ej, shifts) = neighbor_op.call(positions, cell, pbc, ptr, cutoff);
+  if (local_pairs_only) {
+    pairs_of_local_centres(nlocal, ei, ej);
+    shifts = torch::zeros({ei.size(0), 3}, i64);
+  } else {    // every pair of the cluster: ghosts' messages reach the local atoms
+    std::tie(ei, ej, shifts) = neighbor_op.call(positions, cell, pbc, ptr, cutoff);
+  }
 
   c10::Dict<std::string, torch::Tensor> input;
   input.insert("positions", positions);
@@ -461,6 +470,38 @@ void PairMLPot::compute_ghosts()
     }
     for (int c = 0; c < 6; c++) virial[c] += w[c];
   }
+}
+
+/* pairs (i, j) of the cluster closer than the cutoff with i a local atom, sorted by i (as mlpot's
+   neighbor-list op gives them), from LAMMPS's full list (cutoff + skin) */
+
+void PairMLPot::pairs_of_local_centres(int nlocal, torch::Tensor &ei, torch::Tensor &ej)
+{
+  double **x = atom->x;
+  const double cut2 = cutoff * cutoff;
+  std::vector<char> listed(nlocal, 0);    // the centres of the list (all local atoms, usually)
+  for (int ii = 0; ii < list->inum; ii++)
+    if (list->ilist[ii] < nlocal) listed[list->ilist[ii]] = 1;
+  std::vector<int64_t> is, js;
+  is.reserve(static_cast<size_t>(list->inum) * 64);
+  js.reserve(static_cast<size_t>(list->inum) * 64);
+  for (int i = 0; i < nlocal; i++) {
+    if (!listed[i]) continue;
+    const int *jlist = list->firstneigh[i];
+    const int jnum = list->numneigh[i];
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz < cut2) {
+        is.push_back(i);
+        js.push_back(j);
+      }
+    }
+  }
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  const auto n = static_cast<int64_t>(is.size());
+  ei = torch::from_blob(is.data(), {n}, i64).clone();
+  ej = torch::from_blob(js.data(), {n}, i64).clone();
 }
 
 /* the model's per-atom virials W [n, 3, 3] (eV, symmetric) of atoms 0..n-1 into vatom (xx, yy,

@@ -12,7 +12,10 @@
    the local atoms, and its forces on ghosts go back to their owners (newton on). The ghost
    region is set to the model's receptive field (interaction layers x cutoff, from the file's
    metadata) plus the skin, so message-passing models see every atom their local energies depend
-   on. The virial is sum_k x_k F_k over local and ghost atoms (virial_fdotr_compute).
+   on. The virial is sum_k x_k F_k over local and ghost atoms (virial_fdotr_compute). A model
+   of one interaction layer (a Deep Potential) needs only the pairs of local centres: those come
+   from LAMMPS's full neighbor list instead (rebuilt at reneighboring only, filtered to the
+   cutoff each step), so ghost-centred pairs are never searched.
 
    On one MPI rank the model gets the local atoms with the periodic cell instead and finds its
    own periodic neighbors (no ghost cluster to evaluate; the virial from the model's strain
@@ -65,6 +68,7 @@ class PairMLPot : public Pair {
   void compute_periodic();
   void atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor &types);
   void compute_ghosts();
+  void pairs_of_local_centres(int nlocal, torch::Tensor &ei, torch::Tensor &ej);
   void add_atomic_virial(const c10::impl::GenericDict &out, int n);
   torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
   bool deviation_step() const;
@@ -84,6 +88,8 @@ class PairMLPot : public Pair {
   torch::Dtype model_dtype = torch::kFloat32;
   bool ghosts_always = false;           // `ghosts always`: the ghost cluster on one rank too
   bool periodic_mode = false;           // this run: one rank, the model's own periodic list
+  bool local_pairs_only = false;        // this run: ghost cluster of a one-layer model, whose
+                                        // pairs come from LAMMPS's full list of local centres
 
   // model deviation (out_file)
   std::string uncertainty;              // "committee", "mve" or "" (none), from the metadata
