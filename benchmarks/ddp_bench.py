@@ -7,7 +7,9 @@ at the end; the rate is (steps x batch_size x processes) / ``train_time_s`` from
 (the time in training steps, all-reduces included; start-up, data, statistics, validation and
 plots excluded). ``training.batch_size`` is per process, as in MACE and DeePMD-kit, so 2
 processes take twice the frames per step. Settings are interleaved in rounds (taking turns at
-going first); each reports the median of its rounds with min and max. Models and their
+going first); each reports the median of its rounds with min and max, and its speed-up over
+1 x 1 both as the ratio of the medians and as the median of the ratios within a round (the
+target is judged on the latter: this machine's speed drifts by 10-20 % between rounds). Models and their
 hyperparameters are those of train_bench.py (3BPA), batch size 5 per process.
 
     python benchmarks/ddp_bench.py [--models dp_se_e2_a nequip] [--steps N] [--rounds 3]
@@ -120,6 +122,21 @@ def one_run(data: Path, model: str, nproc: int, threads: int, steps: int, batch:
             "frames": frames}
 
 
+def add_speedups(rows: dict, names: list) -> None:
+    """Speed-ups over 1 x 1: the ratio of the medians, and the median over rounds of the ratio
+    within a round (the settings of a round see about the same machine; the robust figure on a
+    machine whose speed drifts between rounds). The target is judged on the second."""
+    base = rows["1 process x 1 thread"]
+    for name in names:
+        rows[name]["speedup_vs_1x1"] = rows[name]["median_frames_per_s"] / \
+            base["median_frames_per_s"]
+        rows[name]["speedup_vs_1x1_within_rounds"] = statistics.median(
+            x["frames_per_s"] / b["frames_per_s"]
+            for x, b in zip(rows[name]["rounds"], base["rounds"]))
+    rows["target_2x1_at_least_1.7x_1x1"] = \
+        rows["2 processes x 1 thread"]["speedup_vs_1x1_within_rounds"] >= 1.7
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["dp_se_e2_a", "nequip"], choices=list(MODELS))
@@ -156,11 +173,7 @@ def main() -> None:
                 rates = [x["frames_per_s"] for x in runs[name]]
                 rows[name] = {"median_frames_per_s": statistics.median(rates),
                               "min": min(rates), "max": max(rates), "rounds": runs[name]}
-            base = rows["1 process x 1 thread"]["median_frames_per_s"]
-            for name in names:
-                rows[name]["speedup_vs_1x1"] = rows[name]["median_frames_per_s"] / base
-            rows["target_2x1_at_least_1.7x_1x1"] = \
-                rows["2 processes x 1 thread"]["speedup_vs_1x1"] >= 1.7
+            add_speedups(rows, names)
             results["models"][model] = rows
             write_json(args.json, results)
     print(f"\n3BPA training throughput ({results['date']}, batch {args.batch_size} per process, "
@@ -169,7 +182,8 @@ def main() -> None:
         for name in names:
             r = rows[name]
             print(f"{model:12s} {name:24s} {r['median_frames_per_s']:8.1f} frames/s "
-                  f"[{r['min']:.1f}, {r['max']:.1f}]  x{r['speedup_vs_1x1']:.2f}")
+                  f"[{r['min']:.1f}, {r['max']:.1f}]  x{r['speedup_vs_1x1']:.2f} "
+                  f"(within rounds x{r['speedup_vs_1x1_within_rounds']:.2f})")
     print(f"wrote {args.json}")
 
 
