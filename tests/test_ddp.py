@@ -100,7 +100,9 @@ def test_two_processes_equal_one_with_the_global_batch(data_file, tmp_path, fami
                        model=model, training=training)
     r = run(mlpot_cmd(two, 2), tmp_path, **{ALLREDUCE: allreduce})
     assert "2 processes (gloo), training.batch_size 2 per process, global batch 4" in r.stdout
-    how = "gloo's all-reduce" if allreduce == "gloo" else "shared memory"
+    # auto: shared memory where this host has a writable /dev/shm, else gloo's all-reduce
+    shared = allreduce == "auto" and os.access("/dev/shm", os.W_OK)
+    how = "shared memory" if shared else "gloo's all-reduce"
     assert f"gradients averaged through {how}" in r.stdout
     assert r.stdout.count("validation:") == 1  # rank 0 alone reports
     assert cli(["train", one]) == 0  # in this process (no torchrun: a single process)
@@ -221,15 +223,19 @@ try:
     avg.average([torch.zeros(4096, dtype=torch.float64), torch.zeros(1)])
 except RuntimeError as e:
     out["too_large"] = str(e)
+# no shared memory where rank 0 cannot make the file: None on every process (gloo then)
+out["fallback"] = SharedMemoryAverage.create(64, world, rank, sys.argv[1] + "/missing") is None
 json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
 dist.destroy_process_group()
 """
 
 
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a writable /dev/shm")
 def test_shared_memory_average_is_the_mean_on_every_process(tmp_path):
     """Three processes: every bucket of a step (two dtypes, several sizes and counts, both slot
     sets reused) comes back as the mean over the processes, the same floats on each; the file is gone from
-    /dev/shm once mapped; a bucket larger than the slot is an error, not a silent overflow."""
+    /dev/shm once mapped; a bucket larger than the slot is an error, not a silent overflow; where
+    rank 0 cannot make the file, every process gets None (and DDP keeps gloo's all-reduce)."""
     script = tmp_path / "average.py"
     script.write_text(SHARED_AVERAGE_SCRIPT)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
@@ -247,6 +253,7 @@ def test_shared_memory_average_is_the_mean_on_every_process(tmp_path):
                                   atol=1e-6 if dtype == torch.float32 else 1e-14)
     assert all(o["left"] == [] for o in outs)  # unlinked once every process had mapped it
     assert all("larger than the shared-memory slot" in o["too_large"] for o in outs)
+    assert all(o["fallback"] for o in outs)
 
 
 def test_an_unknown_allreduce_setting_is_a_clear_error(monkeypatch):
