@@ -233,9 +233,9 @@ dist.destroy_process_group()
 @pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a writable /dev/shm")
 def test_shared_memory_average_is_the_mean_on_every_process(tmp_path):
     """Three processes: every bucket of a step (two dtypes, several sizes and counts, both slot
-    sets reused) comes back as the mean over the processes, the same floats on each; the file is gone from
-    /dev/shm once mapped; a bucket larger than the slot is an error, not a silent overflow; where
-    rank 0 cannot make the file, every process gets None (and DDP keeps gloo's all-reduce)."""
+    sets reused) comes back as the mean over the processes, the same floats on each; the file is
+    gone from /dev/shm once mapped; a bucket larger than the slot is an error, not a silent
+    overflow; where rank 0 cannot make the file, every process gets None (gloo's all-reduce)."""
     script = tmp_path / "average.py"
     script.write_text(SHARED_AVERAGE_SCRIPT)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
