@@ -9,8 +9,8 @@ plots excluded). ``training.batch_size`` is per process, as in MACE and DeePMD-k
 processes take twice the frames per step. Settings are interleaved in rounds (taking turns at
 going first); each reports the median of its rounds with min and max, and its speed-up over
 1 x 1 both as the ratio of the medians and as the median of the ratios within a round (the
-target is judged on the latter: this machine's speed drifts by 10-20 % between rounds). Models and their
-hyperparameters are those of train_bench.py (3BPA), batch size 5 per process.
+target is judged on the latter: this machine's speed drifts by 10-20 % between rounds). Models
+and their hyperparameters are those of train_bench.py (3BPA), batch size 5 per process.
 
     python benchmarks/ddp_bench.py [--models dp_se_e2_a nequip] [--steps N] [--rounds 3]
                                    [--shared DIR] [--json benchmarks/results/ddp_bench.json]
