@@ -257,8 +257,10 @@ def test_shared_memory_average_is_the_mean_on_every_process(tmp_path):
 
 
 def test_an_unknown_allreduce_setting_is_a_clear_error(monkeypatch):
+    from mlpot.errors import EXIT_BAD_INPUT, exit_code_of
     from mlpot.train.distributed import ALLREDUCE, Distributed
 
     monkeypatch.setenv(ALLREDUCE, "mpi")
-    with pytest.raises(ValueError, match="use auto, shm or gloo"):
+    with pytest.raises(Exception, match="use auto, shm or gloo") as err:
         Distributed(2, 0, 0, "gloo").shared_memory_average(torch.nn.Linear(2, 2))
+    assert exit_code_of(err.value) == EXIT_BAD_INPUT  # bad input (exit 2), not "a bug in mlpot"

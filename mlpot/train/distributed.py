@@ -39,11 +39,13 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..errors import UserError
 
 # benchmarks/ddp_bench.py only: DDP runs with gradients kept local (no all-reduce), which tells
 # the cost of the gradient communication apart from the rest; the training is then wrong
@@ -188,6 +190,7 @@ class Distributed:
     local_rank: int = 0
     backend: str = ""
     averaging: str = ""  # how DDP averages gradients, once wrapped: for the log
+    shared_average: Optional["SharedMemoryAverage"] = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -253,21 +256,21 @@ class Distributed:
         Collective: every process calls it with the same module shapes."""
         mode = os.environ.get(ALLREDUCE, "auto").strip().lower() or "auto"
         if mode not in ("auto", "shm", "gloo"):
-            raise ValueError(f"{ALLREDUCE}={mode!r}: use auto, shm or gloo")
+            raise UserError(f"{ALLREDUCE}={mode!r}: use auto, shm or gloo (or unset it)")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == self.world_size
         if mode == "gloo" or self.backend != "gloo" or not (local or mode == "shm"):
             return None
         # every bucket starts aligned: the parameters' aligned sizes bound any bucketing
         need = sum(_aligned(p.numel() * p.element_size()) for p in module.parameters()
                    if p.requires_grad)
-        current = getattr(self, "_shared_average", None)
+        current = self.shared_average
         if current is None or current.slot_bytes < need:
             current = SharedMemoryAverage.create(need, self.world_size, self.rank)
             if current is None and mode == "shm":
-                raise RuntimeError(f"{ALLREDUCE}=shm: the processes could not share memory "
+                raise UserError(f"{ALLREDUCE}=shm: the processes could not share memory "
                                    "(not all on one host, or /dev/shm missing or full); unset it "
                                    "to fall back to gloo's all-reduce")
-            self._shared_average = current
+            self.shared_average = current
         return current
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
