@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -79,6 +80,49 @@ def test_shards_are_disjoint_and_cover_the_global_batches():
     # the last global batch (5 frames) is split 2/2/1; one of 2 frames for 3 processes is dropped
     assert [len(s[1]) for s in shards] == [2, 2, 1]
     assert ShardedBatches(list(range(8)), 2, 3, 0).global_batches() == 1
+    # every process knows each step's global batch: its own part and the whole, in order
+    g = [torch.Generator().manual_seed(3) for _ in range(3)]
+    steps = [list(ShardedBatches(frames, 2, 3, r, g[r]).with_global()) for r in range(3)]
+    for r in range(3):
+        assert [part for part, _ in steps[r]] == shards[r]
+        assert [whole for _, whole in steps[r]] == single
+
+
+def double_cell(atoms):
+    """The cell repeated twice along c, with its labels (energy x 2, forces and stress as they
+    are)."""
+    big = atoms.repeat((1, 1, 2))
+    big.info = dict(atoms.info, REF_energy=2 * atoms.info["REF_energy"])
+    big.arrays["REF_forces"] = np.concatenate([atoms.arrays["REF_forces"]] * 2)
+    return big
+
+
+def test_global_counts_are_the_sum_of_every_process_batch_counts(tmp_path_factory, tmp_path):
+    """The loss's denominators (label counts of the global batch) come from each process's own
+    table, not from a collective: they must equal the sum of the processes' batch counts (frames
+    of two sizes: the force counts differ from batch to batch)."""
+    from mlpot.data import AtomicData
+    from mlpot.train.config import load_config
+    from mlpot.train.loss import entry_counts
+    from mlpot.train.trainer import Trainer
+
+    frames = labelled_cu_cells(10, seed=7, stress=True)
+    for k, atoms in enumerate(frames):
+        if k % 3 != 1:  # 8 atoms (a copy of the 4-atom cell's labels, consistent)
+            frames[k] = double_cell(atoms)
+    data = write_frames(tmp_path_factory, frames)
+    trainer = Trainer(load_config(write_config(tmp_path / "c.yaml", data, tmp_path / "o")))
+    sizes = {len(s.positions) for s in trainer.train_set.items}
+    assert len(sizes) > 1
+    n = len(trainer.train_set)
+    world = 3
+    parts = [ShardedBatches(range(n), 2, world, r, torch.Generator().manual_seed(1))
+             for r in range(world)]
+    for step in zip(*(p.with_global() for p in parts)):
+        whole = step[0][1]
+        summed = sum(entry_counts(AtomicData.collate([trainer.train_set[i] for i in part]))
+                     for part, _ in step)
+        assert torch.equal(trainer.global_counts(whole), summed)
 
 
 # every family: the committee's members are Deep Potentials, the variance network's mean model

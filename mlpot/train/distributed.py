@@ -17,10 +17,13 @@ single process's checkpoint, validation and decisions are valid for all):
   contiguous part (B = ``training.batch_size`` per process, N processes). With the same seed, N
   processes with batch B see exactly the global batches of one process with batch B*N.
 * **Global normalisation.** Losses are means over the entries of the global batch: each process
-  divides its sums by the all-reduced entry counts and multiplies by N, so DDP's gradient average
-  is the gradient of the global loss (``Loss(..., counts=...)``).
-* **Decisions on rank 0.** The wall time (learning-rate schedule, ``max_time_min``) is rank 0's,
-  broadcast at every step; validation is run by rank 0 and its loss broadcast, so "best", early
+  divides its sums by the global batch's entry counts and multiplies by N, so DDP's gradient
+  average is the gradient of the global loss (``Loss(..., counts=...)``). Every process knows
+  the global batch's frames (``ShardedBatches.with_global``) and counts them itself: no
+  collective before the forward pass, so the gradient average is a step's only meeting point.
+* **Decisions on rank 0.** The wall time is rank 0's: broadcast at every step when it decides
+  (``training.max_time_min``: the learning-rate schedule and the time limit), at the end of each
+  epoch otherwise; validation is run by rank 0 and its loss broadcast, so "best", early
   stopping and the plateau schedule are decided from one number. Only rank 0 writes checkpoints,
   logs and plots.
 
@@ -40,7 +43,7 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -335,6 +338,12 @@ class ShardedBatches:
         return self.global_batches()
 
     def __iter__(self) -> Iterator[List[int]]:
+        for part, _ in self.with_global():
+            yield part
+
+    def with_global(self) -> Iterator[Tuple[List[int], List[int]]]:
+        """(this process's frames, the whole global batch's frames) per step: every process
+        knows the global batch, so its label counts need no communication."""
         n = len(self.frames)
         perm = torch.randperm(n, generator=self.generator).tolist()
         g = self.batch_size * self.world_size
@@ -343,4 +352,4 @@ class ShardedBatches:
             if len(chunk) < self.world_size:
                 break
             part = np.array_split(np.asarray(chunk), self.world_size)[self.rank]
-            yield [self.frames[int(i)] for i in part]
+            yield [self.frames[int(i)] for i in part], [self.frames[i] for i in chunk]

@@ -120,6 +120,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.elapsed_s = 0.0
+        self._frame_counts: Optional[torch.Tensor] = None  # see global_counts
         self.best_val = math.inf
         self.best_step = -1  # the step whose weights best.pt holds
         self.epochs_since_best = 0
@@ -161,11 +162,21 @@ class Trainer:
                               self.dist.rank, self.generators[k])
 
     def member_loader(self, k: int):
-        """Member k's batches for one epoch (see ``member_batches``)."""
+        """Member k's batches for one epoch (see ``member_batches``), each with the label counts
+        of its whole global batch (data-parallel; see ``global_counts``)."""
         from ..data import AtomicData
 
-        for frames in self.member_batches(k):
-            yield AtomicData.collate([self.train_set[i] for i in frames])
+        for frames, global_frames in self.member_batches(k).with_global():
+            yield AtomicData.collate([self.train_set[i] for i in frames]), \
+                self.global_counts(global_frames) if self.dist.active else None
+
+    def global_counts(self, frames: List[int]) -> torch.Tensor:
+        """``entry_counts`` of the global batch made of these training frames [3]: the sum of
+        every process's batch counts, from per-frame counts that every process holds (all of
+        them read the whole training set), so no step waits on a collective for them."""
+        if self._frame_counts is None:
+            self._frame_counts = torch.stack([entry_counts(s) for s in self.train_set.items])
+        return self._frame_counts[torch.tensor(frames, dtype=torch.long)].sum(0)
 
     # ------------------------------------------------------------------ schedule
     def progress(self) -> float:
@@ -203,13 +214,13 @@ class Trainer:
         n = 0
         loaders = [self.member_loader(k) for k in range(self.committee_size)]
         world = self.dist.world_size
-        for batches in zip(*loaders):
+        for step_batches in zip(*loaders):
             t0 = time.perf_counter()
             lr = self.lr()
+            batches = [b for b, _ in step_batches]
             counts = None
             if self.dist.active:  # the global batch's label counts, per member [K, 3]
-                counts = self.dist.all_reduce_sum(torch.stack([entry_counts(b)
-                                                               for b in batches]))
+                counts = torch.stack([c for _, c in step_batches])
             for k, batch in enumerate(batches):
                 batch = batch.to(self.device)
                 model, optimizer = self.step_models[k], self.optimizers[k]
@@ -249,10 +260,12 @@ class Trainer:
                     sums["mse_" + key] = sums.get("mse_" + key, 0.0) + v / len(batches)
             self.step += 1
             n += 1
-            # rank 0's clock for every process: the schedule and time limit must agree
-            self.elapsed_s = self.dist.from_main(self.elapsed_s + time.perf_counter() - t0)
+            self.elapsed_s += time.perf_counter() - t0
+            if cfg.training.max_time_min:  # rank 0's clock for every process: the schedule
+                self.elapsed_s = self.dist.from_main(self.elapsed_s)  # and time limit agree
             if self.time_is_up() or self.steps_are_done():  # within a step, not at epoch end
                 break
+        self.elapsed_s = self.dist.from_main(self.elapsed_s)  # (without a time limit: here)
         if self.dist.active and sums:  # each process holds its share of the global means
             names = sorted(sums)
             total = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in names],
