@@ -73,7 +73,7 @@ class Potential(nn.Module):
         # as the local networks'), or None; kept in float64 whatever the network's dtype
         self.repulsion = repulsion
         # inference in chunks of this many centres for local networks (0: never)
-        self.chunk_atoms = 512
+        self.chunk_atoms = 128
         # set by the .pt2 export (mlpot.aoti): no Python numbers from tensor data, so that
         # torch.export traces one graph for any size (local atoms as a mask, no chunks, ghost
         # centres evaluated and masked rather than dropped); TorchScript compiles both paths
