@@ -60,7 +60,8 @@ SETTINGS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2),
             "2 separate runs x 1 thread": (1, 1)}
 # steps per run (at batch 5): long enough that start-up's slow first steps do not decide the rate
 # and that two separate runs' training overlaps (a Deep Potential step takes ~35 ms here)
-STEPS = {"dp_se_e2_a": 300, "nequip": 60, "egnn": 100}
+# (Deep Potential: 600 since 2026-12-04 23:10; its runs of 300 steps drifted more between rounds)
+STEPS = {"dp_se_e2_a": 600, "nequip": 60, "egnn": 100}
 
 
 def config(data: Path, model: str, out: Path, steps: int, threads: int, batch: int) -> dict:
