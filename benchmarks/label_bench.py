@@ -97,10 +97,11 @@ def training_section(args, seed: int, steps: int) -> dict:
 
 
 def write_frames(path: Path, frames) -> None:
-    """Write an extxyz file through a temporary one (a kill leaves no half file)."""
+    """Write an extxyz file through a temporary one (a kill leaves no half file; the process id
+    in its name lets two runs of the benchmark, for different seeds, prepare at once)."""
     import ase.io
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     ase.io.write(str(tmp), frames, format="extxyz")
     os.replace(tmp, path)
 
