@@ -33,8 +33,8 @@ issue's target: query by committee's 200 labels reach the reference's test force
 the seeds). A final fit's own spread over initial weights is about 2.5 meV/A on ethanol (the
 reference, the same 800 frames: 56.4, 61.8, 56.8), as large as the differences to be judged:
 ``--judges J`` trains J fits per seed and selection (training seeds seed + 1000 j) and takes
-their mean as the seed's error. A warm-started chain of short trainings is not the same training as one long one,
-so the loops' own committees are not compared with the reference.
+their mean as the seed's error. A warm-started chain of short trainings is not the same
+training as one long one, so the loops' own committees are not compared with the reference.
 
 Query by committee selects with ``selection.candidates_per_label: --candidates-per-label``
 (default 10): FPS over the 10 x 10 most doubted unchosen frames (with ``--candidates-per-label
