@@ -66,6 +66,7 @@ import numpy as np
 
 from .files import atomic_write, resolve_path
 from .train.config import ConfigError, _spec, dataclass_from_dict
+from .train.trainer import ENERGY_ONLY_BATCH
 
 STAGES = ("teacher", "sample", "label", "student_data", "student")
 # mode teacher: a training structure is in the student's data twice (teacher and reference
@@ -192,7 +193,8 @@ def _train_config(section: Dict[str, Any], data: Dict[str, Any], out_dir: str, w
 
 def teacher_config(cfg: DistillConfig, where: str = "config"):
     """Mode ensemble: the committee's `mlpot train` Config (energies only: force and stress
-    weights 0; ``training.ensemble`` 4 unless given, and at least 2). None in mode teacher."""
+    weights 0; ``training.ensemble`` 4 unless given, and at least 2; ``training.batch_size``
+    32 unless given). None in mode teacher."""
     if cfg.mode != "ensemble":
         return None
     raw = copy.deepcopy(cfg.teacher)
@@ -205,6 +207,8 @@ def teacher_config(cfg: DistillConfig, where: str = "config"):
     raw["loss"] = loss
     training = dict(raw.get("training") or {})
     training.setdefault("ensemble", 4)
+    # energies alone learn in larger batches (mlpot.train.trainer.ENERGY_ONLY_BATCH)
+    training.setdefault("batch_size", ENERGY_ONLY_BATCH)
     raw["training"] = training
     data = dict(cfg.data)
     for key in ("forces_key", "stress_key", "virial_key"):

@@ -18,7 +18,7 @@ from _fitting import labelled_cu_cells
 from mlpot import keys as K
 from mlpot.checkpoint import read_checkpoint
 from mlpot.distill import (DistillConfigError, distill, distill_config_from_dict,
-                           force_weights, student_config)
+                           force_weights, student_config, teacher_config)
 from mlpot.train.data import load_training_data
 from mlpot.inputs import structure_inputs
 
@@ -290,3 +290,11 @@ def test_example_config_and_the_no_forces_message(tmp_path, capsys):
     assert cli(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "no forces found" in err and "loss.forces: 0" in err and "mlpot distill" in err
+
+
+def test_ensemble_teacher_batch_defaults_to_32(data, tmp_path):
+    """The energy-only committee trains in batches of 32 unless the config says otherwise."""
+    raw = _raw(data[0], tmp_path / "run")
+    assert teacher_config(distill_config_from_dict(raw)).training.batch_size == 4
+    del raw["teacher"]["training"]["batch_size"]
+    assert teacher_config(distill_config_from_dict(raw)).training.batch_size == 32

@@ -281,3 +281,21 @@ def test_energy_slope_measures_a_compressed_parity_plot():
     acc = MetricAccumulator()
     acc.add({"energy": ref + 0.01 * n}, batch)  # an offset alone: slope 1
     assert acc.result()["energy_slope"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_energy_only_training_in_small_batches_warns(tmp_path, data_file):
+    """Energies alone in batches below 16 structures: a warning that recommends batch 32; none
+    with batch 16, and none when forces are learned in small batches."""
+    def fit(name, batch, forces):
+        cfg = config_from_dict(cfg_dict(data_file, tmp_path / name, epochs=1,
+                                        loss={"energy": 1.0, "forces": forces, "stress": 0.0},
+                                        training={"batch_size": batch, "max_steps": 1}))
+        Trainer(cfg).fit()
+
+    with pytest.warns(UserWarning, match=r"energies alone in batches of 3 .*batch_size 32"):
+        fit("small", 3, 0.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*energies alone")
+        fit("large", 16, 0.0)
+        fit("forces", 3, 10.0)
