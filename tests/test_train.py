@@ -3,6 +3,7 @@ checkpoints, the CLI."""
 import csv
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -294,7 +295,6 @@ def test_energy_only_training_in_small_batches_warns(tmp_path, data_file):
 
     with pytest.warns(UserWarning, match=r"energies alone in batches of 3 .*batch_size 32"):
         fit("small", 3, 0.0)
-    import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*energies alone")
         fit("large", 16, 0.0)
