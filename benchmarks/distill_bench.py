@@ -30,7 +30,8 @@ energy-only  (rMD17 ethanol and aspirin, --molecules)
     The student gets the same budget, 15 minutes at 1 thread, in (a), (b) and (c): the same steps
     in (b) and (c) (--student-steps), in (a) the steps of batch 32 in that time; the teacher's
     steps and seconds are reported beside (b). --cases b beside --cases a c shares the cases
-    between two processes (then one run with all three reports). Each student (and the teacher) is tested on the 200 test
+    between two processes (then one run with all three reports). Each student (and the
+    teacher) is tested on the 200 test
     frames (energy and force MAE) and run in MD by ``integrators.stability.run_nvt``: 5 replicas
     (--replicas) of Langevin NVT at 500 K (--md-temperature) for --md-ps ps (default 10, the
     stability benchmark's length) at 0.5 fs from the first test frame, with the stability
@@ -154,28 +155,31 @@ def energy_only_settings(section: dict, model: str) -> dict:
     return section
 
 
+def model_section(args, model: str, steps: int, loss: dict) -> dict:
+    """``model`` at train_bench's settings (MODELS) with ``loss``, cutoff CUTOFF_A and ``steps``
+    optimizer steps, as an `mlpot train` config without data."""
+    spec = train_bench().MODELS[model]
+    return {"model": {**spec["model"], "cutoff": CUTOFF_A}, "loss": loss,
+            "optim": dict(spec["optim"]),
+            "training": {"batch_size": spec["batch_size"], "max_epochs": 10 ** 6,
+                         "max_steps": int(steps), "max_time_min": args.cap_min, "seed": 0,
+                         "threads": args.threads, "progress": False}}
+
+
 def student_section(args, steps: int, forces: bool = True) -> dict:
     """dp_se_e2_a at train_bench's settings as an `mlpot train` config without data
     (``forces=False``: energies alone, at the energy-only batch and learning rates)."""
-    spec = train_bench().MODELS["dp_se_e2_a"]
-    loss = dict(spec["loss"]) if forces else {"energy": 1.0, "forces": 0.0}
-    section = {"model": {**spec["model"], "cutoff": CUTOFF_A}, "loss": loss,
-               "optim": dict(spec["optim"]),
-               "training": {"batch_size": spec["batch_size"], "max_epochs": 10 ** 6,
-                            "max_steps": int(steps), "max_time_min": args.cap_min, "seed": 0,
-                            "threads": args.threads, "progress": False}}
-    return section if forces else energy_only_settings(section, "dp_se_e2_a")
+    if forces:
+        return model_section(args, "dp_se_e2_a", steps,
+                             dict(train_bench().MODELS["dp_se_e2_a"]["loss"]))
+    return energy_only_settings(model_section(args, "dp_se_e2_a", steps,
+                                              {"energy": 1.0, "forces": 0.0}), "dp_se_e2_a")
 
 
 def teacher_section(args, model: str, steps: int, energy_only: bool = False) -> dict:
     """A teacher model at train_bench's settings (nequip: MACE-like) without data
     (``energy_only``: at the energy-only batch and learning rates)."""
-    spec = train_bench().MODELS[model]
-    section = {"model": {**spec["model"], "cutoff": CUTOFF_A}, "loss": dict(spec["loss"]),
-               "optim": dict(spec["optim"]),
-               "training": {"batch_size": spec["batch_size"], "max_epochs": 10 ** 6,
-                            "max_steps": int(steps), "max_time_min": args.cap_min, "seed": 0,
-                            "threads": args.threads, "progress": False}}
+    section = model_section(args, model, steps, dict(train_bench().MODELS[model]["loss"]))
     return energy_only_settings(section, model) if energy_only else section
 
 
@@ -386,6 +390,8 @@ def mae(rec: dict, key: str):
 def common_settings(args) -> dict:
     return {"threads": args.threads, "cap_min": args.cap_min, "budget_min_stated": BUDGET_MIN,
             "energy_only_teacher_budget_min_stated": ENSEMBLE_TEACHER_MIN,
+            "energy_only_batch": ENERGY_ONLY_BATCH,
+            "energy_only_lr": {k: list(v) for k, v in ENERGY_ONLY_LR.items()},
             "cutoff_A": CUTOFF_A, "validation_fraction": VALIDATION_FRACTION, "seed": 0,
             "student": {"name": "dp_se_e2_a", **{k: v for k, v in student_section(
                 args, 0).items() if k in ("model", "loss", "optim")},
@@ -490,8 +496,9 @@ def energy_only(args) -> dict:
             out = folder / f"c_true_forces_s{s_steps}"
             cfg = {"data": {**data, "train": str(files["pool_forces"])},
                    **student_section(args, s_steps)}
-            cases["c_true_forces"] = {"how": "mlpot train on the pool with its forces (upper bound)",
-                                      "training": run_train(args, cfg, out), "run": out}
+            cases["c_true_forces"] = {
+                "how": "mlpot train on the pool with its forces (upper bound)",
+                "training": run_train(args, cfg, out), "run": out}
 
         if set(args.cases) != set("abc"):  # a part of the cases (run the others elsewhere):
             continue                       # trained only; the run with all of them reports
