@@ -40,8 +40,9 @@ Query by committee selects with ``selection.candidates_per_label: --candidates-p
 (default 10): FPS over the 10 x 10 most doubted unchosen frames (with ``--candidates-per-label
 0``: over the whole unchosen pool), with ``selection.diversity: --diversity``: ``labelled``
 (the default: distances to the labelled data too, each pick the candidate least like
-everything trained on) or ``batch`` (distances to the batch's own picks only, from the most
-doubted frame). Trial of 2026-12-04 (ethanol, seed 0, final-fit test force MAE in meV/A; the
+everything trained on), ``batch`` (distances to the batch's own picks only, from the most
+doubted frame) or ``kmeans`` (no FPS: the candidate nearest each centre of a k-means clustering of
+the candidates weighted by their deviations, ``mlpot.learn.weighted_kmeans_pick``). Trial of 2026-12-04 (ethanol, seed 0, final-fit test force MAE in meV/A; the
 whole pool 56.4, 200 random frames 72.4): c = 3 batch 70.1, c = 3 labelled 68.6, c = 10
 labelled 62.3, the whole pool as candidates (labelled: k-centre on the descriptor alone,
 the committee unused) 63.6.
@@ -322,8 +323,11 @@ def results(args, t_total: float) -> dict:
                "committee_selection": "selection.strategy: committee, pool_all_candidates: "
                                       "true, candidates_per_label: "
                                       f"{args.candidates_per_label or None}, diversity: "
-                                      f"{args.diversity} (FPS on structure_descriptor over "
-                                      "the most doubted unchosen frames)",
+                                      f"{args.diversity} ("
+                                      + ("deviation-weighted k-means" if args.diversity ==
+                                         "kmeans" else "FPS")
+                                      + " on structure_descriptor over the most doubted "
+                                        "unchosen frames)",
                "random_selection": "selection.strategy: random (uniform over the unchosen pool, "
                                    "numpy default_rng([seed, iteration]))",
                "errors": "committee mean on the 200 test frames (trainer's test evaluation of "
@@ -445,9 +449,11 @@ def main():
     p.add_argument("--candidates-per-label", type=int, default=10,
                    help="query by committee: FPS over this many most doubted frames per label "
                         "(default 10; 0: over the whole unchosen pool)")
-    p.add_argument("--diversity", choices=["batch", "labelled"], default="labelled",
+    p.add_argument("--diversity", choices=["batch", "labelled", "kmeans"], default="labelled",
                    help="query by committee's FPS: from the most doubted frame among the "
-                        "batch's picks (batch), or away from the labelled data too (labelled)")
+                        "batch's picks (batch), or away from the labelled data too (labelled); "
+                        "kmeans: the frame nearest each centre of a k-means clustering "
+                        "weighted by the deviations (no FPS)")
     p.add_argument("--judges", type=int, default=1,
                    help="final fits per loop seed and selection from different initial weights "
                         f"(training seeds seed + {JUDGE_SEED_STEP} j); a seed's error is their "

@@ -25,7 +25,11 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
    largest deviation only (the most doubted, thinned for diversity: c = 1 takes the most
    doubted frames as they are); ``selection.diversity: labelled`` counts FPS distances to the
    data trained on (initial data and earlier labels) too, each pick the candidate farthest
-   from all of it (greedy k-centre); ``selection.strategy: random`` (the
+   from all of it (greedy k-centre); ``selection.diversity: kmeans`` replaces FPS by a k-means
+   clustering of the candidates' descriptors, each weighted by its ``max_force_dev``, and takes
+   the candidate nearest each centre (``weighted_kmeans_pick``: typical frames of the doubted
+   regions rather than outliers; reproducible from ``selection.seed`` and the iteration);
+   ``selection.strategy: random`` (the
    baseline of label-efficiency benchmarks) instead picks them uniformly at random among the
    same candidates, without FPS, reproducibly from ``selection.seed`` and the iteration
    (numpy's ``default_rng([seed, i])``); in pool mode it picks among all unchosen pool frames
@@ -121,8 +125,10 @@ class SelectionConfig:
     # max_force_dev (the most doubted, thinned for diversity); None: FPS over all candidates
     candidates_per_label: Optional[int] = _spec(None, ge=1)
     # committee: FPS distances to the batch's own picks ("batch", from the most doubted) or to
-    # the labelled data as well ("labelled": each pick the candidate farthest from all of it)
-    diversity: str = _spec("batch", choices=["batch", "labelled"])
+    # the labelled data as well ("labelled": each pick the candidate farthest from all of it);
+    # "kmeans": no FPS, the candidate nearest each centre of a k-means clustering weighted by
+    # max_force_dev (weighted_kmeans_pick)
+    diversity: str = _spec("batch", choices=["batch", "labelled", "kmeans"])
     # committee: FPS from the most doubted candidate; random: uniformly among the candidates
     strategy: str = _spec("committee", choices=["committee", "random"])
     seed: int = _spec(0, ge=0)                   # random: iteration i picks by (seed, i)
@@ -415,6 +421,62 @@ def farthest_point_sampling(x: np.ndarray, k: int, first: int = 0,
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return chosen
+
+
+def weighted_kmeans_pick(x: np.ndarray, weights: np.ndarray, k: int, seed=0,
+                         max_iter: int = 100) -> List[int]:
+    """Indices of ``k`` distinct rows of ``x``: the row nearest each centre of a k-means
+    clustering in which row r counts ``weights[r]`` times (k-means++ seeding from
+    ``numpy.random.default_rng(seed)``, then Lloyd's iterations), the clusters taken in order of
+    their total weight. With the committee's deviations as weights this is the diverse
+    mini-batch selection of Zhdanov (2019, arXiv:1901.05954): the batch covers the candidates'
+    main regions, each represented by a typical frame pulled toward the doubted ones, where
+    farthest-point sampling picks the outliers. Written here because scipy's ``kmeans2`` takes
+    no weights (and scikit-learn is not a dependency)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+    n = len(x)
+    if n == 0 or k <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    if not np.isfinite(w).all() or w.sum() <= 0.0:
+        w = np.ones(n)
+    rng = np.random.default_rng(seed)
+
+    def sq_dist(c):  # [n, m] squared distances without an [n, m, d] array
+        return np.maximum((x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :], 0.0)
+
+    picks = [int(rng.choice(n, p=w / w.sum()))]
+    d2 = sq_dist(x[picks])[:, 0]
+    while len(picks) < k:
+        p = w * d2
+        p[picks] = 0.0
+        nxt = int(rng.choice(n, p=p / p.sum())) if p.sum() > 0 else \
+            int(rng.choice(np.setdiff1d(np.arange(n), picks)))
+        picks.append(nxt)
+        d2 = np.minimum(d2, sq_dist(x[[nxt]])[:, 0])
+    centres = x[picks].copy()
+    for _ in range(max_iter):
+        label = sq_dist(centres).argmin(1)
+        new = centres.copy()
+        for j in range(k):
+            m = label == j
+            if m.any() and w[m].sum() > 0:
+                new[j] = (w[m, None] * x[m]).sum(0) / w[m].sum()
+        if np.allclose(new, centres):
+            break
+        centres = new
+    d = sq_dist(centres)
+    label = d.argmin(1)
+    mass = np.array([w[label == j].sum() for j in range(k)])
+    chosen: List[int] = []
+    for j in np.argsort(-mass, kind="stable"):
+        for r in np.argsort(d[:, j], kind="stable"):
+            if int(r) not in chosen:
+                chosen.append(int(r))
+                break
     return chosen
 
 
@@ -742,13 +804,17 @@ class Learner:
                 cand = np.sort(cand[np.argsort(-devs[cand], kind="stable")[:keep]])
             cutoff = float(self._model(i).cutoff)
             x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
-            first = int(np.argmax(devs[cand]))
-            covered = None
-            if sel.diversity == "labelled":
-                covered = np.stack([structure_descriptor(a, cutoff)
-                                    for path in self.train_files(i)
-                                    for a in ase.io.read(path, index=":")])
-            picked = [int(cand[k]) for k in farthest_point_sampling(x, budget, first, covered)]
+            if sel.diversity == "kmeans":
+                rows = weighted_kmeans_pick(x, devs[cand], budget, seed=[sel.seed, i])
+            else:
+                first = int(np.argmax(devs[cand]))
+                covered = None
+                if sel.diversity == "labelled":
+                    covered = np.stack([structure_descriptor(a, cutoff)
+                                        for path in self.train_files(i)
+                                        for a in ase.io.read(path, index=":")])
+                rows = farthest_point_sampling(x, budget, first, covered)
+            picked = [int(cand[k]) for k in rows]
         chosen = []
         for k in picked:
             a = frames[k].copy()

@@ -20,6 +20,7 @@ from ase.io import read, write
 from mlpot.cli import main as cli
 from mlpot.train import ConfigError
 from mlpot.learn import (classify, farthest_point_sampling, learn, learn_config_from_dict,
+                         weighted_kmeans_pick,
                          structure_descriptor)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,6 +217,24 @@ def test_pool_mode_picks_pool_frames_and_never_relabels(inputs, tmp_path):
         learn(learn_config_from_dict(cfg), log=lambda *a: None)
 
 
+def test_weighted_kmeans_pick():
+    """One frame per well-separated group, the heaviest group first; weights pull a centre (and
+    so the pick) toward the doubted frames; reproducible from the seed."""
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(c, 0.05, size=(6, 2)) for c in ((0, 0), (5, 0), (0, 5))]
+    x = np.concatenate(groups)
+    w = np.ones(len(x))
+    w[12:] = 3.0  # the third group is the most doubted
+    picked = weighted_kmeans_pick(x, w, 3, seed=1)
+    assert sorted(k // 6 for k in picked) == [0, 1, 2] and picked[0] // 6 == 2
+    assert picked == weighted_kmeans_pick(x, w, 3, seed=1)
+    line = np.array([[0.0], [1.0], [2.0]])
+    assert weighted_kmeans_pick(line, np.ones(3), 1) == [1]  # the middle
+    assert weighted_kmeans_pick(line, np.array([1.0, 1.0, 10.0]), 1) == [2]  # centre 1.75
+    assert weighted_kmeans_pick(line, np.ones(3), 5) == [0, 1, 2]
+    assert weighted_kmeans_pick(line[:0], np.ones(0), 2) == []
+
+
 def test_fps_and_classes():
     x = np.array([[0.0], [0.1], [5.0], [2.4], [0.2]])
     assert farthest_point_sampling(x, 3, first=0) == [0, 2, 3]
@@ -408,6 +427,30 @@ def test_candidates_per_label_picks_among_the_most_doubted(inputs, tmp_path):
         assert set(picked) <= set(ranked[:3 * c])
         if c == 1:
             assert set(picked) == set(ranked[:3])
+
+
+def test_kmeans_diversity_in_the_loop(inputs, tmp_path):
+    """selection.diversity: kmeans picks, among the c x max_labels most doubted frames, the
+    frames weighted_kmeans_pick chooses on their descriptors weighted by max_force_dev."""
+    from mlpot.learn import structure_descriptor as desc
+
+    run = tmp_path / "run"
+    cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                 explore={"structures": []},
+                 selection={"lower": 1e-5, "upper": 1.0, "max_labels": 3, "seed": 4,
+                            "candidates_per_label": 2, "diversity": "kmeans"},
+                 stop={"max_iterations": 1})
+    learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    order = np.argsort([-a.info["max_force_dev"] for a in explored], kind="stable")
+    cand = np.sort(order[:6])
+    x = np.stack([desc(explored[k], 3.6) for k in cand])
+    w = np.array([explored[k].info["max_force_dev"] for k in cand])
+    expect = [explored[cand[r]].info["pool_index"]
+              for r in weighted_kmeans_pick(x, w, 3, seed=[4, 0])]
+    picked = [a.info["pool_index"] for a in read(str(run / "iter_000" / "selected.xyz"),
+                                                 index=":")]
+    assert picked == expect and len(set(picked)) == 3
 
 
 def test_labelled_diversity_and_a_run_from_before_the_newer_settings(inputs, tmp_path):
