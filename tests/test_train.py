@@ -299,3 +299,22 @@ def test_energy_only_training_in_small_batches_warns(tmp_path, data_file):
         warnings.filterwarnings("error", message=".*energies alone")
         fit("large", 16, 0.0)
         fit("forces", 3, 10.0)
+
+
+def test_energy_only_model_at_the_mean_energy_warns(tmp_path, data_file):
+    """A model trained on energies alone that ends with a validation parity slope below 0.3 (one
+    step: still at the mean) draws a warning that says what helps; a model that learns forces
+    does not, whatever its energy slope."""
+    def run(name, forces):
+        cfg = config_from_dict(cfg_dict(data_file, tmp_path / name, epochs=1,
+                                        loss={"energy": 1.0, "forces": forces, "stress": 0.0},
+                                        training={"batch_size": 16, "max_steps": 1}))
+        return train(cfg)
+
+    with pytest.warns(UserWarning, match=r"stayed near the mean energy \(validation parity "
+                                         r"slope -?\d\.\d\d.*shorter model.cutoff"):
+        m = run("energies", 0.0)
+    assert m["validation"]["energy_slope"] < 0.3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mean energy")
+        run("forces", 10.0)
