@@ -119,8 +119,9 @@ DEFAULT_STEPS = {
 # steps, the 2026-12-04 run). The EGNN is the default energy-only teacher: as good as nequip
 # and ~19x more steps per second (69 against 3.6 at batch 32, single models). Ethanol: a
 # committee of 4 EGNN at batch 32 ~17-19 steps/s (40,000 steps ~36-40 min); dp at batch 32
-# ~32 steps/s (28,000 steps ~15 min). Aspirin's counts are scaled by the atom counts (9/21),
-# not measured.
+# ~32 steps/s (28,000 steps ~15 min). Aspirin's student counts are scaled by the atom counts
+# (9/21): measured 2026-12-05, (a) 12,000 steps in 745 s, (b) 25,000 in 859 s, (c) in 688 s; its
+# teachers (3 A, ENERGY_ONLY_TEACHER_CUTOFF) ran ~10.7 steps/s (30,000 steps in 2,806 s).
 ENERGY_ONLY_BATCH = 32
 ENERGY_ONLY_LR = {"egnn": (2e-3, 2e-5), "nequip": (5e-3, 5e-5), "dp_se_e2_a": (1e-3, 3.5e-6)}
 # The energy-only teachers' cutoff (A) per molecule. Measured 2026-12-05 on aspirin's pool
