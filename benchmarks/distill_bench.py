@@ -703,6 +703,8 @@ def main() -> None:
     for name in ("student_steps", "teacher_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:
+        fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
     if args.md_ps <= 0 or args.replicas < 1 or args.md_replicas < 1 or args.threads < 1:
         fail("--md-ps must be > 0 and --replicas, --md-replicas, --threads at least 1")
     args.work = str(Path(args.work).resolve())
