@@ -31,8 +31,8 @@ energy-only  (rMD17 ethanol and aspirin, --molecules)
     The student gets the same budget, 15 minutes at 1 thread, in (a), (b) and (c): the same steps
     in (b) and (c) (--student-steps), in (a) the steps of batch 32 in that time; the teacher's
     steps and seconds are reported beside (b). --cases b beside --cases a c shares the cases
-    between two processes (then one run with all three reports). Each student (and the
-    teacher) is tested on the 200 test
+    between two processes (then one run with all three reports). Each student and the
+    teacher committee (its mean forces) are tested on the 200 test
     frames (energy and force MAE) and run in MD by ``integrators.stability.run_nvt``: 5 replicas
     (--replicas) of Langevin NVT at 500 K (--md-temperature) for --md-ps ps (default 10, the
     stability benchmark's length) at 0.5 fs from the first test frame, with the stability
@@ -524,6 +524,13 @@ def energy_only(args) -> dict:
         teacher_file = folder / b_name / "teacher.pt"
         cases["b_distilled"]["teacher"]["test"] = test_errors(
             args, teacher_file, files["test"], teacher_file.with_name("teacher_test.json"))
+        # the committee's own MD (its mean forces) in the same runs: a student learns the
+        # teachers' forces, so it can hardly be more stable than they are
+        cases["b_distilled"]["teacher"]["md"] = stability(
+            args, teacher_file, start, teacher_file.with_name("teacher_stability.json"))
+        print(f"{mol} teacher committee: NVT {args.md_temperature:g} K "
+              f"{cases['b_distilled']['teacher']['md']['survived']}/{args.replicas} survived "
+              f"{args.md_ps:g} ps", flush=True)
         for name, case in cases.items():
             run = case.pop("run")
             model = exported(run / "best.pt", run / "model.pt")
