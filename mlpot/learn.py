@@ -29,6 +29,11 @@ Each iteration ``i`` (files under ``learn_dir/iter_{i:03d}/``):
    clustering of the candidates' descriptors, each weighted by its ``max_force_dev``, and takes
    the candidate nearest each centre (``weighted_kmeans_pick``: typical frames of the doubted
    regions rather than outliers; reproducible from ``selection.seed`` and the iteration);
+   ``selection.rank: relative`` orders the candidates (the most doubted, FPS's first pick, the
+   k-means weights) by DeePMD-kit's relative force deviation, max_i forces_dev_i / (|F_i| +
+   ``selection.relative_level``), stored as ``relative_max_force_dev`` in ``explored.xyz``,
+   instead of the raw one, which favours structures with large forces; the trust levels stay
+   raw;
    ``selection.strategy: random`` (the
    baseline of label-efficiency benchmarks) instead picks them uniformly at random among the
    same candidates, without FPS, reproducibly from ``selection.seed`` and the iteration
@@ -85,6 +90,8 @@ from .files import atomic_write, resolve_path
 from .train.config import ConfigError, _spec, dataclass_from_dict
 
 PHASES = ("trained", "explored", "selected", "labelled")
+# the extxyz info key of a frame's relative force deviation (``selection.rank: relative``)
+RELATIVE_KEY = "relative_max_force_dev"
 STATE_FORMAT = 1
 
 
@@ -129,6 +136,12 @@ class SelectionConfig:
     # "kmeans": no FPS, the candidate nearest each centre of a k-means clustering weighted by
     # max_force_dev (weighted_kmeans_pick)
     diversity: str = _spec("batch", choices=["batch", "labelled", "kmeans"])
+    # committee: order the candidates (most doubted first, FPS's first pick, k-means weights)
+    # by the raw max_force_dev ("absolute") or by DeePMD-kit's relative deviation
+    # max_i forces_dev_i / (|F_i| + relative_level) ("relative"), which does not favour
+    # structures with large forces; the trust levels stay on the raw max_force_dev
+    rank: str = _spec("absolute", choices=["absolute", "relative"])
+    relative_level: float = _spec(1.0, gt=0.0)   # eV/A (DeePMD-kit's `relative` level)
     # committee: FPS from the most doubted candidate; random: uniformly among the candidates
     strategy: str = _spec("committee", choices=["committee", "random"])
     seed: int = _spec(0, ge=0)                   # random: iteration i picks by (seed, i)
@@ -675,7 +688,7 @@ class Learner:
         unscored = self.cfg.labeller.kind == "pool" and self.cfg.selection.strategy == "random"
         if self.cfg.labeller.kind == "pool":
             # random picks need no scores: the pool is not scored (the fractions stay empty)
-            devs = None if unscored else self.score_pool(i, state, starts)
+            devs, rel = (None, None) if unscored else self.score_pool(i, state, starts)
             chosen = set(state["pool_chosen"])
             frames = []
             for k, atoms in enumerate(starts):
@@ -685,6 +698,8 @@ class Learner:
                 a.info = {"pool_index": k}
                 if devs is not None:
                     a.info["max_force_dev"] = float(devs[k])
+                if rel is not None:
+                    a.info[RELATIVE_KEY] = float(rel[k])
                 frames.append(a)
             failed_runs = 0
         else:
@@ -703,21 +718,32 @@ class Learner:
         row["candidate"] = float((cls == 1).sum() / n) if n else 0.0
         row["failed"] = float(((cls == 2).sum() + failed_runs) / n) if n else 0.0
 
-    def score_pool(self, i: int, state, pool) -> np.ndarray:
-        """Raw max_force_dev of every pool frame by iteration i's committee."""
+    def score_pool(self, i: int, state, pool):
+        """Raw max_force_dev [P] of every pool frame by iteration i's committee, and their
+        relative deviations [P] (``selection.rank: relative``; else None)."""
         from .ase import MLPotCalculator
+        from .uncertainty import relative_max_force_dev
 
         calc = MLPotCalculator(self._model(i), device=self.cfg.explore.device, min_distance=None)
         devs = np.full(len(pool), np.nan)
+        rel = np.full(len(pool), np.nan) if self.relative else None
         chosen = set(state["pool_chosen"])
         for k, atoms in enumerate(pool):
             if k in chosen:
                 continue
             a = atoms.copy()
             a.calc = calc
-            a.get_forces()
+            forces = a.get_forces()
             devs[k] = float(calc.results["max_force_dev"])
-        return devs
+            if rel is not None:
+                rel[k] = float(relative_max_force_dev(calc.results["forces_dev"], forces,
+                                                      self.cfg.selection.relative_level))
+        return devs, rel
+
+    @property
+    def relative(self) -> bool:
+        """Candidates are ranked by the relative force deviation (``selection.rank``)."""
+        return self.cfg.selection.rank == "relative"
 
     def run_md(self, i: int, starts):
         """(collected frames with their raw max_force_dev, number of replicas stopped)."""
@@ -755,7 +781,9 @@ class Learner:
                     integ = I.Langevin(e.timestep, t_rep, e.friction)
                 rule = H.UncertaintyStop(self.cfg.selection.upper, uncertain)
                 health = H.HealthCheck(H.default_rules() + [rule], last_good_path=None)
-                collector = _Collector(e.collect_every, run, t_rep.tolist(), p)
+                collector = _Collector(e.collect_every, run, t_rep.tolist(), p,
+                                       self.cfg.selection.relative_level
+                                       if self.relative else None)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", I.MDWarning)
                     try:
@@ -799,15 +827,18 @@ class Learner:
             picked = [int(k) for k in rng.choice(cand, size=min(budget, len(cand)),
                                                  replace=False)]
         elif len(cand) and budget > 0:
+            # the order of doubt: the raw deviation, or the relative one (selection.rank)
+            score = devs if not self.relative else \
+                np.array([a.info.get(RELATIVE_KEY, np.nan) for a in frames], dtype=np.float64)
             if sel.candidates_per_label is not None:  # the most doubted candidates only
                 keep = sel.candidates_per_label * budget
-                cand = np.sort(cand[np.argsort(-devs[cand], kind="stable")[:keep]])
+                cand = np.sort(cand[np.argsort(-score[cand], kind="stable")[:keep]])
             cutoff = float(self._model(i).cutoff)
             x = np.stack([structure_descriptor(frames[k], cutoff) for k in cand])
             if sel.diversity == "kmeans":
-                rows = weighted_kmeans_pick(x, devs[cand], budget, seed=[sel.seed, i])
+                rows = weighted_kmeans_pick(x, score[cand], budget, seed=[sel.seed, i])
             else:
-                first = int(np.argmax(devs[cand]))
+                first = int(np.argmax(score[cand]))
                 covered = None
                 if sel.diversity == "labelled":
                     covered = np.stack([structure_descriptor(a, cutoff)
@@ -996,9 +1027,11 @@ class _Collector:
     """Collects every ``interval`` steps the running replicas' frames with their raw
     max_force_dev (a reporter of ``integrators.simulate``)."""
 
-    def __init__(self, interval: int, run: int, temps, pressure):
+    def __init__(self, interval: int, run: int, temps, pressure,
+                 relative_level: Optional[float] = None):
         self.interval = int(interval)
         self.run, self.temps, self.pressure = run, temps, pressure
+        self.relative_level = relative_level  # also the relative deviation, at this level
         self.frames: List[Any] = []
 
     def open(self, state, integrator) -> None:
@@ -1010,18 +1043,27 @@ class _Collector:
     def report(self, state, integrator) -> None:
         from integrators import replica_to_ase
 
+        from .uncertainty import relative_max_force_dev
+
         if state.step == 0:  # the starting structure is not explored yet
             return
         dev = state.outputs.get("max_force_dev")
         if dev is None:
             raise LearnConfigError("the exploration model returns no max_force_dev: it is not "
                                    "a committee")
+        rel = None
+        if self.relative_level is not None:
+            rel = relative_max_force_dev(
+                state.outputs["forces_dev"].detach().double().reshape(state.n_replicas, -1).cpu(),
+                state.forces.detach().double().cpu(), self.relative_level)
         for r in range(state.n_replicas):
             if state.active is not None and not bool(state.active[r]):
                 continue
             a = replica_to_ase(state, r)
             a.info.update(max_force_dev=float(dev[r]), step=int(state.step), run=self.run,
                           replica=r, temperature_K=float(self.temps[r]))
+            if rel is not None:
+                a.info[RELATIVE_KEY] = float(rel[r])
             if self.pressure is not None:
                 a.info["pressure_bar"] = float(self.pressure)
             self.frames.append(a)

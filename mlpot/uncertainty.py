@@ -12,6 +12,11 @@ The definitions are DeePMD-kit's (``dp model-devi``), so that DP-GEN users' trus
 * ``virial_dev`` [B] (eV/atom): the largest over the nine components of the standard deviation of
   the virial, divided by the number of atoms (``max_devi_v``); periodic cells only.
 
+For ranking structures of very different force magnitudes, DeePMD-kit's *relative* force
+deviation (``dp model-devi --relative L``, ``pair_style deepmd ... relative L``) divides each
+atom's ``forces_dev`` by the norm of its mean force plus a level L (eV/A):
+``relative_max_force_dev``.
+
 Calibrated values (``<name>_calibrated``) are the raw ones times a factor fitted on validation
 data; the raw values are what thresholds such as ``--stop-uncertainty`` use. The functions are
 TorchScript-able (an exported committee calls them).
@@ -67,3 +72,18 @@ def calibrated(deviations: Dict[str, Tensor], factor: float) -> Dict[str, Tensor
         if name in deviations:
             out[name + K.CALIBRATED_SUFFIX] = deviations[name] * factor
     return out
+
+
+def relative_max_force_dev(forces_dev, forces, level: float):
+    """DeePMD-kit's relative force deviation, the largest over the atoms of one structure:
+    max_i forces_dev_i / (|F_i| + level), with F_i the committee's mean force on atom i (eV/A)
+    and ``level`` (eV/A, > 0) keeping atoms with small forces from dominating. numpy arrays
+    (or anything with the same operations): forces_dev [..., N], forces [..., N, 3]; returns
+    [...] (dimensionless)."""
+    import numpy as np
+
+    if not level > 0:
+        raise ValueError(f"the relative deviation's level must be > 0 eV/A, got {level!r}")
+    dev = np.asarray(forces_dev, dtype=np.float64)
+    norm = np.linalg.norm(np.asarray(forces, dtype=np.float64), axis=-1)
+    return (dev / (norm + float(level))).max(axis=-1)

@@ -453,6 +453,40 @@ def test_kmeans_diversity_in_the_loop(inputs, tmp_path):
     assert picked == expect and len(set(picked)) == 3
 
 
+def test_relative_rank_in_the_loop(inputs, tmp_path):
+    """selection.rank: relative stores each pool frame's relative force deviation (DeePMD-kit's,
+    at selection.relative_level, from the committee's forces) and takes the most doubted frames
+    by it, not by the raw max_force_dev."""
+    from mlpot.ase import MLPotCalculator
+    from mlpot.export import load
+    from mlpot.uncertainty import relative_max_force_dev
+
+    run = tmp_path / "run"
+    cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
+                 explore={"structures": []},
+                 selection={"lower": 1e-5, "upper": 1.0, "max_labels": 3,
+                            "candidates_per_label": 1, "rank": "relative",
+                            "relative_level": 1e-4},
+                 stop={"max_iterations": 1})
+    learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    calc = MLPotCalculator(load(str(run / "iter_000" / "model.pt")), min_distance=None)
+    for a in explored[:3]:  # the stored value is the committee's relative deviation
+        b = a.copy()
+        b.calc = calc
+        f = b.get_forces()
+        assert a.info["relative_max_force_dev"] == pytest.approx(
+            relative_max_force_dev(calc.results["forces_dev"], f, 1e-4), rel=1e-6)
+    rel = np.array([a.info["relative_max_force_dev"] for a in explored])
+    raw = np.array([a.info["max_force_dev"] for a in explored])
+    by_rel = {explored[k].info["pool_index"] for k in np.argsort(-rel, kind="stable")[:3]}
+    by_raw = {explored[k].info["pool_index"] for k in np.argsort(-raw, kind="stable")[:3]}
+    picked = {a.info["pool_index"] for a in read(str(run / "iter_000" / "selected.xyz"),
+                                                 index=":")}
+    # at this small level the atoms of small force weigh most: the two orders differ here
+    assert picked == by_rel and by_rel != by_raw
+
+
 def test_labelled_diversity_and_a_run_from_before_the_newer_settings(inputs, tmp_path):
     """selection.diversity: labelled picks, in each iteration, the candidates farthest from the
     data trained on (initial frames and earlier labels); and a loop begun before a setting

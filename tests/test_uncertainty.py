@@ -39,3 +39,24 @@ def test_equal_members_give_zero_deviation():
     assert float(out[K.MAX_FORCE_DEV].abs().max()) < 1e-12  # the mean of equal numbers may
     assert float(out[K.ENERGY_DEV].abs().max()) < 1e-12     # differ from them by one ulp
     assert K.VIRIAL_DEV not in out
+
+
+def test_relative_force_deviation_is_deepmds():
+    """DeePMD-kit's relative deviation: per atom forces_dev / (|mean force| + level), the largest
+    per structure; a larger level weighs the large forces less; level <= 0 is refused."""
+    from mlpot.uncertainty import relative_max_force_dev
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(4, 2, 5, 3))  # [members, structures, atoms, xyz]
+    dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))  # [2, 5]
+    mean = f.mean(0)
+    expect = [max(dev[b, i] / (np.linalg.norm(mean[b, i]) + 0.5) for i in range(5))
+              for b in range(2)]
+    np.testing.assert_allclose(relative_max_force_dev(dev, mean, 0.5), expect)
+    # one structure: an atom with a large force and a large deviation against one with a small
+    # force and a smaller deviation: the raw order and the relative order differ
+    dev1, f1 = np.array([0.3, 0.1]), np.array([[6.0, 0, 0], [0.1, 0, 0]])
+    assert relative_max_force_dev(dev1, f1, 0.1) == pytest.approx(0.1 / 0.2)
+    assert relative_max_force_dev(dev1, f1, 100.0) == pytest.approx(0.3 / 106.0)
+    with pytest.raises(ValueError, match="level must be > 0"):
+        relative_max_force_dev(dev1, f1, 0.0)
