@@ -487,6 +487,36 @@ def test_relative_rank_in_the_loop(inputs, tmp_path):
     assert picked == by_rel and by_rel != by_raw
 
 
+def test_relative_rank_in_md_exploration(inputs, tmp_path):
+    """In MD exploration too, each collected frame carries the committee's relative force
+    deviation (recomputed here with the ASE calculator on the stored structure), and with one
+    candidate per label the frames of largest relative deviation are the ones selected."""
+    from mlpot.ase import MLPotCalculator
+    from mlpot.export import load
+    from mlpot.uncertainty import relative_max_force_dev
+
+    run = tmp_path / "run"
+    cfg = config(inputs, run, selection={"lower": 1e-5, "upper": 1.0, "max_labels": 2,
+                                         "candidates_per_label": 1, "rank": "relative",
+                                         "relative_level": 1e-4},
+                 stop={"max_iterations": 1})
+    learn(learn_config_from_dict(cfg), log=lambda *a: None)
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    calc = MLPotCalculator(load(str(run / "iter_000" / "model.pt")), min_distance=None)
+    for a in explored[::3]:
+        b = a.copy()
+        b.calc = calc
+        f = b.get_forces()
+        assert a.info["relative_max_force_dev"] == pytest.approx(
+            relative_max_force_dev(calc.results["forces_dev"], f, 1e-4), rel=1e-4)
+    rel = np.array([a.info["relative_max_force_dev"] for a in explored])
+    top = {(explored[k].info["replica"], explored[k].info["step"])
+           for k in np.argsort(-rel, kind="stable")[:2]}
+    picked = {(a.info["replica"], a.info["step"])
+              for a in read(str(run / "iter_000" / "selected.xyz"), index=":")}
+    assert picked == top
+
+
 def test_labelled_diversity_and_a_run_from_before_the_newer_settings(inputs, tmp_path):
     """selection.diversity: labelled picks, in each iteration, the candidates farthest from the
     data trained on (initial frames and earlier labels); and a loop begun before a setting
