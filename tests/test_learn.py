@@ -453,14 +453,29 @@ def test_kmeans_diversity_in_the_loop(inputs, tmp_path):
     assert picked == expect and len(set(picked)) == 3
 
 
-def test_relative_rank_in_the_loop(inputs, tmp_path):
-    """selection.rank: relative stores each pool frame's relative force deviation (DeePMD-kit's,
-    at selection.relative_level, from the committee's forces) and takes the most doubted frames
-    by it, not by the raw max_force_dev."""
+def _explored_with_relative_checked(run, level, frames, rel=1e-6):
+    """The frames of iteration 0's explored.xyz, after checking that ``frames`` (a slice) of
+    them carry the committee's relative force deviation at ``level``, recomputed here with
+    the ASE calculator on the stored structure."""
     from mlpot.ase import MLPotCalculator
     from mlpot.export import load
     from mlpot.uncertainty import relative_max_force_dev
 
+    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
+    calc = MLPotCalculator(load(str(run / "iter_000" / "model.pt")), min_distance=None)
+    for a in explored[frames]:
+        b = a.copy()
+        b.calc = calc
+        f = b.get_forces()
+        assert a.info["relative_max_force_dev"] == pytest.approx(
+            relative_max_force_dev(calc.results["forces_dev"], f, level), rel=rel)
+    return explored
+
+
+def test_relative_rank_in_the_loop(inputs, tmp_path):
+    """selection.rank: relative stores each pool frame's relative force deviation (DeePMD-kit's,
+    at selection.relative_level, from the committee's forces) and takes the most doubted frames
+    by it, not by the raw max_force_dev."""
     run = tmp_path / "run"
     cfg = config(inputs, run, labeller={"kind": "pool", "pool": str(inputs / "pool.xyz")},
                  explore={"structures": []},
@@ -469,14 +484,7 @@ def test_relative_rank_in_the_loop(inputs, tmp_path):
                             "relative_level": 1e-4},
                  stop={"max_iterations": 1})
     learn(learn_config_from_dict(cfg), log=lambda *a: None)
-    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
-    calc = MLPotCalculator(load(str(run / "iter_000" / "model.pt")), min_distance=None)
-    for a in explored[:3]:  # the stored value is the committee's relative deviation
-        b = a.copy()
-        b.calc = calc
-        f = b.get_forces()
-        assert a.info["relative_max_force_dev"] == pytest.approx(
-            relative_max_force_dev(calc.results["forces_dev"], f, 1e-4), rel=1e-6)
+    explored = _explored_with_relative_checked(run, 1e-4, slice(0, 3))
     rel = np.array([a.info["relative_max_force_dev"] for a in explored])
     raw = np.array([a.info["max_force_dev"] for a in explored])
     by_rel = {explored[k].info["pool_index"] for k in np.argsort(-rel, kind="stable")[:3]}
@@ -491,24 +499,13 @@ def test_relative_rank_in_md_exploration(inputs, tmp_path):
     """In MD exploration too, each collected frame carries the committee's relative force
     deviation (recomputed here with the ASE calculator on the stored structure), and with one
     candidate per label the frames of largest relative deviation are the ones selected."""
-    from mlpot.ase import MLPotCalculator
-    from mlpot.export import load
-    from mlpot.uncertainty import relative_max_force_dev
-
     run = tmp_path / "run"
     cfg = config(inputs, run, selection={"lower": 1e-5, "upper": 1.0, "max_labels": 2,
                                          "candidates_per_label": 1, "rank": "relative",
                                          "relative_level": 1e-4},
                  stop={"max_iterations": 1})
     learn(learn_config_from_dict(cfg), log=lambda *a: None)
-    explored = read(str(run / "iter_000" / "explored.xyz"), index=":")
-    calc = MLPotCalculator(load(str(run / "iter_000" / "model.pt")), min_distance=None)
-    for a in explored[::3]:
-        b = a.copy()
-        b.calc = calc
-        f = b.get_forces()
-        assert a.info["relative_max_force_dev"] == pytest.approx(
-            relative_max_force_dev(calc.results["forces_dev"], f, 1e-4), rel=1e-4)
+    explored = _explored_with_relative_checked(run, 1e-4, slice(None, None, 3), rel=1e-4)
     rel = np.array([a.info["relative_max_force_dev"] for a in explored])
     top = {(explored[k].info["replica"], explored[k].info["step"])
            for k in np.argsort(-rel, kind="stable")[:2]}
