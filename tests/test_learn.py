@@ -261,6 +261,8 @@ def test_fps_and_classes():
      "cannot import no_such_pkg.calc"),
     ({"labeller": {"kind": "pyscf"}}, "is periodic"),
     ({"explore": {"pressures": [1.0]}}, "explore.pressures needs explore.ensemble: npt"),
+    ({"selection": {"rank": "relativ"}}, "selection.rank = 'relativ' is not one of"),
+    ({"selection": {"relative_level": 0}}, "selection.relative_level = 0.0: must be a number > 0"),
     ({"explore": {"structures": "AU"}}, "structure 0 has Au, which the initial data (Cu) do "
                                         "not have"),
     ({"labeller": {"kind": "ase", "ase_calculator": "test_learn:BrokenCalculator"}},
