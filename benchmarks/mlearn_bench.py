@@ -88,6 +88,8 @@ def run_config(element: str, data: Path, model: str, args) -> dict:
         data_cfg["split_key"] = "config_type"
     if element in WITH_VIRIAL:
         loss.update(STRESS)
+        if args.stress_weight is not None:
+            loss["stress"] = args.stress_weight
     else:
         loss["stress"] = 0.0
     return {"data": data_cfg, "model": MODELS[model], "loss": loss, "optim": OPTIM[model],
@@ -194,6 +196,10 @@ def main() -> None:
     ap.add_argument("--energy-weight", type=float, default=None,
                     help=f"final energy loss weight (default {LOSS['energy']:g}; the sweep on the "
                          "validation split)")
+    ap.add_argument("--stress-weight", type=float, default=None,
+                    help=f"final stress loss weight, (eV/A^3)^-2, elements with virials (default "
+                         f"{STRESS['stress']:g}; 1e4 makes the virials count about as much as "
+                         "the energies: a stress error of 5 meV/A^3 then adds 0.25 to the loss)")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "mlearn",
                     help="run folders (default %(default)s)")
     ap.add_argument("--out", type=Path,
@@ -203,6 +209,8 @@ def main() -> None:
     args.budget = f"steps{args.max_steps}" if args.max_steps else f"min{args.max_min:g}"
     if args.energy_weight is not None:
         args.budget += f"_e{args.energy_weight:g}"
+    if args.stress_weight is not None:
+        args.budget += f"_s{args.stress_weight:g}"
     args.work = args.work / args.budget
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = doc.get("results", {})
