@@ -92,7 +92,10 @@ def run_config(element: str, data: Path, model: str, args) -> dict:
             loss["stress"] = args.stress_weight
     else:
         loss["stress"] = 0.0
-    return {"data": data_cfg, "model": MODELS[model], "loss": loss, "optim": OPTIM[model],
+    model_cfg = dict(MODELS[model])
+    if args.cutoff is not None:
+        model_cfg["cutoff"] = args.cutoff
+    return {"data": data_cfg, "model": model_cfg, "loss": loss, "optim": OPTIM[model],
             "training": {"batch_size": args.batch_size, "max_epochs": 1000000,
                          "max_steps": args.max_steps, "max_time_min": args.max_min,
                          "seed": args.seed, "threads": args.threads, "progress": False}}
@@ -200,6 +203,10 @@ def main() -> None:
                     help=f"final stress loss weight, (eV/A^3)^-2, elements with virials (default "
                          f"{STRESS['stress']:g}; 1e4 makes the virials count about as much as "
                          "the energies: a stress error of 5 meV/A^3 then adds 0.25 to the loss)")
+    ap.add_argument("--cutoff", type=float, default=None,
+                    help="model cutoff, A (default 5; recorded in the run's key). Zuo et al.'s "
+                         "NNP inputs (materialsvirtuallab/mlearn, mvl_models/*/nnp/input.nn) use "
+                         "3.9 A for Ni, 4.1 A for Cu, 5.2 A for Mo")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "mlearn",
                     help="run folders (default %(default)s)")
     ap.add_argument("--out", type=Path,
@@ -211,6 +218,8 @@ def main() -> None:
         args.budget += f"_e{args.energy_weight:g}"
     if args.stress_weight is not None:
         args.budget += f"_s{args.stress_weight:g}"
+    if args.cutoff is not None:
+        args.budget += f"_c{args.cutoff:g}"
     args.work = args.work / args.budget
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = doc.get("results", {})
