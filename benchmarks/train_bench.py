@@ -16,6 +16,10 @@ Tasks:
          validation, which picks the best checkpoint); test: data_2 frames 64-79 (the peers'
          "dev test"), split by ../shared/bench/train/water_dp/split_water.py.
   3bpa   train: train_300K.xyz (500 frames, 5 % validation as MACE's run); test: test_300K.xyz.
+  3bpa_mixedT  train: train_mixedT.xyz (500 frames from MD at 300, 600 and 1200 K, the 3BPA
+         paper's second training set); test: test_300K.xyz. No peer run on it: the result has
+         no peer figures (used by the stability benchmark: do hotter training frames keep the
+         bonds together?).
 
 ``--threads 1`` runs on half of the machine: two such runs side by side use the 2 cores that a
 single peer run had to itself, so each mlpot run gets at most the peer's compute (a handicap, not an
@@ -59,7 +63,8 @@ MODELS = {
         "batch_size": 5,
     },
 }
-CUTOFF = {"water": 6.0, "3bpa": 5.0}
+TASKS = ("water", "3bpa", "3bpa_mixedT")
+CUTOFF = {"water": 6.0, "3bpa": 5.0, "3bpa_mixedT": 5.0}
 # the peer's name, its summary under <shared>/bench/train/results, and its test set's key there
 PEER = {"water": ("DeePMD-kit se_e2_a", "water_dp_summary.txt", "devtest"),
         "3bpa": ("MACE 32x0e+32x1o", "mace_3bpa_summary.txt", "test_300K")}
@@ -76,7 +81,8 @@ def prepare(task: str, work: Path, shared: Path):
         train = [str(split / d) for d in ("data_0", "data_1", "data_2_train")]
         return {"train": train, "type_map": ["O", "H"]}, str(split / "data_2_test")
     data = shared_path(shared, "data", "3bpa", what="the 3BPA data")
-    return ({"train": str(data / "train_300K.xyz"), "type_map": ["C", "H", "N", "O"]},
+    train = "train_mixedT.xyz" if task == "3bpa_mixedT" else "train_300K.xyz"
+    return ({"train": str(data / train), "type_map": ["C", "H", "N", "O"]},
             str(data / "test_300K.xyz"))
 
 
@@ -127,9 +133,12 @@ def evaluate(args, cfg, out: Path, test: str, wall: float) -> dict:
                          check=True, env=env, capture_output=True, text=True)
     test_metrics = json.loads(res.stdout[res.stdout.index("{"):res.stdout.rindex("}") + 1])
     train_metrics = json.loads((out / "metrics.json").read_text())
-    name, peer_file, peer_key = PEER[args.task]
-    peer = json.loads(shared_path(args.shared, "bench", "train", "results", peer_file,
-                                  what="the peer's result").read_text())
+    peer = None
+    if args.task in PEER:
+        name, peer_file, peer_key = PEER[args.task]
+        record = json.loads(shared_path(args.shared, "bench", "train", "results", peer_file,
+                                        what="the peer's result").read_text())
+        peer = {"name": name, "wall_s": record["train_wall_s"], **record["tests"][peer_key]}
     result = {
         "task": args.task, "model": args.model, "threads": args.threads,
         "budget_min": args.budget_min, "train_command_wall_s": round(wall, 1),
@@ -137,7 +146,7 @@ def evaluate(args, cfg, out: Path, test: str, wall: float) -> dict:
         # paths in the shared folder (--shared) and the work folder (--work) by those names
         "config": portable(cfg, shared=args.shared, work=args.work),
         "test": test_metrics,
-        "peer": {"name": name, "wall_s": peer["train_wall_s"], **peer["tests"][peer_key]},
+        "peer": peer,
     }
     # the peers' 15-minute budget gives train_<task>_<model>.json; others train<minutes>_...
     budget = "" if args.budget_min == 15.0 else f"{args.budget_min:g}"
@@ -184,7 +193,7 @@ def force_cost(args) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("task", choices=["water", "3bpa"])
+    p.add_argument("task", choices=TASKS)
     p.add_argument("model", choices=sorted(MODELS))
     p.add_argument("--budget-min", type=float, default=15.0, help="whole train command (minutes)")
     p.add_argument("--margin-min", type=float, default=1.0,
