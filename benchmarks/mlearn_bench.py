@@ -95,6 +95,8 @@ def run_config(element: str, data: Path, model: str, args) -> dict:
     model_cfg = dict(MODELS[model])
     if args.cutoff is not None:
         model_cfg["cutoff"] = args.cutoff
+    if args.hparams:
+        model_cfg["hparams"] = {**model_cfg["hparams"], **args.hparams}
     return {"data": data_cfg, "model": model_cfg, "loss": loss, "optim": OPTIM[model],
             "training": {"batch_size": args.batch_size, "max_epochs": 1000000,
                          "max_steps": args.max_steps, "max_time_min": args.max_min,
@@ -207,6 +209,9 @@ def main() -> None:
                     help="model cutoff, A (default 5; recorded in the run's key). Zuo et al.'s "
                          "NNP inputs (materialsvirtuallab/mlearn, mvl_models/*/nnp/input.nn) use "
                          "3.9 A for Ni, 4.1 A for Cu, 5.2 A for Mo")
+    ap.add_argument("--hparams", type=json.loads, default=None,
+                    help="JSON object merged into the model's hyperparameters, e.g. "
+                         "'{\"fitting\": [128, 128, 128]}' (recorded in the run's key)")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "mlearn",
                     help="run folders (default %(default)s)")
     ap.add_argument("--out", type=Path,
@@ -220,6 +225,10 @@ def main() -> None:
         args.budget += f"_s{args.stress_weight:g}"
     if args.cutoff is not None:
         args.budget += f"_c{args.cutoff:g}"
+    if args.hparams:
+        args.budget += "_" + ",".join(
+            f"{k}=" + ("x".join(str(x) for x in v) if isinstance(v, list) else str(v))
+            for k, v in sorted(args.hparams.items()))
     args.work = args.work / args.budget
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = doc.get("results", {})
