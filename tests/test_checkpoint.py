@@ -101,8 +101,11 @@ def test_checkpoints_of_the_previous_format_load_as_data(name):
     expected = json.loads((LEGACY / "expected.json").read_text())[name]
     atoms = read(str(LEGACY / "cu.xyz"), 0)
     atoms.calc = MLPotCalculator(C.model_from_checkpoint(path))
-    assert atoms.get_potential_energy() == pytest.approx(expected["energy"], abs=1e-9)
-    np.testing.assert_allclose(atoms.get_forces(), expected["forces"], atol=1e-9)
+    # a float32 model: another CPU's kernels (AVX2 against AVX-512) sum in another order, so the
+    # last bits may differ from the stored numbers (seen: 6e-9 eV/A on forces of 1e-3 eV/A);
+    # wrong or non-EMA weights would differ by orders of magnitude more
+    assert atoms.get_potential_energy() == pytest.approx(expected["energy"], abs=1e-6)
+    np.testing.assert_allclose(atoms.get_forces(), expected["forces"], rtol=0, atol=1e-7)
 
 
 def test_an_old_training_run_resumes(tmp_path):
