@@ -78,6 +78,26 @@ def _has_config_types(path: Path) -> bool:
     return "config_type" in read(str(path), index=0).info
 
 
+def hparams_arg(text: str) -> dict:
+    """--hparams: a JSON object, or a one-line error saying what to give."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); give an object such as "
+                                         "'{\"fitting\": [128, 128, 128]}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of hyperparameters, such as "
+                                         "'{\"fitting\": [128, 128, 128]}'")
+    return value
+
+
+def positive_cutoff(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the cutoff must be positive (A), not {text}")
+    return value
+
+
 def run_config(element: str, data: Path, model: str, args) -> dict:
     loss = dict(LOSS)
     if args.energy_weight is not None:
@@ -205,11 +225,11 @@ def main() -> None:
                     help=f"final stress loss weight, (eV/A^3)^-2, elements with virials (default "
                          f"{STRESS['stress']:g}; 1e4 makes the virials count about as much as "
                          "the energies: a stress error of 5 meV/A^3 then adds 0.25 to the loss)")
-    ap.add_argument("--cutoff", type=float, default=None,
+    ap.add_argument("--cutoff", type=positive_cutoff, default=None,
                     help="model cutoff, A (default 5; recorded in the run's key). Zuo et al.'s "
                          "NNP inputs (materialsvirtuallab/mlearn, mvl_models/*/nnp/input.nn) use "
-                         "3.9 A for Ni, 4.1 A for Cu, 5.2 A for Mo")
-    ap.add_argument("--hparams", type=json.loads, default=None,
+                         "3.9 A for Ni, 4.1 A for Cu, 5.2 A for Si, Li and Mo, 5.6 A for Ge")
+    ap.add_argument("--hparams", type=hparams_arg, default=None,
                     help="JSON object merged into the model's hyperparameters, e.g. "
                          "'{\"fitting\": [128, 128, 128]}' (recorded in the run's key)")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "mlearn",

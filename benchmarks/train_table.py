@@ -18,11 +18,14 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["task"], r["test"]["forces_rmse_meV_per_A"])):
         t, p = r["test"], r["peer"]
-        test = "water (data_2 frames 64-79)" if r["task"] == "water" else "3BPA (test_300K)"
+        test = {"water": "water (data_2 frames 64-79)", "3bpa": "3BPA (test_300K)",
+                "3bpa_mixedT": "3BPA (test_300K), trained on train_mixedT"}[r["task"]]
+        peer = "no peer run" if p is None else (
+            f"{p['name']}: {p['E_rmse_meV_per_atom']:.2f} / {p['F_rmse_meV_per_A']:.1f} "
+            f"({p['wall_s'] / 60:.1f} min, 2 threads)")
         print(f"| {test} | {r['model']} | {r['threads']} | {r['train_command_wall_s'] / 60:.1f} min "
               f"| {r['epochs']} | {t['energy_rmse_meV_per_atom']:.2f} | "
-              f"{t['forces_rmse_meV_per_A']:.1f} | {p['name']}: {p['E_rmse_meV_per_atom']:.2f} / "
-              f"{p['F_rmse_meV_per_A']:.1f} ({p['wall_s'] / 60:.1f} min, 2 threads) |")
+              f"{t['forces_rmse_meV_per_A']:.1f} | {peer} |")
     cost = HERE / "results" / "train_force_cost.json"
     if cost.exists():
         print("\n| data / model | frames/s energy only | frames/s with forces | ratio |")
