@@ -110,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import EXIT_BAD_INPUT, exit_code_of
     from .train import ConfigError
 
+    from .threads import apply_default_threads, restore_threads
+
+    previous = apply_default_threads(args.command)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -128,6 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"mlpot {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        restore_threads(previous)
 
 
 if __name__ == "__main__":
