@@ -169,6 +169,8 @@ def rdf_plot(traj_path: str, topology_atoms, path: str, r_max: float = 5.0) -> D
 
 def run_demo(out: str = "mlpot-demo", steps: int = DEMO_STEPS, minutes: float = 15.0,
              md_steps: int = 200, max_frames=None, seed: int = 0) -> Dict:
+    import torch
+
     from .export import export
     from .train import Trainer
     from .train.trainer import finalize
@@ -195,7 +197,7 @@ def run_demo(out: str = "mlpot-demo", steps: int = DEMO_STEPS, minutes: float = 
                    k: {"energy_meV_per_atom": e, "forces_meV_per_A": f}
                    for k, (e, f) in PUBLISHED_SI.items()},
                "train_time_s": results["train_time_s"], "epochs": results["epochs"],
-               "steps": results["steps"], "md": md}
+               "steps": results["steps"], "threads": torch.get_num_threads(), "md": md}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for name in ("parity.png", "learning_curve.png"):
@@ -210,7 +212,8 @@ def _print_summary(out: str, s: Dict) -> None:
     t = s["test"] or s["validation"]
     nan = float("nan")
     print("\nmlpot demo: done")
-    print(f"  trained {s['steps']} steps ({s['epochs']} epochs) in {s['train_time_s'] / 60:.1f} min")
+    print(f"  trained {s['steps']} steps ({s['epochs']} epochs) in {s['train_time_s'] / 60:.1f} min"
+          f" on {s['threads']} thread{'s' if s['threads'] > 1 else ''}")
     print(f"  test frames (held out of training and checkpoint selection): {t.get('frames', 0):.0f}")
     print(f"  {'':<22}{'energy MAE':>12}{'RMSE':>8}  meV/atom{'force MAE':>12}{'RMSE':>8}  meV/A")
     print(f"  {'mlpot (this run)':<22}{t.get('energy_mae_meV_per_atom', nan):>12.2f}"
