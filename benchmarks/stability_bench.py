@@ -45,8 +45,11 @@ and reference energies (tests/test_zbl.py checks this), so no second training ru
 
 Resumable: each part of a case (the NVE run, each NVT temperature) is written to
 ``<work>/<label>.json`` when it ends; a rerun with the same settings and model keeps the parts
-done and skips finished cases. Results: benchmarks/results/stability.json (``--out``), one
-entry per label, merged with those already there.
+done and skips finished cases. Each NVT entry records its length (``ps``): a rerun with a
+longer ``--nvt-ps`` (or none: ``--ps``) redoes the NVT runs only, and ``--cold-only`` runs the
+NVT at 300 K only, so that the hot runs of a slow model can follow in a later run. Results:
+benchmarks/results/stability.json (``--out``), one entry per label, merged with those already
+there.
 
     python benchmarks/stability_bench.py                          # every case with a model
     python benchmarks/stability_bench.py --cases 3bpa_dp --ps 0.2 --replicas 2 --out /tmp/s.json
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -221,12 +225,19 @@ def _export_with_prior(path: Path, label: str, repulsion: str, out: Path) -> Non
 
 # ------------------------------------------------------------------ one case
 def settings_of(args) -> dict:
-    nvt = {} if args.nvt_ps is None else {"nvt_ps": args.nvt_ps}  # old records: NVT as long
-    return {"ps": args.ps, **nvt, "timestep_fs": args.timestep, "replicas": args.replicas,
+    """The settings a case's record must match to be resumed. The NVT length is not among them:
+    each temperature's entry records its own ``ps`` (``nvt_entry_ps``), so a case run with
+    ``--nvt-ps 2`` can be extended to 10 ps without redoing its NVE run."""
+    return {"ps": args.ps, "timestep_fs": args.timestep, "replicas": args.replicas,
             "nve_replicas": args.nve_replicas, "nve_temperature_K": NVE_TEMPERATURE_K,
             "warmup_ps": args.warmup_ps, "thermostat": "langevin",
             "friction_per_fs": args.friction, "check_every": args.check_every,
             "seed": args.seed, "device": args.device, "threads": args.threads}
+
+
+def nvt_entry_ps(entry: dict, timestep_fs: float) -> float:
+    """The length (ps) an NVT entry was run for (older records: from its steps)."""
+    return float(entry.get("ps", entry["steps"] * timestep_fs / 1000.0))
 
 
 def outcome_json(run) -> dict:
@@ -295,7 +306,14 @@ def run_case(label: str, case: str, args) -> dict:
                  "max_bond_A": I.stability.DEFAULT_MAX_BOND_A if molecular else None,
                  "bond_factor": I.stability.DEFAULT_BOND_FACTOR if molecular else None}})
     record.setdefault("nvt", {})
-    if record.get("done"):
+    nvt_ps = args.ps if args.nvt_ps is None else args.nvt_ps
+    wanted = temps[:1] if args.cold_only else temps
+
+    def have(t: float) -> bool:
+        entry = record["nvt"].get(f"{t:g}")
+        return entry is not None and math.isclose(nvt_entry_ps(entry, args.timestep), nvt_ps)
+
+    if record.get("done") and "nve" in record and all(have(t) for t in wanted):
         print(f"{label}: done before ({portable(part_file)}), kept", flush=True)
         return record
     try:
@@ -335,16 +353,15 @@ def run_case(label: str, case: str, args) -> dict:
                                  for k, d in enumerate(drift)]}
             save()
             print(f"{label}: NVE drift {drift} meV/atom/ps", flush=True)
-        nvt_ps = args.ps if args.nvt_ps is None else args.nvt_ps
-        for t in temps:
+        for t in wanted:
             key = f"{t:g}"
-            if key in record["nvt"]:
+            if have(t):
                 continue
             r = I.run_nvt(forces, state, t, nvt_ps, args.timestep, rule,
                           replicas=args.replicas, friction_per_fs=args.friction,
                           check_every=args.check_every, seed=args.seed,
                           progress=progress_printer(label, f"NVT {key} K"))
-            record["nvt"][key] = {"temperature_K": t, **outcome_json(r)}
+            record["nvt"][key] = {"temperature_K": t, "ps": nvt_ps, **outcome_json(r)}
             save()
             print(f"{label}: NVT {key} K: {r.survived}/{len(r.outcomes)} survived "
                   f"{nvt_ps:g} ps", flush=True)
@@ -393,6 +410,9 @@ def main() -> None:
     p.add_argument("--nvt-ps", type=float, default=None,
                    help="length of the NVT runs when shorter than --ps (default: --ps), for "
                         "models too slow for 5 replicas x 10 ps here")
+    p.add_argument("--cold-only", action="store_true",
+                   help="NVT at the case's first temperature only (300 K, the target's); a later "
+                        "run without it adds the hot one")
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--replicas", type=int, default=5, help="NVT replicas (default 5)")
     p.add_argument("--nve-replicas", type=int, default=1, help="NVE replicas (default 1)")
