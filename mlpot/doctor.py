@@ -115,6 +115,34 @@ def versions(report: Report) -> None:
         report.line("info", f"TorchForce combination: {combination}")
 
 
+def threads(report: Report) -> None:
+    """How many threads torch uses against the cores other processes leave free."""
+    import torch
+
+    from .threads import busy_cores, threads_for
+
+    n = torch.get_num_threads()
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux: no per-core load to read
+        report.line("info", f"threads: torch uses {n} on {os.cpu_count()} cores")
+        return
+    busy = busy_cores(cpus)
+    detail = f"torch uses {n} thread(s) on {len(cpus)} core(s)"
+    if busy is None:
+        report.line("info", f"threads: {detail}")
+        return
+    free = threads_for(len(cpus), busy)
+    detail += f"; other processes keep {busy:.1f} core(s) busy"
+    if free < n:
+        report.line(_WARN, "threads", f"{detail}: the mlpot commands use {free} now")
+        report.advise(f"other processes keep cores busy: from Python, call "
+                      f"torch.set_num_threads({free}) (or set OMP_NUM_THREADS={free}); torch's "
+                      "threads wait for each other where a core is taken, many times slower")
+    else:
+        report.line("info", f"threads: {detail}")
+
+
 def extension(report: Report) -> None:
     import torch
 
@@ -319,6 +347,7 @@ def run_doctor_checks(platforms: Optional[List[str]] = None, out=None) -> int:
     report = Report(out)
     out = report.out
     versions(report)
+    threads(report)
     extension(report)
     calculations(report, platforms)
     print("", file=out)

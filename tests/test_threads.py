@@ -65,3 +65,19 @@ def test_cli_restores_the_threads_after_a_command(monkeypatch, capsys, tmp_path,
     assert code == 2
     assert "using 1 thread" in capsys.readouterr().err
     assert torch.get_num_threads() == 2
+
+
+def test_doctor_warns_when_cores_are_taken(monkeypatch, two_threads):
+    import io
+
+    from mlpot.doctor import Report, threads
+
+    monkeypatch.setattr(th.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(th, "busy_cores", lambda cpus, sample_s=0.25: 1.0)
+    report = Report(io.StringIO())
+    threads(report)
+    assert report.warned == 1 and "torch.set_num_threads(1)" in report.advice[0]
+    monkeypatch.setattr(th, "busy_cores", lambda cpus, sample_s=0.25: 0.0)
+    report = Report(io.StringIO())
+    threads(report)
+    assert report.warned == 0 and "torch uses 2 thread(s) on 2 core(s)" in report.out.getvalue()
