@@ -119,21 +119,16 @@ def threads(report: Report) -> None:
     """How many threads torch uses against the cores other processes leave free."""
     import torch
 
-    from .threads import busy_cores, threads_for
+    from .threads import free_core_threads
 
     n = torch.get_num_threads()
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):  # not Linux: no per-core load to read
+    found = free_core_threads()
+    if found is None:  # not Linux: no per-core load to read
         report.line("info", f"threads: torch uses {n} on {os.cpu_count()} cores")
         return
-    busy = busy_cores(cpus)
-    detail = f"torch uses {n} thread(s) on {len(cpus)} core(s)"
-    if busy is None:
-        report.line("info", f"threads: {detail}")
-        return
-    free = threads_for(len(cpus), busy)
-    detail += f"; other processes keep {busy:.1f} core(s) busy"
+    n_cores, busy, free = found
+    detail = (f"torch uses {n} thread(s) on {n_cores} core(s); other processes keep {busy:.1f} "
+              "core(s) busy")
     if free < n:
         report.line(_WARN, "threads", f"{detail}: the mlpot commands use {free} now")
         report.advise(f"other processes keep cores busy: from Python, call "

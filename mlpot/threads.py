@@ -70,29 +70,39 @@ def threads_for(n_cores: int, busy: float) -> int:
     return max(1, min(n_cores, n_cores - taken))
 
 
+def free_core_threads() -> Optional[Tuple[int, float, int]]:
+    """(cores this process may run on, cores' worth that others keep busy, threads to use:
+    ``threads_for``); None where the load cannot be read (not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    busy = busy_cores(cpus)
+    if busy is None:
+        return None
+    return len(cpus), busy, threads_for(len(cpus), busy)
+
+
 def apply_default_threads(command: str, environ=os.environ) -> Optional[int]:
     """For a compute command without ``OMP_NUM_THREADS``: use fewer torch threads than cores
     where other processes keep cores busy, and say so on stderr. Returns the thread count from
     before (for ``restore_threads``), or None where nothing was changed."""
     if command not in COMPUTE_COMMANDS or environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return None
     import torch
 
     current = torch.get_num_threads()
-    if len(cpus) < 2 or current < 2:
+    if current < 2:
         return None
-    busy = busy_cores(cpus)
-    if busy is None:
+    found = free_core_threads()
+    if found is None:
         return None
-    threads = min(current, threads_for(len(cpus), busy))
+    n_cores, busy, threads = found
+    threads = min(current, threads)
     if threads >= current:
         return None
     torch.set_num_threads(threads)
-    print(f"mlpot {command}: other processes keep {busy:.1f} of {len(cpus)} cores busy; using "
+    print(f"mlpot {command}: other processes keep {busy:.1f} of {n_cores} cores busy; using "
           f"{threads} thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)",
           file=sys.stderr)
     return current
