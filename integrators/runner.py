@@ -27,6 +27,7 @@ import torch
 
 from mlpot import units
 from mlpot.files import remove_stale_temporaries
+from mlpot.threads import poll_threads
 
 from .base import ForceProvider, Integrator, MDInputError, MDStopped
 from .checkpoint import save_md_checkpoint
@@ -224,6 +225,7 @@ def simulate(
             if fresh:
                 rep.report(state, integrator)
         for _ in range(int(n_steps)):
+            poll_threads()  # fewer threads while another process takes a core (mlpot.threads)
             new = integrator.step(state, forces)
             if state.active is not None:
                 new = _hold(new, held, ~state.active)

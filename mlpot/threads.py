@@ -7,6 +7,12 @@ steps of the demo's model took 207 s with 2 threads against 13 s with 1 thread (
 quiet machine). So, unless ``OMP_NUM_THREADS`` is set, the compute commands look at how busy the
 cores they may run on were over a fraction of a second and leave the busy ones alone.
 ``training.threads`` in a config still decides for ``mlpot train``.
+
+A process that starts (or ends) while a command runs changes the answer, so the choice is
+watched too: the training loop and the MD loop call ``poll_threads()`` every step, and every
+``WATCH_INTERVAL_S`` seconds it compares the cores' busy time with this process's own CPU time
+over that interval (what is left is other processes' work) and, when two readings in a row
+agree on another thread count, switches to it (never above the count the command started with).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from typing import Dict, Iterable, Optional, Tuple
 COMPUTE_COMMANDS = frozenset({"train", "test", "demo", "md", "learn", "distill", "check"})
 # A core counts as taken when other processes kept it busy more than this fraction of the time.
 BUSY_SLACK = 0.25
+# Seconds between two readings of the load while a command runs (``poll_threads``).
+WATCH_INTERVAL_S = 5.0
 
 
 def _cpu_times(cpus: Iterable[int]) -> Optional[Dict[int, Tuple[int, int]]]:
@@ -44,9 +52,20 @@ def _cpu_times(cpus: Iterable[int]) -> Optional[Dict[int, Tuple[int, int]]]:
     return times if set(times) == wanted else None
 
 
+def _busy_between(before: Dict[int, Tuple[int, int]], after: Dict[int, Tuple[int, int]]) -> float:
+    """Cores' worth of busy time between two ``_cpu_times`` readings (each core counts 0 to 1)."""
+    busy = 0.0
+    for cpu in before:
+        d_busy, d_total = (after[cpu][0] - before[cpu][0]), (after[cpu][1] - before[cpu][1])
+        if d_total > 0:
+            busy += min(1.0, max(0.0, d_busy / d_total))
+    return busy
+
+
 def busy_cores(cpus: Iterable[int], sample_s: float = 0.25) -> Optional[float]:
     """Cores' worth of work other processes did on ``cpus`` during ``sample_s`` (0 when idle,
-    1.0 when one core was fully busy); None where /proc/stat cannot tell (not Linux)."""
+    1.0 when one core was fully busy); None where /proc/stat cannot tell (not Linux). The
+    caller sleeps meanwhile, so all the work is others'."""
     cpus = sorted(cpus)
     before = _cpu_times(cpus)
     if before is None:
@@ -55,12 +74,7 @@ def busy_cores(cpus: Iterable[int], sample_s: float = 0.25) -> Optional[float]:
     after = _cpu_times(cpus)
     if after is None:
         return None
-    busy = 0.0
-    for cpu in cpus:
-        d_busy, d_total = (after[cpu][0] - before[cpu][0]), (after[cpu][1] - before[cpu][1])
-        if d_total > 0:
-            busy += min(1.0, max(0.0, d_busy / d_total))
-    return busy
+    return _busy_between(before, after)
 
 
 def threads_for(n_cores: int, busy: float) -> int:
@@ -83,10 +97,79 @@ def free_core_threads() -> Optional[Tuple[int, float, int]]:
     return len(cpus), busy, threads_for(len(cpus), busy)
 
 
+def _say(command: str, busy: float, n_cores: int, threads: int, now: str = "") -> None:
+    print(f"mlpot {command}: other processes {now}keep {busy:.1f} of {n_cores} cores busy; "
+          f"using {threads} thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)",
+          file=sys.stderr)
+
+
+class ThreadWatch:
+    """Follows the load while a command runs (``poll``): every ``interval_s`` seconds, the
+    cores' busy time minus this process's own CPU time is other processes' work; when two
+    readings in a row ask for the same thread count (``threads_for``, at most ``ceiling``) and
+    it differs from torch's, torch switches to it. ``read`` returns (``clock()``, ``_cpu_times``
+    of the cores, this process's CPU seconds); tests pass their own ``clock`` and ``read``."""
+
+    def __init__(self, cpus: Iterable[int], ceiling: int, command: str,
+                 interval_s: float = WATCH_INTERVAL_S, clock=time.monotonic, read=None):
+        self.cpus, self.ceiling, self.command = sorted(cpus), int(ceiling), command
+        self.interval_s, self.clock = float(interval_s), clock
+        self.read = read or (lambda: (self.clock(), _cpu_times(self.cpus), time.process_time()))
+        self.last = self.read()
+        self.pending: Optional[int] = None
+
+    def others_busy(self, before, after) -> Optional[float]:
+        """Cores' worth of other processes' work between two readings; None if unknown."""
+        (t0, cpu0, own0), (t1, cpu1, own1) = before, after
+        if cpu0 is None or cpu1 is None or t1 <= t0:
+            return None
+        return max(0.0, _busy_between(cpu0, cpu1) - (own1 - own0) / (t1 - t0))
+
+    def poll(self) -> Optional[int]:
+        """Called often (every step): cheap until ``interval_s`` has passed. Returns the new
+        thread count when it switched, else None."""
+        if self.clock() - self.last[0] < self.interval_s:
+            return None
+        now = self.read()
+        others, self.last = self.others_busy(self.last, now), now
+        if others is None:
+            return None
+        import torch
+
+        want = min(self.ceiling, threads_for(len(self.cpus), others))
+        if want == torch.get_num_threads():
+            self.pending = None
+            return None
+        if self.pending != want:  # one reading may be a passing burst: wait for a second
+            self.pending = want
+            return None
+        self.pending = None
+        torch.set_num_threads(want)
+        _say(self.command, others, len(self.cpus), want, now="now ")
+        return want
+
+
+_watch: Optional[ThreadWatch] = None
+
+
+def poll_threads() -> Optional[int]:
+    """Let the thread watch of the running command (if any) look at the load; see
+    ``ThreadWatch.poll``. Costs a clock reading when no reading is due."""
+    return None if _watch is None else _watch.poll()
+
+
+def stop_watching() -> None:
+    """The user chose the thread count (``training.threads``): stop adjusting it."""
+    global _watch
+    _watch = None
+
+
 def apply_default_threads(command: str, environ=os.environ) -> Optional[int]:
     """For a compute command without ``OMP_NUM_THREADS``: use fewer torch threads than cores
-    where other processes keep cores busy, and say so on stderr. Returns the thread count from
-    before (for ``restore_threads``), or None where nothing was changed."""
+    where other processes keep cores busy, and say so on stderr; then watch the load while the
+    command runs (``poll_threads``). Returns the thread count from before (for
+    ``restore_threads``), or None where the default does not apply."""
+    global _watch
     if command not in COMPUTE_COMMANDS or environ.get("OMP_NUM_THREADS"):
         return None
     import torch
@@ -99,17 +182,16 @@ def apply_default_threads(command: str, environ=os.environ) -> Optional[int]:
         return None
     n_cores, busy, threads = found
     threads = min(current, threads)
-    if threads >= current:
-        return None
-    torch.set_num_threads(threads)
-    print(f"mlpot {command}: other processes keep {busy:.1f} of {n_cores} cores busy; using "
-          f"{threads} thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)",
-          file=sys.stderr)
+    if threads < current:
+        torch.set_num_threads(threads)
+        _say(command, busy, n_cores, threads)
+    _watch = ThreadWatch(os.sched_getaffinity(0), current, command)
     return current
 
 
 def restore_threads(previous: Optional[int]) -> None:
     """Undo ``apply_default_threads`` (``mlpot.cli.main`` called in-process, as tests do)."""
+    stop_watching()
     if previous is not None:
         import torch
 

@@ -53,6 +53,7 @@ from ..files import remove_stale_temporaries
 from ..models import build_model, fit_reference_energies, force_rms
 from ..models.committee import Committee
 from ..models.mve import build_mve, gaussian_nll
+from ..threads import poll_threads, stop_watching
 from .config import Config, ConfigError, check_config
 from .data import TrainingData, load_training_data
 from .distributed import Distributed, ShardedBatches
@@ -89,6 +90,7 @@ class Trainer:
         self.data = data if data is not None else load_training_data(cfg, tuple(require))
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
+            stop_watching()  # the config's count holds while training runs
         self.dist = dist if dist is not None else Distributed()
         self.device = self.dist.device(cfg.training.device)
         mc = cfg.model
@@ -245,6 +247,7 @@ class Trainer:
         loaders = [self.member_loader(k) for k in range(self.committee_size)]
         world = self.dist.world_size
         for step_batches in zip(*loaders):
+            poll_threads()  # fewer threads while another process takes a core (mlpot.threads)
             t0 = time.perf_counter()
             lr = self.lr()
             batches = [b for b, _ in step_batches]
