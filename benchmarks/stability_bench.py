@@ -47,9 +47,10 @@ Resumable: each part of a case (the NVE run, each NVT temperature) is written to
 ``<work>/<label>.json`` when it ends; a rerun with the same settings and model keeps the parts
 done and skips finished cases. Each NVT entry records its length (``ps``): a rerun with a
 longer ``--nvt-ps`` (or none: ``--ps``) redoes the NVT runs only, and ``--cold-only`` runs the
-NVT at 300 K only, so that the hot runs of a slow model can follow in a later run. Results:
-benchmarks/results/stability.json (``--out``), one entry per label, merged with those already
-there.
+NVT at 300 K only, so that the hot runs of a slow model can follow in a later run, or in a
+second process at the same time with ``--hot-only`` (the hot NVT alone, no NVE; give it its own
+``--work``). Results: benchmarks/results/stability.json (``--out``), one entry per label; a
+label's parts from an earlier run of the same model and settings are kept beside the new ones.
 
     python benchmarks/stability_bench.py                          # every case with a model
     python benchmarks/stability_bench.py --cases 3bpa_dp --ps 0.2 --replicas 2 --out /tmp/s.json
@@ -64,6 +65,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from mlpot.files import sha256
 from _common import (add_shared_option, command_line, fail, machine_info, portable, shared_path,
@@ -307,13 +309,14 @@ def run_case(label: str, case: str, args) -> dict:
                  "bond_factor": I.stability.DEFAULT_BOND_FACTOR if molecular else None}})
     record.setdefault("nvt", {})
     nvt_ps = args.ps if args.nvt_ps is None else args.nvt_ps
-    wanted = temps[:1] if args.cold_only else temps
+    wanted = temps[:1] if args.cold_only else temps[1:] if args.hot_only else temps
+    with_nve = not args.hot_only
 
     def have(t: float) -> bool:
         entry = record["nvt"].get(f"{t:g}")
         return entry is not None and math.isclose(nvt_entry_ps(entry, args.timestep), nvt_ps)
 
-    if record.get("done") and "nve" in record and all(have(t) for t in wanted):
+    if record.get("done") and ("nve" in record or not with_nve) and all(have(t) for t in wanted):
         print(f"{label}: done before ({portable(part_file)}), kept", flush=True)
         return record
     try:
@@ -336,7 +339,7 @@ def run_case(label: str, case: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     try:
-        if "nve" not in record:
+        if with_nve and "nve" not in record:
             r = I.run_nve(forces, state, NVE_TEMPERATURE_K, args.ps, args.timestep, rule,
                           replicas=args.nve_replicas, warmup_ps=args.warmup_ps,
                           check_every=args.check_every, seed=args.seed,
@@ -367,16 +370,37 @@ def run_case(label: str, case: str, args) -> dict:
                   f"{nvt_ps:g} ps", flush=True)
     except UserError as err:
         fail(f"{label}: {err}")
-    nve = record["nve"]
-    cold = record["nvt"].get(f"{temps[0]:g}", {})
-    record["targets"] = {
-        "no_blowup_at_300K": cold.get("survived") == cold.get("replicas"),
-        f"nve_drift_below_{TARGET_DRIFT:g}": nve["drift_max_meV_per_atom_ps"] is not None
-        and nve["survived"] == nve["replicas"]
-        and nve["drift_max_meV_per_atom_ps"] < TARGET_DRIFT}
+    record["targets"] = targets_of(record)
     record["done"] = True
     save()
     return record
+
+
+def targets_of(record: dict) -> dict:
+    """The targets a record meets, from the parts it holds (None: that part was not run)."""
+    nve = record.get("nve")
+    cold = record["nvt"].get(f"{record['temperatures_K'][0]:g}")
+    return {
+        "no_blowup_at_300K": None if cold is None
+        else cold.get("survived") == cold.get("replicas"),
+        f"nve_drift_below_{TARGET_DRIFT:g}": None if nve is None
+        else nve["drift_max_meV_per_atom_ps"] is not None
+        and nve["survived"] == nve["replicas"]
+        and nve["drift_max_meV_per_atom_ps"] < TARGET_DRIFT}
+
+
+def merge_record(old: Optional[dict], new: dict) -> dict:
+    """A case's record in the results file after a run: parts (NVE, each NVT temperature) of
+    an earlier record of the same model and settings are kept beside the new ones, so that a
+    ``--cold-only`` and a ``--hot-only`` run of a case in two processes add up."""
+    if not old or old.get("model_sha256") != new.get("model_sha256") \
+            or old.get("settings") != new.get("settings"):
+        return new
+    merged = {**old, **new, "nvt": {**old.get("nvt", {}), **new["nvt"]}}
+    if "nve" not in new and "nve" in old:
+        merged["nve"] = old["nve"]
+    merged["targets"] = targets_of(merged)
+    return merged
 
 
 # ------------------------------------------------------------------ main
@@ -410,6 +434,10 @@ def main() -> None:
     p.add_argument("--nvt-ps", type=float, default=None,
                    help="length of the NVT runs when shorter than --ps (default: --ps), for "
                         "models too slow for 5 replicas x 10 ps here")
+    p.add_argument("--hot-only", action="store_true",
+                   help="NVT at the case's hot temperature only, no NVE: beside a --cold-only run "
+                        "of the same case in another process (--work elsewhere); both merge "
+                        "into --out")
     p.add_argument("--cold-only", action="store_true",
                    help="NVT at the case's first temperature only (300 K, the target's); a later "
                         "run without it adds the hot one")
@@ -451,14 +479,17 @@ def main() -> None:
     if not 0 <= args.warmup_ps < args.ps:
         fail(f"--warmup-ps {args.warmup_ps:g} must be >= 0 and shorter than --ps {args.ps:g}")
     shared_path(args.shared, "data", what="the shared data folder")
+    if args.cold_only and args.hot_only:
+        fail("--cold-only and --hot-only together run nothing; give one of them")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results.setdefault("cases", {})
     for case in cases:
         label = case + (f"_{args.tag}" if args.tag else "")
         record = run_case(label, case, args)
+        # read again: a run of another part of this case may have written it meanwhile
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        results.setdefault("cases", {})
         if record.get("done"):
-            results["cases"][label] = record
+            results["cases"][label] = merge_record(results["cases"].get(label), record)
         results.update({
             "definition": "integrators.stability (see benchmarks/stability_bench.py): NVE drift "
                           "= |slope| of the conserved energy per atom after the warm-up, "
