@@ -197,7 +197,8 @@ def run_demo(out: str = "mlpot-demo", steps: int = DEMO_STEPS, minutes: float = 
                    k: {"energy_meV_per_atom": e, "forces_meV_per_A": f}
                    for k, (e, f) in PUBLISHED_SI.items()},
                "train_time_s": results["train_time_s"], "epochs": results["epochs"],
-               "steps": results["steps"], "threads": torch.get_num_threads(), "md": md}
+               "steps": results["steps"], "steps_requested": steps, "minutes_cap": minutes,
+               "threads": torch.get_num_threads(), "md": md}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for name in ("parity.png", "learning_curve.png"):
@@ -214,6 +215,11 @@ def _print_summary(out: str, s: Dict) -> None:
     print("\nmlpot demo: done")
     print(f"  trained {s['steps']} steps ({s['epochs']} epochs) in {s['train_time_s'] / 60:.1f} min"
           f" on {s['threads']} thread{'s' if s['threads'] > 1 else ''}")
+    if s["steps"] < s["steps_requested"]:
+        print(f"  the {s['minutes_cap']:g}-minute cap stopped the training at {s['steps']} of "
+              f"{s['steps_requested']} steps (a busy machine), so this model is worse than the "
+              f"demo's: `mlpot demo --out {out} --minutes {2 * s['minutes_cap']:g}` continues it "
+              "to the full steps")
     print(f"  test frames (held out of training and checkpoint selection): {t.get('frames', 0):.0f}")
     print(f"  {'':<22}{'energy MAE':>12}{'RMSE':>8}  meV/atom{'force MAE':>12}{'RMSE':>8}  meV/A")
     print(f"  {'mlpot (this run)':<22}{t.get('energy_mae_meV_per_atom', nan):>12.2f}"

@@ -5,7 +5,9 @@ core busy, one of those threads is descheduled again and again, and every parall
 waits for it at its barrier: measured on a 2-core machine beside one busy process, 30 training
 steps of the demo's model took 207 s with 2 threads against 13 s with 1 thread (7 s with 2 on a
 quiet machine). So, unless ``OMP_NUM_THREADS`` is set, the compute commands look at how busy the
-cores they may run on were over a fraction of a second and leave the busy ones alone.
+cores they may run on were over a fraction of a second and leave the busy ones alone, and say
+so on stderr when their work starts (the first ``poll_threads()`` of the training, MD or test
+loop), so that a command stopped by bad input still prints its one line and nothing else.
 ``training.threads`` in a config still decides for ``mlpot train``.
 
 A process that starts (or ends) while a command runs changes the answer, so the choice is
@@ -97,10 +99,9 @@ def free_core_threads() -> Optional[Tuple[int, float, int]]:
     return len(cpus), busy, threads_for(len(cpus), busy)
 
 
-def _say(command: str, busy: float, n_cores: int, threads: int, now: str = "") -> None:
-    print(f"mlpot {command}: other processes {now}keep {busy:.1f} of {n_cores} cores busy; "
-          f"using {threads} thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)",
-          file=sys.stderr)
+def _message(command: str, busy: float, n_cores: int, threads: int, now: str = "") -> str:
+    return (f"mlpot {command}: other processes {now}keep {busy:.1f} of {n_cores} cores busy; "
+            f"using {threads} thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)")
 
 
 class ThreadWatch:
@@ -111,8 +112,10 @@ class ThreadWatch:
     of the cores, this process's CPU seconds); tests pass their own ``clock`` and ``read``."""
 
     def __init__(self, cpus: Iterable[int], ceiling: int, command: str,
-                 interval_s: float = WATCH_INTERVAL_S, clock=time.monotonic, read=None):
+                 interval_s: float = WATCH_INTERVAL_S, clock=time.monotonic, read=None,
+                 announce: Optional[str] = None):
         self.cpus, self.ceiling, self.command = sorted(cpus), int(ceiling), command
+        self.announce = announce  # printed by the first poll: the command's work has started
         self.interval_s, self.clock = float(interval_s), clock
         self.read = read or (lambda: (self.clock(), _cpu_times(self.cpus), time.process_time()))
         self.last = self.read()
@@ -128,6 +131,9 @@ class ThreadWatch:
     def poll(self) -> Optional[int]:
         """Called often (every step): cheap until ``interval_s`` has passed. Returns the new
         thread count when it switched, else None."""
+        if self.announce:
+            print(self.announce, file=sys.stderr)
+            self.announce = None
         if self.clock() - self.last[0] < self.interval_s:
             return None
         now = self.read()
@@ -145,7 +151,7 @@ class ThreadWatch:
             return None
         self.pending = None
         torch.set_num_threads(want)
-        _say(self.command, others, len(self.cpus), want, now="now ")
+        print(_message(self.command, others, len(self.cpus), want, now="now "), file=sys.stderr)
         return want
 
 
@@ -166,8 +172,8 @@ def stop_watching() -> None:
 
 def apply_default_threads(command: str, environ=os.environ) -> Optional[int]:
     """For a compute command without ``OMP_NUM_THREADS``: use fewer torch threads than cores
-    where other processes keep cores busy, and say so on stderr; then watch the load while the
-    command runs (``poll_threads``). Returns the thread count from before (for
+    where other processes keep cores busy, saying so on stderr when the work starts (the first
+    ``poll_threads``); then watch the load while the command runs. Returns the thread count from before (for
     ``restore_threads``), or None where the default does not apply."""
     global _watch
     if command not in COMPUTE_COMMANDS or environ.get("OMP_NUM_THREADS"):
@@ -182,10 +188,11 @@ def apply_default_threads(command: str, environ=os.environ) -> Optional[int]:
         return None
     n_cores, busy, threads = found
     threads = min(current, threads)
+    announce = None
     if threads < current:
         torch.set_num_threads(threads)
-        _say(command, busy, n_cores, threads)
-    _watch = ThreadWatch(os.sched_getaffinity(0), current, command)
+        announce = _message(command, busy, n_cores, threads)
+    _watch = ThreadWatch(os.sched_getaffinity(0), current, command, announce=announce)
     return current
 
 

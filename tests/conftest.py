@@ -27,3 +27,11 @@ def one_thread():
         if limits is not None:
             limits.restore_original_limits()
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch):
+    """The tests do not depend on how busy the machine is: with ``OMP_NUM_THREADS`` set, the
+    commands keep torch's thread count instead of choosing one from the load
+    (``mlpot.threads``, whose own tests unset it)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))

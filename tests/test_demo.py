@@ -49,3 +49,17 @@ def test_demo_metrics_beat_predicting_the_mean(demo):
     for engine in ("ase", "openmm", "integrators"):
         assert m["md"][engine]["steps"] == 20
     assert np.isfinite(m["md"]["openmm"]["final_potential_eV"])
+
+
+def test_a_demo_stopped_by_its_cap_says_so_and_continues(tmp_path, capsys):
+    """On a busy machine the wall-time cap can end the training before its steps: the summary
+    says so and how to continue, and that command brings the same run to the full steps."""
+    out = str(tmp_path / "capped")
+    args = ["demo", "--out", out, "--steps", "30", "--md-steps", "5", "--max-frames", "70"]
+    assert cli(args + ["--minutes", "0.0001"]) == 0
+    first = json.load(open(tmp_path / "capped" / "metrics.json"))
+    assert first["steps"] < 30
+    said = capsys.readouterr().out
+    assert f"stopped the training at {first['steps']} of 30 steps" in said
+    assert cli(args + ["--minutes", "5"]) == 0
+    assert json.load(open(tmp_path / "capped" / "metrics.json"))["steps"] == 30

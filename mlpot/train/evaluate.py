@@ -10,6 +10,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..data import AtomicDataset, DataError, TypeMap, read
+from ..threads import poll_threads
 from .metrics import MetricAccumulator
 
 
@@ -37,6 +38,7 @@ def evaluate_file(model_path: str, data_path: str, out_dir: Optional[str] = None
     dataset = AtomicDataset(frames, type_map, cutoff, name=data_path)
     acc = MetricAccumulator()
     for batch in dataset.loader(batch_size):
+        poll_threads()  # fewer threads while another process takes a core (mlpot.threads)
         batch = batch.to(device)
         stress = batch.stress is not None and bool(batch.pbc.all())
         pred = model(batch.as_dict(), compute_forces=True, compute_stress=stress)
