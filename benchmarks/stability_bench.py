@@ -302,7 +302,7 @@ def run_case(label: str, case: str, args) -> dict:
         "label": label, "case": case, "tag": args.tag, "system": described,
         "n_atoms": len(atoms), "temperatures_K": temps,
         "model": portable(model_path, shared=args.shared, models=args.models),
-        "model_sha256": digest, "settings": settings,
+        "model_sha256": digest, "source_sha256": sha256(model_path), "settings": settings,
         "rule": {"max_force_eV_per_A": I.stability.DEFAULT_MAX_FORCE_EV_PER_A,
                  "min_distance_A": I.stability.DEFAULT_MIN_DISTANCE_A,
                  "max_bond_A": I.stability.DEFAULT_MAX_BOND_A if molecular else None,
@@ -392,9 +392,13 @@ def targets_of(record: dict) -> dict:
 def merge_record(old: Optional[dict], new: dict) -> dict:
     """A case's record in the results file after a run: parts (NVE, each NVT temperature) of
     an earlier record of the same model and settings are kept beside the new ones, so that a
-    ``--cold-only`` and a ``--hot-only`` run of a case in two processes add up."""
-    if not old or old.get("model_sha256") != new.get("model_sha256") \
-            or old.get("settings") != new.get("settings"):
+    ``--cold-only`` and a ``--hot-only`` run of a case in two processes add up. The same model
+    is the same source file (checkpoint or exported model): each process exports a checkpoint
+    itself, and two exports of one checkpoint differ in their bytes."""
+    def source(record):
+        return record.get("source_sha256") or record.get("model_sha256")
+
+    if not old or source(old) != source(new) or old.get("settings") != new.get("settings"):
         return new
     merged = {**old, **new, "nvt": {**old.get("nvt", {}), **new["nvt"]}}
     if "nve" not in new and "nve" in old:
