@@ -140,13 +140,18 @@ def test_the_watch_leaves_out_this_process_own_work():
     busy child is."""
     if not os.path.exists("/proc/stat") or not hasattr(os, "sched_setaffinity"):
         pytest.skip("needs Linux's /proc/stat")
-    cpu = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
     watch = th.ThreadWatch({cpu}, 1, "train")
-    before = watch.read()
-    end = time.monotonic() + 0.6
-    while time.monotonic() < end:  # busy here
-        pass
-    after = watch.read()
+    os.sched_setaffinity(0, {cpu})  # this process's busy loop on the core that is read
+    try:
+        before = watch.read()
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:  # busy here
+            pass
+        after = watch.read()
+    finally:
+        os.sched_setaffinity(0, allowed)
     total = th._busy_between(before[1], after[1])
     others = watch.others_busy(before, after)
     assert total > 0.5 and others < total - 0.4
