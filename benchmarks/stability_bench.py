@@ -393,8 +393,9 @@ def merge_record(old: Optional[dict], new: dict) -> dict:
     """A case's record in the results file after a run: parts (NVE, each NVT temperature) of
     an earlier record of the same model and settings are kept beside the new ones, so that a
     ``--cold-only`` and a ``--hot-only`` run of a case in two processes add up. The same model
-    is the same source file (checkpoint or exported model): each process exports a checkpoint
-    itself, and two exports of one checkpoint differ in their bytes."""
+    is the same source file (checkpoint or exported model), which each process exports itself
+    (exports of one checkpoint are identical since mlpot wrote them reproducibly; results written
+    before then hold exports of differing bytes)."""
     def source(record):
         return record.get("source_sha256") or record.get("model_sha256")
 

@@ -18,7 +18,7 @@ before 2026-12-03) hold numpy's RNG state as a numpy array; for them exactly thr
 are allowed (``numpy.ndarray``, ``numpy.dtype`` and numpy's array reconstructor), which rebuild
 an array from bytes and run no other code.
 
-Files are written atomically (``mlpot.files.atomic_write``): a kill leaves the previous file.
+Files are written atomically (``mlpot.files.atomic_save``): a kill leaves the previous file.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 
 from .dtypes import dtype_name
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_save
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "file_kind", "read_checkpoint",
            "write_checkpoint", "checkpoint_dict", "save_checkpoint", "model_from_checkpoint",
@@ -146,7 +146,7 @@ def checkpoint_dict(model, ema: Optional[Dict] = None, data_hash: Optional[str] 
 
 def write_checkpoint(state: Dict[str, Any], path: str) -> str:
     """Write a checkpoint dict atomically (temporary file, fsync, rename)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_save(state, path)
     return os.fspath(path)
 
 

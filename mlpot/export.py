@@ -32,7 +32,7 @@ from . import keys as K
 from .checkpoint import file_kind, model_metadata, model_from_checkpoint, read_checkpoint
 from .dtypes import DTYPES, dtype_name, dtype_of, usable_device
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write_archive
 from .inputs import structure_inputs
 
 __all__ = ["export", "load", "read_metadata", "ExportedModel", "ExportError", "FORMAT_VERSION",
@@ -174,8 +174,8 @@ def export(model, path: str, dtype: Optional[str] = None,
     info = model_metadata(model, FORMAT_VERSION, training_data_hash, metadata)
     text = json.dumps(info, sort_keys=True, indent=1)
     with jit.quiet():
-        atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp,
-                                                       _extra_files={METADATA_NAME: text}))
+        atomic_write_archive(path, lambda buffer: torch.jit.save(
+            scripted, buffer, _extra_files={METADATA_NAME: text}))
     return os.fspath(path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import tempfile
 from typing import Any, Callable, List, Optional
@@ -34,9 +35,24 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
         raise
 
 
+def atomic_write_archive(path: str, save: Callable[[io.BytesIO], Any]) -> None:
+    """A torch zip archive written by ``save(buffer)`` (``torch.save`` or ``torch.jit.save``),
+    then written to ``path`` atomically. Saved to a named file, torch names the archive's inner
+    folder after the file, here the random temporary name, so two saves of the same content
+    differed in their bytes; saved to a buffer, the folder is always ``archive``."""
+    buffer = io.BytesIO()
+    save(buffer)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+
+    atomic_write(path, write)
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write_archive(path, lambda buffer: torch.save(obj, buffer))
 
 
 def temporary_pattern(path: str) -> str:

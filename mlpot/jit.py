@@ -19,3 +19,36 @@ def quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=DEPRECATION, category=FutureWarning)
         yield
+
+
+class _SortedSet(set):
+    """A set that iterates in sorted order (by ``str``), whatever the string hash seed."""
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self), key=str))
+
+
+@contextlib.contextmanager
+def ordered_constants():
+    """Scripting with a module's constants in one order in every process.
+
+    torch's scripting gathers a module's ``__constants__`` and ``Final`` attributes in a Python
+    ``set`` (``torch.jit._recursive.infer_concrete_type_builder``) and writes them into the
+    generated code in its iteration order, which follows the per-process string hash seed: the
+    same model exported by two processes gave two files (``torch.nn.Linear``'s ``in_features``
+    and ``out_features`` swapped places). Inside this context that module's ``set`` iterates in
+    sorted order; ``tests/test_export.py`` exports in two processes with different hash seeds
+    and compares the bytes, so a torch that gathers them differently shows up there.
+    """
+    import torch.jit._recursive as recursive
+
+    had = "set" in vars(recursive)
+    previous = vars(recursive).get("set")
+    recursive.set = _SortedSet
+    try:
+        yield
+    finally:
+        if had:
+            recursive.set = previous
+        else:
+            del recursive.set

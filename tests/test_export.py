@@ -13,6 +13,7 @@ from mlpot import keys as K
 from mlpot import testing as T
 from mlpot.checkpoint import CheckpointError, hash_data, model_from_checkpoint, save_checkpoint
 from mlpot.cli import main as cli
+from mlpot.files import sha256
 from mlpot.export import (FORMAT_VERSION, METADATA_NAME, ExportError, add_export_parser,
                           export, load, read_metadata)
 from mlpot.models import build_model
@@ -131,6 +132,27 @@ def test_a_model_that_needs_the_op_in_a_process_without_it(exported):
                          timeout=120)
     assert "calls mlpot's compiled neighbor-list op" in res.stdout, res.stderr[-2000:]
     assert "unset MLPOT_NO_EXTENSION" in res.stdout
+
+
+def test_the_same_checkpoint_exports_to_the_same_bytes(tmp_path):
+    """Two processes with different string hash seeds export one checkpoint to identical files
+    (and two checkpoints of one state are identical): a file's hash identifies its model. Before,
+    the archive's inner folder was named after the random temporary file, and scripting wrote
+    ``torch.nn.Linear``'s two constants in the hash seed's set order (seeds 1 and 4 differ)."""
+    ckpt, again = str(tmp_path / "best.pt"), str(tmp_path / "copy" / "best.pt")
+    model = small()
+    save_checkpoint(model, ckpt, data_hash="sha256:d")
+    save_checkpoint(model, again, data_hash="sha256:d")
+    assert open(ckpt, "rb").read() == open(again, "rb").read()
+    digests = []
+    for seed in ("1", "4"):
+        out = str(tmp_path / f"model_{seed}.pt")
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        res = subprocess.run([sys.executable, "-m", "mlpot", "export", ckpt, "-o", out],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        digests.append(sha256(out))
+    assert digests[0] == digests[1]
 
 
 # ---------------------------------------------------------------------------- errors

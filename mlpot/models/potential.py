@@ -324,7 +324,7 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     """TorchScript-compile a Potential (with e3nn's scripting for e3nn parts)."""
     from .. import jit
 
-    with jit.quiet():
+    with jit.quiet(), jit.ordered_constants():
         try:
             from e3nn.util.jit import script as e3nn_script
         except ImportError:  # pragma: no cover - e3nn is a dependency
