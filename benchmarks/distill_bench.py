@@ -51,8 +51,12 @@ fast-student  (3BPA)
                  frame every 50 steps: 640 samples) and one copy of each training structure displaced by 0.05 A (Gaussian);
                  the DFT labels of the training structures are kept beside with weight 1;
       direct     mlpot train on train_300K's DFT labels;
-    both for the same --student-steps. Tested on test_300K.xyz (energy and force MAE, and the
-    teacher's). MD throughput: steps/s of integrators' Langevin (0.5 fs, 300 K, health checks
+    both for the same --student-steps (at --student-batch structures per step where given) and
+    with the training seeds 0..--seeds-1 (the distilled student's further seeds train with
+    ``mlpot train`` on the same teacher-labelled ``student_data.xyz``: one teacher, one set of
+    labels); --students distilled beside --students direct shares them between two processes
+    (then one run with both reports). Tested on test_300K.xyz (energy and force MAE, and the
+    teacher's; with several seeds, their mean and spread, the targets on the mean). MD throughput: steps/s of integrators' Langevin (0.5 fs, 300 K, health checks
     on) on 64 replicas of test_300K frame 0 batched in one call (1,728 atoms), after a warm-up,
     for the teacher and the distilled student. Targets: the distilled student's force MAE is
     below the direct student's, and it runs at least 3x the teacher's steps/s; its force MAE as
@@ -65,7 +69,8 @@ last.pt, ``mlpot distill`` resumes itself) and keeps finished evaluations and MD
 same). A rerun takes the same --threads and --cap-min: they are part of the configs, and
 ``mlpot distill`` refuses to resume a run under a changed config (use another --work then).
 Results: <results>/distill_energy_only.json and <results>/distill_fast_student.json
-(--results-dir, default benchmarks/results; a trial writes elsewhere).
+(``distill_fast_student_TAG.json`` with --tag; --results-dir, default benchmarks/results; a trial
+writes elsewhere).
 
     python benchmarks/distill_bench.py energy-only fast-student --threads 1      # the full run
     python benchmarks/distill_bench.py energy-only --molecules ethanol --student-steps 300 \\
@@ -165,23 +170,27 @@ def energy_only_settings(section: dict, model: str) -> dict:
     return section
 
 
-def model_section(args, model: str, steps: int, loss: dict) -> dict:
+def model_section(args, model: str, steps: int, loss: dict, seed: int = 0) -> dict:
     """``model`` at train_bench's settings (MODELS) with ``loss``, cutoff CUTOFF_A and ``steps``
     optimizer steps, as an `mlpot train` config without data."""
     spec = train_bench().MODELS[model]
     return {"model": {**spec["model"], "cutoff": CUTOFF_A}, "loss": loss,
             "optim": dict(spec["optim"]),
             "training": {"batch_size": spec["batch_size"], "max_epochs": 10 ** 6,
-                         "max_steps": int(steps), "max_time_min": args.cap_min, "seed": 0,
+                         "max_steps": int(steps), "max_time_min": args.cap_min, "seed": seed,
                          "threads": args.threads, "progress": False}}
 
 
-def student_section(args, steps: int, forces: bool = True) -> dict:
+def student_section(args, steps: int, forces: bool = True, seed: int = 0) -> dict:
     """dp_se_e2_a at train_bench's settings as an `mlpot train` config without data
-    (``forces=False``: energies alone, at the energy-only batch and learning rates)."""
+    (``forces=False``: energies alone, at the energy-only batch and learning rates; with
+    forces, at --student-batch structures per step where given)."""
     if forces:
-        return model_section(args, "dp_se_e2_a", steps,
-                             dict(train_bench().MODELS["dp_se_e2_a"]["loss"]))
+        section = model_section(args, "dp_se_e2_a", steps,
+                                dict(train_bench().MODELS["dp_se_e2_a"]["loss"]), seed)
+        if getattr(args, "student_batch", None):
+            section["training"]["batch_size"] = int(args.student_batch)
+        return section
     return energy_only_settings(model_section(args, "dp_se_e2_a", steps,
                                               {"energy": 1.0, "forces": 0.0}), "dp_se_e2_a")
 
@@ -409,7 +418,7 @@ def common_settings(args) -> dict:
             "cutoff_A": CUTOFF_A, "validation_fraction": VALIDATION_FRACTION, "seed": 0,
             "student": {"name": "dp_se_e2_a", **{k: v for k, v in student_section(
                 args, 0).items() if k in ("model", "loss", "optim")},
-                "batch_size": train_bench().MODELS["dp_se_e2_a"]["batch_size"]}}
+                "batch_size": student_section(args, 0)["training"]["batch_size"]}}
 
 
 def keep_other_molecules(path: Path, new: dict) -> dict:
@@ -563,8 +572,24 @@ def energy_only(args) -> dict:
 
 
 # ------------------------------------------------------------------ fast student
+def seeds_summary(records: dict) -> dict:
+    """Mean and population standard deviation over seeds of the test errors in ``records``
+    (seed -> record with ``test``)."""
+    import numpy as np
+
+    out = {"seeds": sorted(records)}
+    for key in ("energy_mae_meV_per_atom", "forces_mae_meV_per_A", "forces_rmse_meV_per_A"):
+        values = [r["test"][key] for r in records.values() if r["test"].get(key) is not None]
+        if values:
+            out[key] = round(float(np.mean(values)), 2)
+            out[key.replace("_meV", "_std_meV")] = round(float(np.std(values)), 2)
+    return out
+
+
 def fast_student(args) -> dict:
     import ase.io
+
+    from mlpot.distill import student_data_section
 
     tb = train_bench()
     s_steps = steps_of(args, "fast-student", "3bpa", "student")
@@ -578,85 +603,126 @@ def fast_student(args) -> dict:
     data = {"train": str(train), "type_map": ["C", "H", "N", "O"],
             "validation_fraction": VALIDATION_FRACTION}
     start = ase.io.read(str(test), index=0)
-    print(f"=== fast-student 3BPA: student {s_steps} steps, teacher "
-          f"{'given' if args.teacher else f'nequip {t_steps} steps'}", flush=True)
+    seeds = list(range(args.seeds))
+    want = set(args.students)
+    batch = f"_b{args.student_batch}" if args.student_batch else ""
+    print(f"=== fast-student 3BPA: students ({', '.join(sorted(want))}) {s_steps} steps"
+          f"{f' at batch {args.student_batch}' if args.student_batch else ''}, seeds "
+          f"{seeds}, teacher {'given' if args.teacher else f'nequip {t_steps} steps'}",
+          flush=True)
     folder.mkdir(parents=True, exist_ok=True)
-
-    # the teacher
-    if args.teacher:
-        given = Path(args.teacher)
-        ckpt = given / "best.pt" if given.is_dir() else given
-        if not ckpt.is_file():
-            fail(f"--teacher {given}: no model there (give a train_bench run folder holding "
-                 "best.pt, a checkpoint or an exported model)")
-        metrics = ckpt.parent / "metrics.json"
-        teacher_rec = {"given": portable(given, shared=args.shared, work=args.work),
-                       "training": train_record(ckpt.parent) if metrics.is_file() else None}
-        teacher_file = exported(ckpt, folder / "teacher_given.pt")
-    else:
-        out = folder / f"teacher_nequip_t{t_steps}"
-        cfg = tb.make_config("3bpa", "nequip", data, args.cap_min, args.threads, out)
-        cfg["data"] = data
-        cfg["training"].update(max_steps=t_steps, max_epochs=10 ** 6)
-        teacher_rec = {"training": run_train(args, cfg, out),
-                       "run": portable(out, work=args.work)}
-        teacher_file = exported(out / "best.pt", out / "model.pt")
-    teacher_rec["model"] = "nequip (train_bench MODELS['nequip'], MACE-like)" \
-        if not args.teacher else "given with --teacher"
-
-    # the distilled student
-    temps = [float(t) for t in args.sample_temps]
-    sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8, "replicas": 2,
-              "timestep": 0.5, "friction": 0.01, "collect_every": 50, "perturb_copies": 1,
-              "perturb_sigma": 0.05, "seed": 0}
     tag = "given" if args.teacher else f"t{t_steps}"
-    out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}"
-    dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
-            "student": student_section(args, s_steps), "sample": sample,
-            "weights": {"reference": 1.0}}
-    state = run_distill(args, dcfg, out)
-    distilled = {"how": "mlpot distill mode teacher", "sample": sample,
-                 "samples": state.get("samples"), "student_frames": state.get("student_frames"),
-                 "distill_command_wall_s": float((out / "bench_wall_s.txt").read_text())
-                 if (out / "bench_wall_s.txt").is_file() else None,
-                 "training": train_record(out / "student"),
-                 "run": portable(out / "student", work=args.work)}
-    distilled_file = exported(out / "student" / "best.pt", out / "student" / "model.pt")
+
+    teacher_rec, distilled, distilled_runs = None, None, {}
+    if "distilled" in want:
+        # the teacher
+        if args.teacher:
+            given = Path(args.teacher)
+            ckpt = given / "best.pt" if given.is_dir() else given
+            if not ckpt.is_file():
+                fail(f"--teacher {given}: no model there (give a train_bench run folder holding "
+                     "best.pt, a checkpoint or an exported model)")
+            metrics = ckpt.parent / "metrics.json"
+            teacher_rec = {"given": portable(given, shared=args.shared, work=args.work),
+                           "training": train_record(ckpt.parent) if metrics.is_file() else None}
+            teacher_file = exported(ckpt, folder / "teacher_given.pt")
+        else:
+            out = folder / f"teacher_nequip_t{t_steps}"
+            cfg = tb.make_config("3bpa", "nequip", data, args.cap_min, args.threads, out)
+            cfg["data"] = data
+            cfg["training"].update(max_steps=t_steps, max_epochs=10 ** 6)
+            teacher_rec = {"training": run_train(args, cfg, out),
+                           "run": portable(out, work=args.work)}
+            teacher_file = exported(out / "best.pt", out / "model.pt")
+        teacher_rec["model"] = "nequip (train_bench MODELS['nequip'], MACE-like)" \
+            if not args.teacher else "given with --teacher"
+
+        # the distilled student: seed 0 by `mlpot distill`, other seeds by `mlpot train` on
+        # the same teacher-labelled data (OUT/student_data.xyz, the same weights and split key)
+        temps = [float(t) for t in args.sample_temps]
+        sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8,
+                  "replicas": 2, "timestep": 0.5, "friction": 0.01, "collect_every": 50,
+                  "perturb_copies": 1, "perturb_sigma": 0.05, "seed": 0}
+        out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{batch}"
+        dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
+                "student": student_section(args, s_steps), "sample": sample,
+                "weights": {"reference": 1.0}}
+        state = run_distill(args, dcfg, out)
+        distilled = {"how": "mlpot distill mode teacher (seed 0); further seeds: mlpot train "
+                            "on its student_data.xyz with student.training.seed changed",
+                     "sample": sample, "samples": state.get("samples"),
+                     "student_frames": state.get("student_frames"),
+                     "distill_command_wall_s": float((out / "bench_wall_s.txt").read_text())
+                     if (out / "bench_wall_s.txt").is_file() else None}
+        distilled_runs[0] = out / "student"
+        student_data = student_data_section(data, str(out / "student_data.xyz"), "teacher")
+        for k in seeds[1:]:
+            run = out / f"student_seed{k}"
+            run_train(args, {"data": student_data, **student_section(args, s_steps, seed=k)},
+                      run)
+            distilled_runs[k] = run
 
     # the same student trained directly on the DFT data
-    out = folder / f"student_direct_s{s_steps}"
-    cfg = {"data": data, **student_section(args, s_steps)}
-    direct = {"how": "mlpot train on train_300K's DFT labels",
-              "training": run_train(args, cfg, out), "run": portable(out, work=args.work)}
-    direct_file = exported(out / "best.pt", out / "model.pt")
+    direct_runs = {}
+    if "direct" in want:
+        for k in seeds:
+            run = folder / (f"student_direct_s{s_steps}{batch}" + (f"_seed{k}" if k else ""))
+            run_train(args, {"data": data, **student_section(args, s_steps, seed=k)}, run)
+            direct_runs[k] = run
+    if want != {"distilled", "direct"}:
+        return None  # trained only: the run with both students reports
 
+    def per_seed(runs: dict) -> dict:
+        recs = {}
+        for k, run in runs.items():
+            model = exported(run / "best.pt", run / "model.pt")
+            recs[k] = {"training": train_record(run), "run": portable(run, work=args.work),
+                       "test": test_errors(args, model, test, run / "bench_test.json")}
+        return recs
+
+    direct = {"how": "mlpot train on train_300K's DFT labels"}
+    distilled_seeds, direct_seeds = per_seed(distilled_runs), per_seed(direct_runs)
+    for rec, seeded in ((distilled, distilled_seeds), (direct, direct_seeds)):
+        rec.update(seeded[0])  # seed 0 at the top, as in single-seed results
+        if len(seeds) > 1:
+            rec["seeds"] = {str(k): v for k, v in seeded.items()}
+            rec["over_seeds"] = seeds_summary(seeded)
     teacher_rec["test"] = test_errors(args, teacher_file, test,
                                       folder / f"teacher_{tag}_test.json")
-    distilled["test"] = test_errors(args, distilled_file, test,
-                                    distilled_file.with_name("bench_test.json"))
-    direct["test"] = test_errors(args, direct_file, test, direct_file.with_name("bench_test.json"))
     for name, rec in (("teacher", teacher_rec), ("distilled", distilled), ("direct", direct)):
-        print(f"3BPA {name}: test_300K {rec['test']}", flush=True)
+        print(f"3BPA {name}: test_300K {rec['test']}"
+              + (f"; over seeds {rec['over_seeds']}" if "over_seeds" in rec else ""), flush=True)
     teacher_rec["md_throughput"] = throughput(args, teacher_file, start,
                                               folder / f"teacher_{tag}_throughput.json")
+    distilled_file = distilled_runs[0] / "model.pt"
     distilled["md_throughput"] = throughput(args, distilled_file, start,
                                             distilled_file.with_name("bench_throughput.json"))
     speedup = distilled["md_throughput"]["steps_per_s"] / teacher_rec["md_throughput"][
         "steps_per_s"]
-    ratio = mae(distilled, "forces_mae_meV_per_A") / mae(teacher_rec, "forces_mae_meV_per_A")
+
+    def force_mae(rec):  # over seeds where there are several
+        return rec["over_seeds"]["forces_mae_meV_per_A"] if "over_seeds" in rec \
+            else mae(rec, "forces_mae_meV_per_A")
+
+    ratio = force_mae(distilled) / mae(teacher_rec, "forces_mae_meV_per_A")
+    wins = sum(distilled_seeds[k]["test"]["forces_mae_meV_per_A"]
+               < direct_seeds[k]["test"]["forces_mae_meV_per_A"] for k in seeds)
     print(f"3BPA: MD speed-up of the student {speedup:.2f}x; its force MAE / the teacher's "
-          f"{ratio:.2f}", flush=True)
+          f"{ratio:.2f}; lower force MAE than the direct student on {wins} of {len(seeds)} "
+          "seeds", flush=True)
     return {"data": {"train": portable(train, shared=args.shared),
                      "test": portable(test, shared=args.shared),
                      "validation_fraction": VALIDATION_FRACTION},
-            "student_steps": s_steps, "teacher_steps": None if args.teacher else t_steps,
+            "student_steps": s_steps, "student_batch": args.student_batch or
+            tb.MODELS["dp_se_e2_a"]["batch_size"], "seeds": seeds,
+            "teacher_steps": None if args.teacher else t_steps,
             "md_structure": "test_300K.xyz frame 0 (27 atoms), replicas batched",
             "teacher": teacher_rec, "student_distilled": distilled, "student_direct": direct,
             "md_speedup_student_over_teacher": round(speedup, 2),
             "force_mae_ratio_student_to_teacher": round(ratio, 3),
-            "targets": {"distilled_beats_direct_forces":
-                        mae(distilled, "forces_mae_meV_per_A") <
-                        mae(direct, "forces_mae_meV_per_A"),
+            "distilled_lower_force_mae_on_seeds": wins,
+            "targets": {"distilled_beats_direct_forces": force_mae(distilled) <
+                        force_mae(direct),
                         "student_at_least_3x_faster": speedup >= 3.0,
                         "force_ratio_at_most_1.3 (aim)": ratio <= 1.3}}
 
@@ -685,6 +751,19 @@ def main() -> None:
     p.add_argument("--teacher", metavar="PATH", help="fast-student: use this teacher (a "
                    "train_bench run folder, a checkpoint or an exported model) instead of "
                    "training one")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="fast-student: train each student with seeds 0..N-1 and report the "
+                        "mean and spread (default 1)")
+    p.add_argument("--student-batch", type=int,
+                   help="fast-student: structures per step of both students (default: "
+                        "train_bench's Deep Potential batch, 1)")
+    p.add_argument("--students", nargs="+", default=["distilled", "direct"],
+                   choices=["distilled", "direct"],
+                   help="fast-student: train only these students (two processes can share the "
+                        "work); results are written only by a run with both")
+    p.add_argument("--tag", default="",
+                   help="fast-student: write distill_fast_student_TAG.json instead (keeps the "
+                        "other results)")
     p.add_argument("--sample-steps", type=int, default=1000,
                    help="fast-student: steps of each teacher MD run (0.5 fs; default 1000)")
     p.add_argument("--sample-temps", nargs="+", type=float, default=[300.0, 450.0],
@@ -712,6 +791,8 @@ def main() -> None:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:
         fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
+    if args.seeds < 1 or (args.student_batch is not None and args.student_batch < 1):
+        fail("--seeds and --student-batch must be at least 1")
     if args.md_ps <= 0 or args.replicas < 1 or args.md_replicas < 1 or args.threads < 1:
         fail("--md-ps must be > 0 and --replicas, --md-replicas, --threads at least 1")
     args.work = str(Path(args.work).resolve())
@@ -743,9 +824,14 @@ def main() -> None:
     if "fast-student" in args.parts:
         t0 = time.time()
         res = fast_student(args)
-        out = {**head, "part": "fast-student", **res, "wall_s": round(time.time() - t0, 1)}
-        write_json(Path(args.results_dir) / "distill_fast_student.json", portable(out, **roots))
-        print(f"wrote {portable(Path(args.results_dir) / 'distill_fast_student.json')}")
+        if res is None:
+            print("fast-student: students " + " ".join(args.students) + " trained; run again "
+                  "with both for the results")
+        else:
+            out = {**head, "part": "fast-student", **res, "wall_s": round(time.time() - t0, 1)}
+            name = "distill_fast_student" + (f"_{args.tag}" if args.tag else "") + ".json"
+            write_json(Path(args.results_dir) / name, portable(out, **roots))
+            print(f"wrote {portable(Path(args.results_dir) / name)}")
 
 
 if __name__ == "__main__":

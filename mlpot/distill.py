@@ -221,17 +221,26 @@ def teacher_config(cfg: DistillConfig, where: str = "config"):
     return tcfg
 
 
+def student_data_section(data: Dict[str, Any], data_file: str, mode: str) -> Dict[str, Any]:
+    """The ``data`` section of the student's `mlpot train` config: the distill config's
+    ``data`` section (``data``) read from the distilled data file ``data_file`` with its
+    ``DISTILL_`` labels and weights (what ``mlpot train`` needs to train another student, with
+    another seed say, on ``OUT/student_data.xyz``)."""
+    out = {k: v for k, v in data.items()
+           if k not in ("train", "format", "energy_key", "forces_key", "stress_key",
+                        "virial_key", "energy_unit", "length_unit", "max_frames",
+                        "energy_weight_key", "forces_weight_key")}
+    out.update(train=data_file, energy_key="DISTILL_energy", forces_key="DISTILL_forces",
+               energy_weight_key="DISTILL_energy_weight",
+               forces_weight_key="DISTILL_forces_weight")
+    if mode == "teacher":  # a structure's teacher and reference frames stay together
+        out["copy_key"] = STRUCTURE_KEY
+    return out
+
+
 def student_config(cfg: DistillConfig, data_file: str, where: str = "config"):
     """The student's `mlpot train` Config on the distilled data file."""
-    data = {k: v for k, v in cfg.data.items()
-            if k not in ("train", "format", "energy_key", "forces_key", "stress_key",
-                         "virial_key", "energy_unit", "length_unit", "max_frames",
-                         "energy_weight_key", "forces_weight_key")}
-    data.update(train=data_file, energy_key="DISTILL_energy", forces_key="DISTILL_forces",
-                energy_weight_key="DISTILL_energy_weight",
-                forces_weight_key="DISTILL_forces_weight")
-    if cfg.mode == "teacher":  # a structure's teacher and reference frames stay together
-        data["copy_key"] = STRUCTURE_KEY
+    data = student_data_section(cfg.data, data_file, cfg.mode)
     raw = copy.deepcopy(cfg.student)
     return _train_config(raw, data, os.path.join(cfg.out_dir, "student"), f"{where}: student")
 
