@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 # Commands that run models long enough for the thread count to matter.
 COMPUTE_COMMANDS = frozenset({"train", "test", "demo", "md", "learn", "distill", "check"})
@@ -120,6 +120,9 @@ class ThreadWatch:
         self.read = read or (lambda: (self.clock(), _cpu_times(self.cpus), time.process_time()))
         self.last = self.read()
         self.pending: Optional[int] = None
+        import torch
+
+        self.used = {torch.get_num_threads()}  # every count the command ran with
 
     def others_busy(self, before, after) -> Optional[float]:
         """Cores' worth of other processes' work between two readings; None if unknown."""
@@ -151,6 +154,7 @@ class ThreadWatch:
             return None
         self.pending = None
         torch.set_num_threads(want)
+        self.used.add(want)
         print(_message(self.command, others, len(self.cpus), want, now="now "), file=sys.stderr)
         return want
 
@@ -162,6 +166,13 @@ def poll_threads() -> Optional[int]:
     """Let the thread watch of the running command (if any) look at the load; see
     ``ThreadWatch.poll``. Costs a clock reading when no reading is due."""
     return None if _watch is None else _watch.poll()
+
+
+def threads_used() -> Optional[List[int]]:
+    """The thread counts the running command has used so far (sorted), or None where no watch
+    runs (the count was chosen by the user or was 1). A command whose count changed computed
+    its sums in more than one order, so its numbers differ a little from a run at one count."""
+    return None if _watch is None else sorted(_watch.used)
 
 
 def stop_watching() -> None:

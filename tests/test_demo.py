@@ -63,3 +63,21 @@ def test_a_demo_stopped_by_its_cap_says_so_and_continues(tmp_path, capsys):
     assert f"stopped the training at {first['steps']} of 30 steps" in said
     assert cli(args + ["--minutes", "5"]) == 0
     assert json.load(open(tmp_path / "capped" / "metrics.json"))["steps"] == 30
+
+
+def test_the_summary_names_every_thread_count_of_a_run(capsys):
+    """A run whose thread count followed the load says so (its numbers differ a little from a
+    run at one count); a run at one count names that count alone."""
+    from mlpot.demo import _print_summary
+
+    md = {k: {"ms_per_step": 20.0} for k in ("ase", "openmm", "integrators")}
+    md["rdf"] = {"first_peak_A": 2.33}
+    s = {"test": {"frames": 25, "energy_mae_meV_per_atom": 4.5}, "validation": {}, "steps": 10,
+         "steps_requested": 10, "minutes_cap": 15, "epochs": 1, "train_time_s": 60.0,
+         "threads": 1, "threads_used": [1, 2], "md": md}
+    _print_summary("out", s)
+    said = capsys.readouterr().out
+    assert "on 1-2 threads" in said and "followed the load" in said
+    _print_summary("out", {**s, "threads_used": [2], "threads": 2})
+    said = capsys.readouterr().out
+    assert "on 2 threads" in said and "followed the load" not in said

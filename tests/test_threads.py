@@ -133,6 +133,7 @@ def test_the_watch_follows_a_process_that_comes_and_goes(capsys, two_threads):
     load.tick(others=0.0, own=1.0)
     load.tick(others=0.0, own=1.0)
     assert watch.poll() is None  # never above the count the command started with
+    assert watch.used == {1, 2}  # what the demo's summary reports
 
 
 def test_the_watch_leaves_out_this_process_own_work():
