@@ -604,6 +604,7 @@ def fast_student(args) -> dict:
             "validation_fraction": VALIDATION_FRACTION}
     start = ase.io.read(str(test), index=0)
     seeds = list(range(args.seeds))
+    train_seeds = seeds if args.train_seeds is None else sorted(set(args.train_seeds))
     want = set(args.students)
     batch = f"_b{args.student_batch}" if args.student_batch else ""
     print(f"=== fast-student 3BPA: students ({', '.join(sorted(want))}) {s_steps} steps"
@@ -658,8 +659,9 @@ def fast_student(args) -> dict:
         student_data = student_data_section(data, str(out / "student_data.xyz"), "teacher")
         for k in seeds[1:]:
             run = out / f"student_seed{k}"
-            run_train(args, {"data": student_data, **student_section(args, s_steps, seed=k)},
-                      run)
+            if k in train_seeds:
+                run_train(args, {"data": student_data,
+                                 **student_section(args, s_steps, seed=k)}, run)
             distilled_runs[k] = run
 
     # the same student trained directly on the DFT data
@@ -667,10 +669,11 @@ def fast_student(args) -> dict:
     if "direct" in want:
         for k in seeds:
             run = folder / (f"student_direct_s{s_steps}{batch}" + (f"_seed{k}" if k else ""))
-            run_train(args, {"data": data, **student_section(args, s_steps, seed=k)}, run)
+            if k in train_seeds:
+                run_train(args, {"data": data, **student_section(args, s_steps, seed=k)}, run)
             direct_runs[k] = run
-    if want != {"distilled", "direct"}:
-        return None  # trained only: the run with both students reports
+    if want != {"distilled", "direct"} or set(train_seeds) != set(seeds):
+        return None  # trained only: the run with both students and every seed reports
 
     def per_seed(runs: dict) -> dict:
         recs = {}
@@ -761,6 +764,10 @@ def main() -> None:
                    choices=["distilled", "direct"],
                    help="fast-student: train only these students (two processes can share the "
                         "work); results are written only by a run with both")
+    p.add_argument("--train-seeds", type=int, nargs="+", metavar="K",
+                   help="fast-student: train only these of the seeds (the distilled student's "
+                        "seed 0 comes with `mlpot distill`), to share them between processes; "
+                        "results are written only by a run with every seed")
     p.add_argument("--tag", default="",
                    help="fast-student: write distill_fast_student_TAG.json instead (keeps the "
                         "other results)")
@@ -793,6 +800,8 @@ def main() -> None:
         fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
     if args.seeds < 1 or (args.student_batch is not None and args.student_batch < 1):
         fail("--seeds and --student-batch must be at least 1")
+    if args.train_seeds and not set(args.train_seeds) <= set(range(args.seeds)):
+        fail(f"--train-seeds must be among 0..{args.seeds - 1} (--seeds {args.seeds})")
     if args.md_ps <= 0 or args.replicas < 1 or args.md_replicas < 1 or args.threads < 1:
         fail("--md-ps must be > 0 and --replicas, --md-replicas, --threads at least 1")
     args.work = str(Path(args.work).resolve())
@@ -826,7 +835,7 @@ def main() -> None:
         res = fast_student(args)
         if res is None:
             print("fast-student: students " + " ".join(args.students) + " trained; run again "
-                  "with both for the results")
+                  "with both and every seed for the results")
         else:
             out = {**head, "part": "fast-student", **res, "wall_s": round(time.time() - t0, 1)}
             name = "distill_fast_student" + (f"_{args.tag}" if args.tag else "") + ".json"
