@@ -644,21 +644,34 @@ def fast_student(args) -> dict:
         sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8,
                   "replicas": 2, "timestep": 0.5, "friction": 0.01, "collect_every": 50,
                   "perturb_copies": 1, "perturb_sigma": 0.05, "seed": 0}
-        out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{batch}"
-        dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
-                "student": student_section(args, s_steps), "sample": sample,
-                "weights": {"reference": 1.0}}
-        state = run_distill(args, dcfg, out)
-        distilled = {"how": "mlpot distill mode teacher (seed 0); further seeds: mlpot train "
-                            "on its student_data.xyz with student.training.seed changed",
-                     "sample": sample, "samples": state.get("samples"),
+        if args.labels_run:  # the teacher's labels of an earlier `mlpot distill` run
+            out = Path(args.labels_run).resolve()
+            state_file = out / "state.json"
+            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            if "student_data" not in state.get("done", []):
+                fail(f"--labels-run {args.labels_run}: no finished `mlpot distill` labels there "
+                     "(state.json without the student_data stage)")
+            first = 0
+            how = (f"mlpot train on the student_data.xyz of an earlier mlpot distill run "
+                   f"({portable(out, work=args.work)}), every seed")
+        else:
+            out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{batch}"
+            dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
+                    "student": student_section(args, s_steps), "sample": sample,
+                    "weights": {"reference": 1.0}}
+            state = run_distill(args, dcfg, out)
+            distilled_runs[0] = out / "student"
+            first = 1
+            how = ("mlpot distill mode teacher (seed 0); further seeds: mlpot train on its "
+                   "student_data.xyz with student.training.seed changed")
+        distilled = {"how": how, "sample": sample, "samples": state.get("samples"),
                      "student_frames": state.get("student_frames"),
                      "distill_command_wall_s": float((out / "bench_wall_s.txt").read_text())
                      if (out / "bench_wall_s.txt").is_file() else None}
-        distilled_runs[0] = out / "student"
         student_data = student_data_section(data, str(out / "student_data.xyz"), "teacher")
-        for k in seeds[1:]:
-            run = out / f"student_seed{k}"
+        for k in seeds[first:]:
+            run = out / (f"student_s{s_steps}{batch}_seed{k}" if args.labels_run
+                         else f"student_seed{k}")
             if k in train_seeds:
                 run_train(args, {"data": student_data,
                                  **student_section(args, s_steps, seed=k)}, run)
@@ -768,6 +781,11 @@ def main() -> None:
                    help="fast-student: train only these of the seeds (the distilled student's "
                         "seed 0 comes with `mlpot distill`), to share them between processes; "
                         "results are written only by a run with every seed")
+    p.add_argument("--labels-run", metavar="DIR",
+                   help="fast-student: train every distilled seed with `mlpot train` on the "
+                        "teacher-labelled student_data.xyz of this finished `mlpot distill` run "
+                        "(a student_distilled_* folder under --work), instead of labelling again "
+                        "(students of other steps or batches from the same labels)")
     p.add_argument("--tag", default="",
                    help="fast-student: write distill_fast_student_TAG.json instead (keeps the "
                         "other results)")
