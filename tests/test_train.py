@@ -121,17 +121,25 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     ckpt.write_checkpoint({"config": {"a": 1}, "model": {}}, path)
 
-    def dies_halfway(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial garbage")
+    def dies_halfway(obj, f, *a, **k):  # killed while torch writes (to a buffer or a file)
+        if hasattr(f, "write"):
+            f.write(b"partial garbage")
+        else:
+            with open(f, "wb") as fh:
+                fh.write(b"partial garbage")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.write_checkpoint({"config": {"a": 2}, "model": {}}, path)
-    monkeypatch.undo()
-    assert ckpt.read_checkpoint(path)["config"] == {"a": 1}
-    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+    def dies_before_the_rename(fd):  # killed after the temporary file is written
+        raise KeyboardInterrupt("killed")
+
+    for target, fake in ((torch, "save"), (os, "fsync")):
+        monkeypatch.setattr(target, fake, dies_halfway if fake == "save"
+                            else dies_before_the_rename)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.write_checkpoint({"config": {"a": 2}, "model": {}}, path)
+        monkeypatch.undo()
+        assert ckpt.read_checkpoint(path)["config"] == {"a": 1}
+        assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable mlpot checkpoint"):
         ckpt.read_checkpoint(str(tmp_path / "junk.pt"))
