@@ -572,6 +572,15 @@ def energy_only(args) -> dict:
 
 
 # ------------------------------------------------------------------ fast student
+def labels_done(folder: Path) -> bool:
+    """Whether ``folder`` holds a `mlpot distill` run whose teacher labels are finished."""
+    state_file = folder / "state.json"
+    try:
+        return "student_data" in json.loads(state_file.read_text()).get("done", [])
+    except (OSError, ValueError):
+        return False
+
+
 def seeds_summary(records: dict) -> dict:
     """Mean and population standard deviation over seeds of the test errors in ``records``
     (seed -> record with ``test``)."""
@@ -646,11 +655,7 @@ def fast_student(args) -> dict:
                   "perturb_copies": 1, "perturb_sigma": 0.05, "seed": 0}
         if args.labels_run:  # the teacher's labels of an earlier `mlpot distill` run
             out = Path(args.labels_run).resolve()
-            state_file = out / "state.json"
-            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-            if "student_data" not in state.get("done", []):
-                fail(f"--labels-run {args.labels_run}: no finished `mlpot distill` labels there "
-                     "(state.json without the student_data stage)")
+            state = json.loads((out / "state.json").read_text())  # checked in main()
             first = 0
             how = (f"mlpot train on the student_data.xyz of an earlier mlpot distill run "
                    f"({portable(out, work=args.work)}), every seed")
@@ -820,6 +825,9 @@ def main() -> None:
         fail("--seeds and --student-batch must be at least 1")
     if args.train_seeds and not set(args.train_seeds) <= set(range(args.seeds)):
         fail(f"--train-seeds must be among 0..{args.seeds - 1} (--seeds {args.seeds})")
+    if args.labels_run and not labels_done(Path(args.labels_run)):
+        fail(f"--labels-run {args.labels_run}: no finished `mlpot distill` labels there "
+             "(state.json without the student_data stage); give a student_distilled_* folder")
     if args.md_ps <= 0 or args.replicas < 1 or args.md_replicas < 1 or args.threads < 1:
         fail("--md-ps must be > 0 and --replicas, --md-replicas, --threads at least 1")
     args.work = str(Path(args.work).resolve())
