@@ -33,7 +33,10 @@ Two modes, one code path (stages in this order, each skipped when already done):
     3. **label**: the training structures and the samples labelled by the teacher (``TEACHER_``);
     4. **student**: trained on the teacher's energies and forces of every structure plus, where
        the data has them, the reference labels of the training structures with the weight
-       ``weights.reference`` against 1 for a teacher label (0 leaves them out). A structure's
+       ``weights.reference`` against 1 for a teacher label (0 leaves them out). The teacher's
+       frames also carry its atomic energies (``DISTILL_atomic_energies``, N labels per
+       structure where the energy is one); the student learns them with the weight
+       ``student.loss.atomic_energies`` (0, the default, ignores them). A structure's
        teacher and reference frames (and its perturbed copies) carry one
        ``distill_structure`` value, the student's ``data.copy_key``, so they land in the same
        part of the validation (and test) split: no validation frame has a twin in training.
@@ -229,10 +232,11 @@ def student_data_section(data: Dict[str, Any], data_file: str, mode: str) -> Dic
     out = {k: v for k, v in data.items()
            if k not in ("train", "format", "energy_key", "forces_key", "stress_key",
                         "virial_key", "energy_unit", "length_unit", "max_frames",
-                        "energy_weight_key", "forces_weight_key")}
+                        "energy_weight_key", "forces_weight_key", "atomic_energies_key")}
     out.update(train=data_file, energy_key="DISTILL_energy", forces_key="DISTILL_forces",
                energy_weight_key="DISTILL_energy_weight",
-               forces_weight_key="DISTILL_forces_weight")
+               forces_weight_key="DISTILL_forces_weight",
+               atomic_energies_key="DISTILL_atomic_energies")
     if mode == "teacher":  # a structure's teacher and reference frames stay together
         out["copy_key"] = STRUCTURE_KEY
     return out
@@ -551,7 +555,7 @@ class Distiller:
         else:
             for a in labelled:
                 b = _distill_frame(a, a.info["TEACHER_energy"], a.arrays["TEACHER_forces"],
-                                   1.0, 1.0)
+                                   1.0, 1.0, a.arrays.get("TEACHER_atomic_energies"))
                 b.info["distill_label"] = "teacher"
                 out.append(b)
             if w.reference > 0:
@@ -587,10 +591,16 @@ class Distiller:
                                     if k in results}
 
 
-def _distill_frame(a, energy: float, forces, energy_weight: float, forces_weight: float):
+def _distill_frame(a, energy: float, forces, energy_weight: float, forces_weight: float,
+                   atomic_energies=None):
     """A copy of frame ``a`` whose training labels are ``DISTILL_*`` (forces None: zeros with
-    weight 0, so that every frame of the file has the same keys)."""
+    weight 0, so that every frame of the file has the same keys; atomic energies, a teacher's,
+    only where given: a frame without them has no such label)."""
     b = a.copy()
+    for key in [k for k in b.arrays if k.startswith("DISTILL_")]:
+        del b.arrays[key]
+    if atomic_energies is not None:
+        b.arrays["DISTILL_atomic_energies"] = np.asarray(atomic_energies, dtype=np.float64)
     b.info["DISTILL_energy"] = float(energy)
     b.arrays["DISTILL_forces"] = np.zeros((len(a), 3)) if forces is None \
         else np.asarray(forces, dtype=np.float64)

@@ -108,6 +108,8 @@ class Labels:
     # a labeller with an uncertainty (an mlpot committee or variance-network model)
     forces_dev: Optional[np.ndarray] = None  # [N] eV/A
     energy_dev: Optional[float] = None  # eV/atom
+    # an mlpot model's per-atom energies (their sum is the energy): distillation targets
+    atomic_energies: Optional[np.ndarray] = None  # [N] eV
 
     def to_json(self) -> Dict[str, Any]:
         d = {"energy": float(self.energy), "forces": np.asarray(self.forces).tolist(),
@@ -115,15 +117,18 @@ class Labels:
         if self.forces_dev is not None:
             d["forces_dev"] = np.asarray(self.forces_dev).tolist()
             d["energy_dev"] = self.energy_dev
+        if self.atomic_energies is not None:
+            d["atomic_energies"] = np.asarray(self.atomic_energies).tolist()
         return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Labels":
-        virial, fdev = d.get("virial"), d.get("forces_dev")
+        virial, fdev, atomic = d.get("virial"), d.get("forces_dev"), d.get("atomic_energies")
         return cls(float(d["energy"]), np.asarray(d["forces"], dtype=np.float64),
                    None if virial is None else np.asarray(virial, dtype=np.float64),
                    None if fdev is None else np.asarray(fdev, dtype=np.float64),
-                   None if d.get("energy_dev") is None else float(d["energy_dev"]))
+                   None if d.get("energy_dev") is None else float(d["energy_dev"]),
+                   None if atomic is None else np.asarray(atomic, dtype=np.float64))
 
 
 def _fully_periodic(atoms) -> bool:
@@ -311,10 +316,12 @@ class ModelLabeller(ASELabeller):
         self.needs_dry_run = False
 
     def label(self, atoms) -> Labels:
-        """The model's energy, forces (virial) and, for a model with an uncertainty, its
-        ``forces_dev`` and ``energy_dev`` (raw, ``mlpot.uncertainty``)."""
+        """The model's energy, forces (virial), atomic energies and, for a model with an
+        uncertainty, its ``forces_dev`` and ``energy_dev`` (raw, ``mlpot.uncertainty``)."""
         labels = super().label(atoms)
         results = self.calc.results
+        if "energies" in results:
+            labels.atomic_energies = np.asarray(results["energies"], dtype=np.float64).reshape(-1)
         if "forces_dev" in results:
             labels.forces_dev = np.asarray(results["forces_dev"], dtype=np.float64).reshape(-1)
             labels.energy_dev = float(results["energy_dev"])
@@ -515,7 +522,8 @@ def read_frames(path: str):
 
 def _output_atoms(atoms, labels: Labels, prefix: str = "REF_"):
     """The frame with its labels under ``<prefix>energy``, ``<prefix>forces`` (and
-    ``<prefix>virial``, ``<prefix>forces_dev``, ``<prefix>energy_dev``); older keys with the
+    ``<prefix>virial``, ``<prefix>forces_dev``, ``<prefix>energy_dev``,
+    ``<prefix>atomic_energies``); older keys with the
     same prefix are dropped, other labels (e.g. REF_ under the prefix TEACHER_) are kept."""
     out = atoms.copy()
     out.calc = None
@@ -532,6 +540,9 @@ def _output_atoms(atoms, labels: Labels, prefix: str = "REF_"):
     if labels.forces_dev is not None:
         out.arrays[prefix + "forces_dev"] = np.asarray(labels.forces_dev, dtype=np.float64)
         out.info[prefix + "energy_dev"] = labels.energy_dev
+    if labels.atomic_energies is not None:
+        out.arrays[prefix + "atomic_energies"] = np.asarray(labels.atomic_energies,
+                                                            dtype=np.float64)
     return out
 
 
@@ -690,8 +701,9 @@ def add_label_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="--model: torch device (default cpu)")
     p.add_argument("--prefix", default="REF_",
                    help="of the label keys (default REF_: REF_energy, REF_forces, REF_virial; "
-                        "TEACHER_ for a teacher model's labels, which then also writes "
-                        "TEACHER_forces_dev and TEACHER_energy_dev for a committee)")
+                        "TEACHER_ for a teacher model's labels; a model also writes its "
+                        "atomic energies, PREFIXatomic_energies, and a committee "
+                        "PREFIXforces_dev and PREFIXenergy_dev)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel worker processes (default 1: in this process)")
     p.set_defaults(func=run_label)

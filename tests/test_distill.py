@@ -198,6 +198,11 @@ def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_pat
     assert all(a.info["DISTILL_forces_weight"] == 0.5 for a in reference)
     assert all(a.info["DISTILL_energy_weight"] == 1.0 for a in teacher_frames)
     assert {a.info["distill_source"] for a in teacher_frames} == {"reference", "md", "perturbed"}
+    # the teacher's atomic energies (summing to its energy) on its frames only
+    for a in teacher_frames:
+        assert a.arrays["DISTILL_atomic_energies"].sum() == pytest.approx(
+            a.info["DISTILL_energy"], abs=1e-5)
+    assert not any("DISTILL_atomic_energies" in a.arrays for a in reference)
     # one structure, one part of the student's split: its teacher frame, its reference frame
     # and its perturbed copy share a distill_structure, which is the student's data.copy_key
     structure = {}
@@ -211,6 +216,7 @@ def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_pat
     scfg = student_config(distill_config_from_dict(raw), str(tmp_path / "run" /
                                                               "student_data.xyz"))
     assert scfg.data.copy_key == "distill_structure"
+    assert scfg.data.atomic_energies_key == "DISTILL_atomic_energies"
     split = load_training_data(scfg)
     pos = lambda d: d.positions.numpy().round(6).tobytes()  # noqa: E731
     assert not {pos(d) for d in split.train} & {pos(d) for d in split.validation}

@@ -296,6 +296,11 @@ def test_model_labeller_equals_the_ase_calculator(tmp_path, capsys):
         atoms.calc = calc
         assert float(data.energy[0]) == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
         np.testing.assert_allclose(data.forces.numpy(), atoms.get_forces(), rtol=0, atol=1e-8)
+    # and its atomic energies (distillation's per-atom targets) under the prefix
+    for atoms, labelled in zip(frames, ase.io.read(out, index=":")):
+        atoms.calc = calc
+        np.testing.assert_allclose(labelled.arrays["REF_atomic_energies"],
+                                   atoms.get_potential_energies(), rtol=0, atol=1e-7)
     # an element outside the model's type map: before any work
     ase.io.write(inp, bulk("Cu", "fcc", a=3.6))
     code, _, err = run_cli([inp, "-o", tmp_path / "cu.xyz", "--model", path], capsys)

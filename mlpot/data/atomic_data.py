@@ -21,9 +21,13 @@ from ..neighbors import neighbor_list_batch, pair_vectors
 
 _PER_ATOM = (K.FORCES,)
 _PER_STRUCTURE = (K.ENERGY, K.STRESS, K.VIRIAL)
-_TARGET_SHAPES = {K.ENERGY: (), K.STRESS: (3, 3), K.VIRIAL: (3, 3), K.FORCES: (3,)}
+_TARGET_SHAPES = {K.ENERGY: (), K.STRESS: (3, 3), K.VIRIAL: (3, 3), K.FORCES: (3,),
+                  K.ATOMIC_ENERGIES: ()}
 # per-structure loss weights (1 where a structure has none): data.energy_weight_key & co.
 _WEIGHTS = ("energy_weight", "forces_weight")
+# per-atom labels that models do not take as input (not in ``as_dict``): a teacher's atomic
+# energies (data.atomic_energies_key, loss.atomic_energies), float64 like the energy
+_ATOM_LABELS = (K.ATOMIC_ENERGIES,)
 
 
 @dataclass
@@ -42,6 +46,8 @@ class AtomicData:
         cutoff: the cutoff (Angstrom) the neighbors were computed with, or None.
         energy: [B] float64 eV; forces: [N, 3] eV/A; stress: [B, 3, 3] eV/A^3 (= -virial/volume);
             virial: [B, 3, 3] eV. Each optional; NaN marks a missing label inside a batch.
+        atomic_energies: [N] float64 eV, a teacher's per-atom energies (distillation), NaN where
+            a structure has none; a label only, never a model input.
         energy_weight, forces_weight: [B] float64 per-structure weights of the energy and force
             loss terms (distillation: lower force weights where teachers disagree); None and,
             inside a batch, a structure without one: 1.
@@ -63,6 +69,7 @@ class AtomicData:
     virial: Optional[torch.Tensor] = None
     energy_weight: Optional[torch.Tensor] = None
     forces_weight: Optional[torch.Tensor] = None
+    atomic_energies: Optional[torch.Tensor] = None
     sources: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
@@ -176,14 +183,14 @@ class AtomicData:
                 [it.edge_index + off for it, off in zip(items, offsets.tolist())], dim=1)
             out["edge_cell_shift"] = torch.cat([it.edge_cell_shift for it in items])
             out["cutoff"] = cutoffs.pop()
-        for key in _PER_ATOM + _PER_STRUCTURE:
+        for key in _PER_ATOM + _PER_STRUCTURE + _ATOM_LABELS:
             values = [getattr(it, key) for it in items]
             if all(v is None for v in values):
                 continue
             ref = next(v for v in values if v is not None)
             parts = []
             for it, v in zip(items, values):
-                n = it.positions.shape[0] if key in _PER_ATOM else it.num_structures
+                n = it.num_structures if key in _PER_STRUCTURE else it.positions.shape[0]
                 parts.append(v if v is not None else torch.full(
                     (n,) + _TARGET_SHAPES[key], float("nan"), dtype=ref.dtype))
             out[key] = torch.cat(parts)
@@ -220,8 +227,10 @@ class AtomicData:
         for key in _PER_STRUCTURE + _WEIGHTS:
             v = getattr(self, key)
             out[key] = None if v is None else v[b:b + 1]
-        if self.forces is not None:
-            out["forces"] = self.forces[a0:a1]
+        for key in _PER_ATOM + _ATOM_LABELS:
+            v = getattr(self, key)
+            if v is not None:
+                out[key] = v[a0:a1]
         return AtomicData(**out)
 
     def split(self) -> List["AtomicData"]:
@@ -230,14 +239,14 @@ class AtomicData:
     # ------------------------------------------------------------------ conversion
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "AtomicData":
         """Move to a device; ``dtype`` converts positions, cell, forces, stress, virial
-        (energy stays float64)."""
+        (energy and atomic energies stay float64)."""
         changes = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, torch.Tensor):
                 continue
             if dtype is not None and v.is_floating_point() and f.name != K.ENERGY \
-                    and f.name not in _WEIGHTS:
+                    and f.name not in _WEIGHTS + _ATOM_LABELS:
                 v = v.to(dtype)
             changes[f.name] = v.to(device) if device is not None else v
         return replace(self, **changes)

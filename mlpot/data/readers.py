@@ -103,6 +103,7 @@ def read_ase(
     min_distance: Optional[float] = 0.5,
     energy_weight_key: Optional[str] = None,
     forces_weight_key: Optional[str] = None,
+    atomic_energies_key: Optional[str] = None,
 ) -> List[AtomicData]:
     """Read any file ASE reads (extxyz, xyz, traj, db, POSCAR/OUTCAR, cif, ...).
 
@@ -117,6 +118,8 @@ def read_ase(
         min_distance: Angstrom; atoms closer than this are an error (None: no check).
         energy_weight_key, forces_weight_key: per-frame loss weights (numbers >= 0 in each
             frame's ``info``; every frame must have them when the key is named).
+        atomic_energies_key: a per-atom array of energies (eV before ``energy_unit``; a
+            teacher's, for distillation); a frame without it has no such label.
     """
     import ase.io
 
@@ -161,6 +164,9 @@ def read_ase(
                           ("forces_weight", forces_weight_key)):
             if key is not None:
                 setattr(data, name, _weight(atoms.info, key, where))
+        if atomic_energies_key is not None and atomic_energies_key in atoms.arrays:
+            data.atomic_energies = _atomic_energies(atoms.arrays[atomic_energies_key], e_f,
+                                                    atomic_energies_key, where)
         out.append(_finish(data, tm, where, min_distance))
     return out
 
@@ -179,6 +185,17 @@ def _weight(info, key: str, where: str):
         raise DataError(f"{where}: the loss weight {key} = {value!r} is missing or not a number "
                         ">= 0; give every frame one, or remove the *_weight_key option")
     return torch.tensor([w], dtype=torch.float64)
+
+
+def _atomic_energies(values, e_f: float, key: str, where: str):
+    """A frame's per-atom energy labels [N] (float64, eV), finite, else a DataError."""
+    import torch
+
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(a)):
+        raise DataError(f"{where}: {key} holds a value that is not a finite number; fix the "
+                        "file or drop the frame")
+    return torch.as_tensor(a * e_f)
 
 
 def _looked_for(missing):
@@ -402,7 +419,7 @@ def read(path: str, format: Optional[str] = None, **kwargs) -> List[AtomicData]:
     if format == "deepmd" or (format is None and os.path.isdir(path)):
         ase_only = sorted(set(kwargs) & {"index", "energy_key", "forces_key", "stress_key",
                                          "virial_key", "energy_weight_key",
-                                         "forces_weight_key"})
+                                         "forces_weight_key", "atomic_energies_key"})
         if ase_only:
             raise DataError(f"{path}: {ase_only} apply to ASE formats, not to DeePMD npy data "
                             "(whose labels are energy.npy, force.npy, virial.npy)")

@@ -58,7 +58,7 @@ from ..dtypes import dtype_of
 from ..nn.zbl import ZBLRepulsion, check_repulsion
 from .family import Network, check_cutoff, hparam_defaults, resolve_hparams
 from .potential import Potential, script
-from .statistics import fit_reference_energies, force_rms
+from .statistics import atomic_reference_energies, fit_reference_energies, force_rms
 
 ENTRY_POINT_GROUP = "mlpot.models"
 
@@ -197,5 +197,6 @@ def with_repulsion(model: Potential, repulsion: str = "zbl",
 
 
 __all__ = ["MODELS", "with_repulsion", "ENTRY_POINT_GROUP", "Network", "Potential", "available", "build_model",
-           "from_config", "script", "fit_reference_energies", "force_rms", "check_hparams",
+           "from_config", "script", "fit_reference_energies", "atomic_reference_energies",
+           "force_rms", "check_hparams",
            "hparam_defaults", "network_class", "validate_model_config"]

@@ -31,6 +31,26 @@ def fit_reference_energies(structures, num_types: int, ridge: float = 1e-8,
     return torch.linalg.solve(lhs, a.T @ y)
 
 
+def atomic_reference_energies(structures, num_types: int,
+                              fallback: torch.Tensor) -> torch.Tensor:
+    """Per-element reference energies from per-atom energy labels (a teacher's): the mean label
+    of each element's atoms, the least-squares E0 for these labels  # [T]. Elements without a
+    labelled atom keep ``fallback``'s value."""
+    sums = torch.zeros(num_types, dtype=torch.float64)
+    counts = torch.zeros(num_types, dtype=torch.float64)
+    for s in structures:
+        a = s.atomic_energies
+        if a is None:
+            continue
+        ok = torch.isfinite(a)
+        sums.index_add_(0, s.atom_types[ok], a[ok].to(torch.float64))
+        counts.index_add_(0, s.atom_types[ok], torch.ones_like(a[ok], dtype=torch.float64))
+    out = torch.as_tensor(fallback, dtype=torch.float64).clone()
+    has = counts > 0
+    out[has] = sums[has] / counts[has]
+    return out
+
+
 def force_rms(structures) -> float:
     """Root mean square of the force components over labelled structures (eV/A), or 1.0."""
     total, count = 0.0, 0

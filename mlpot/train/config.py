@@ -56,6 +56,9 @@ class DataConfig:
     # per-frame loss weights (info keys, numbers >= 0; distillation writes them)
     energy_weight_key: Optional[str] = None
     forces_weight_key: Optional[str] = None
+    # per-atom energies of a teacher (an array key of ASE formats; distillation writes
+    # DISTILL_atomic_energies), the labels of loss.atomic_energies
+    atomic_energies_key: Optional[str] = None
     energy_unit: str = "eV"                     # a key of readers.ENERGY_UNITS_TO_EV
     length_unit: str = "A"                      # a key of readers.LENGTH_UNITS_TO_ANGSTROM
     min_distance: Optional[float] = _spec(0.5, ge=0.0)  # Angstrom; closer atoms: an input error
@@ -99,6 +102,10 @@ class LossConfig:
     energy_start: Optional[float] = _spec(None, ge=0.0)
     forces_start: Optional[float] = _spec(None, ge=0.0)
     stress_start: Optional[float] = _spec(None, ge=0.0)
+    # a teacher's per-atom energies (data.atomic_energies_key; eV^-2 on the per-atom squared
+    # error): in distillation, N labels per structure where the energy gives one
+    atomic_energies: float = _spec(0.0, ge=0.0)
+    atomic_energies_start: Optional[float] = _spec(None, ge=0.0)
     # model.uncertainty: mve: weight of the variance network's Gaussian negative log-likelihood
     nll: float = _spec(1.0, ge=0.0)
 

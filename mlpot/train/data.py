@@ -38,9 +38,11 @@ def _read_all(paths: List[str], cfg: Config, type_map: Optional[TypeMap], requir
             kwargs.update(energy_key=d.energy_key, forces_key=d.forces_key,
                           stress_key=d.stress_key, virial_key=d.virial_key,
                           energy_weight_key=d.energy_weight_key,
-                          forces_weight_key=d.forces_weight_key)
-        elif d.energy_weight_key or d.forces_weight_key:
-            raise DataError(f"{p}: data.energy_weight_key and data.forces_weight_key apply to "
+                          forces_weight_key=d.forces_weight_key,
+                          atomic_energies_key=d.atomic_energies_key)
+        elif d.energy_weight_key or d.forces_weight_key or d.atomic_energies_key:
+            raise DataError(f"{p}: data.energy_weight_key, forces_weight_key and "
+                            "atomic_energies_key apply to "
                             "ASE formats (per-frame info), not to DeePMD npy data")
         out.extend(read(p, format=d.format, **kwargs))
     return out

@@ -33,22 +33,24 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor,
 
 
 def entry_counts(batch) -> torch.Tensor:
-    """The finite energy, force-component and stress-component labels of a batch [3] (float64):
-    the denominators of the loss's means, summed over processes in data-parallel training."""
+    """The finite energy, force-component, stress-component and atomic-energy labels of a batch
+    [4] (float64): the denominators of the loss's means, summed over processes in data-parallel
+    training."""
     return torch.tensor([0.0 if t is None else float(torch.isfinite(t).sum())
-                         for t in (batch.energy, batch.forces, batch.stress)],
-                        dtype=torch.float64)
+                         for t in (batch.energy, batch.forces, batch.stress,
+                                   batch.atomic_energies)], dtype=torch.float64)
 
 
 class Loss:
-    """L = w_E mean((dE/N)^2) + w_F mean(dF^2) + w_S mean(dS^2), weights possibly scheduled."""
+    """L = w_E mean((dE/N)^2) + w_F mean(dF^2) + w_S mean(dS^2) + w_A mean(dE_i^2), weights
+    possibly scheduled; the last over the atoms with an atomic-energy label (a teacher's)."""
 
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
 
     def weights(self, lr_ratio: float = 1.0) -> Dict[str, float]:
         out = {}
-        for key in ("energy", "forces", "stress"):
+        for key in ("energy", "forces", "stress", "atomic_energies"):
             final = getattr(self.cfg, key)
             start = getattr(self.cfg, key + "_start")
             out[key] = final if start is None else final + (start - final) * lr_ratio
@@ -59,16 +61,20 @@ class Loss:
         return self.cfg.forces > 0 or (self.cfg.forces_start or 0) > 0
 
     @property
+    def needs_atomic_energies(self) -> bool:
+        return self.cfg.atomic_energies > 0 or (self.cfg.atomic_energies_start or 0) > 0
+
+    @property
     def needs_stress(self) -> bool:
         return self.cfg.stress > 0 or (self.cfg.stress_start or 0) > 0
 
     def __call__(self, pred: Dict[str, torch.Tensor], batch, lr_ratio: float = 1.0,
                  counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The loss and its parts (the unweighted MSEs). ``counts`` [3]: divide the sums by these
+        """The loss and its parts (the unweighted MSEs). ``counts`` [4]: divide the sums by these
         entry counts (of the global batch, ``entry_counts`` summed over processes) instead of
         this batch's own."""
         w = self.weights(lr_ratio)
-        c = [None] * 3 if counts is None else [max(float(x), 1.0) for x in counts]
+        c = [None] * 4 if counts is None else [max(float(x), 1.0) for x in counts]
         total = pred[K.ENERGY].new_zeros(())
         parts: Dict[str, float] = {}
         n_atoms = batch.num_atoms.to(torch.float64)
@@ -87,4 +93,8 @@ class Loss:
             mse, _ = _masked_mse(pred[K.STRESS], batch.stress, count=c[2])
             total = total + w["stress"] * mse
             parts["stress"] = float(mse.detach())
+        if batch.atomic_energies is not None and w["atomic_energies"] > 0:
+            mse, _ = _masked_mse(pred[K.ATOMIC_ENERGIES], batch.atomic_energies, count=c[3])
+            total = total + w["atomic_energies"] * mse
+            parts["atomic_energies"] = float(mse.detach())
         return total, parts

@@ -50,7 +50,7 @@ from ..checkpoint import (checkpoint_dict, file_kind, read_checkpoint, weights_o
 from ..data import AtomicDataset
 from ..dtypes import usable_device
 from ..files import remove_stale_temporaries
-from ..models import build_model, fit_reference_energies, force_rms
+from ..models import atomic_reference_energies, build_model, fit_reference_energies, force_rms
 from ..models.committee import Committee
 from ..models.mve import build_mve, gaussian_nll
 from ..threads import poll_threads, stop_watching
@@ -163,6 +163,10 @@ class Trainer:
         # E0 fitted to the labels minus the repulsion prior (zero at bonded distances)
         e0 = fit_reference_energies(items, len(self.data.type_map),
                                     offsets=base.prior_energies(items))
+        if self.loss_fn.needs_atomic_energies and base.repulsion is None:
+            # a teacher's atomic energies pin each element's share, which the totals of a
+            # fixed composition leave open: start from the teacher's split
+            e0 = atomic_reference_energies(items, len(self.data.type_map), e0)
         scale = force_rms(items) if any(s.forces is not None for s in items) else 1.0
         for m in self.members:  # the same deterministic statistics from the same frames
             m.set_reference_energies(e0)
@@ -203,7 +207,7 @@ class Trainer:
                 self.global_counts(global_frames) if self.dist.active else None
 
     def global_counts(self, frames: List[int]) -> torch.Tensor:
-        """``entry_counts`` of the global batch made of these training frames [3]: the sum of
+        """``entry_counts`` of the global batch made of these training frames [4]: the sum of
         every process's batch counts, from per-frame counts that every process holds (all of
         them read the whole training set), so no step waits on a collective for them."""
         if self._frame_counts is None:
