@@ -181,13 +181,17 @@ def model_section(args, model: str, steps: int, loss: dict, seed: int = 0) -> di
                          "threads": args.threads, "progress": False}}
 
 
-def student_section(args, steps: int, forces: bool = True, seed: int = 0) -> dict:
+def student_section(args, steps: int, forces: bool = True, seed: int = 0,
+                    atomic: bool = False) -> dict:
     """dp_se_e2_a at train_bench's settings as an `mlpot train` config without data
     (``forces=False``: energies alone, at the energy-only batch and learning rates; with
-    forces, at --student-batch structures per step where given)."""
+    forces, at --student-batch structures per step where given; ``atomic``: with the teacher's
+    atomic energies at the loss weight --atomic-energies where it is above 0)."""
     if forces:
-        section = model_section(args, "dp_se_e2_a", steps,
-                                dict(train_bench().MODELS["dp_se_e2_a"]["loss"]), seed)
+        loss = dict(train_bench().MODELS["dp_se_e2_a"]["loss"])
+        if atomic and getattr(args, "atomic_energies", 0.0):
+            loss["atomic_energies"] = float(args.atomic_energies)
+        section = model_section(args, "dp_se_e2_a", steps, loss, seed)
         if getattr(args, "student_batch", None):
             section["training"]["batch_size"] = int(args.student_batch)
         return section
@@ -581,6 +585,41 @@ def labels_done(folder: Path) -> bool:
         return False
 
 
+def with_atomic_energies(folder: Path) -> Path:
+    """The student data of the finished `mlpot distill` run ``folder`` with the teacher's
+    atomic energies on its teacher-labelled frames: ``student_data.xyz`` itself where it has
+    them (runs of today's `mlpot distill`), else ``student_data_atomic.xyz``, written once from
+    the run's teacher model (runs labelled before the teacher's atomic energies were kept)."""
+    import ase.io
+    import numpy as np
+
+    from mlpot.ase import MLPotCalculator
+
+    src = folder / "student_data.xyz"
+    frames = ase.io.read(str(src), index=":", format="extxyz")
+    teacher = [a for a in frames if a.info.get("distill_label") == "teacher"]
+    if all("DISTILL_atomic_energies" in a.arrays for a in teacher):
+        return src
+    dst = folder / "student_data_atomic.xyz"
+    if dst.is_file():
+        return dst
+    model = json.loads((folder / "state.json").read_text())["config"]["teacher"]["model"]
+    calc = MLPotCalculator(model)
+    print(f"the teacher's atomic energies for {len(teacher)} frames of {portable(src)}",
+          flush=True)
+    for a in teacher:
+        b = a.copy()
+        b.calc = calc
+        b.get_potential_energy()
+        atomic = np.asarray(calc.results["energies"], dtype=np.float64)
+        if abs(atomic.sum() - a.info["DISTILL_energy"]) > 1e-3:
+            fail(f"{src}: the teacher {model} does not give this run's teacher energies "
+                 f"({atomic.sum():.4f} against {a.info['DISTILL_energy']:.4f} eV)")
+        a.arrays["DISTILL_atomic_energies"] = atomic
+    write_frames(dst, frames)
+    return dst
+
+
 def seeds_summary(records: dict) -> dict:
     """Mean and population standard deviation over seeds of the test errors in ``records``
     (seed -> record with ``test``)."""
@@ -616,6 +655,8 @@ def fast_student(args) -> dict:
     train_seeds = seeds if args.train_seeds is None else sorted(set(args.train_seeds))
     want = set(args.students)
     batch = f"_b{args.student_batch}" if args.student_batch else ""
+    # the distilled student's runs: also named by its atomic-energy weight (the direct one's not)
+    dbatch = batch + (f"_ae{args.atomic_energies:g}" if args.atomic_energies else "")
     print(f"=== fast-student 3BPA: students ({', '.join(sorted(want))}) {s_steps} steps"
           f"{f' at batch {args.student_batch}' if args.student_batch else ''}, seeds "
           f"{seeds}, teacher {'given' if args.teacher else f'nequip {t_steps} steps'}",
@@ -660,9 +701,9 @@ def fast_student(args) -> dict:
             how = (f"mlpot train on the student_data.xyz of an earlier mlpot distill run "
                    f"({portable(out, work=args.work)}), every seed")
         else:
-            out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{batch}"
+            out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{dbatch}"
             dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
-                    "student": student_section(args, s_steps), "sample": sample,
+                    "student": student_section(args, s_steps, atomic=True), "sample": sample,
                     "weights": {"reference": 1.0}}
             state = run_distill(args, dcfg, out)
             distilled_runs[0] = out / "student"
@@ -673,13 +714,16 @@ def fast_student(args) -> dict:
                      "student_frames": state.get("student_frames"),
                      "distill_command_wall_s": float((out / "bench_wall_s.txt").read_text())
                      if (out / "bench_wall_s.txt").is_file() else None}
-        student_data = student_data_section(data, str(out / "student_data.xyz"), "teacher")
+        labels = with_atomic_energies(out) if args.atomic_energies and args.labels_run \
+            else out / "student_data.xyz"
+        student_data = student_data_section(data, str(labels), "teacher")
+        distilled["atomic_energies_weight"] = args.atomic_energies
         for k in seeds[first:]:
-            run = out / (f"student_s{s_steps}{batch}_seed{k}" if args.labels_run
+            run = out / (f"student_s{s_steps}{dbatch}_seed{k}" if args.labels_run
                          else f"student_seed{k}")
             if k in train_seeds:
                 run_train(args, {"data": student_data,
-                                 **student_section(args, s_steps, seed=k)}, run)
+                                 **student_section(args, s_steps, seed=k, atomic=True)}, run)
             distilled_runs[k] = run
 
     # the same student trained directly on the DFT data
@@ -791,6 +835,11 @@ def main() -> None:
                         "teacher-labelled student_data.xyz of this finished `mlpot distill` run "
                         "(a student_distilled_* folder under --work), instead of labelling again "
                         "(students of other steps or batches from the same labels)")
+    p.add_argument("--atomic-energies", type=float, default=0.0, metavar="W",
+                   help="fast-student: the distilled student also learns the teacher's atomic "
+                        "energies, with this loss weight (student.loss.atomic_energies; default "
+                        "0: not); with --labels-run, an older run's labels get them from its "
+                        "teacher first")
     p.add_argument("--tag", default="",
                    help="fast-student: write distill_fast_student_TAG.json instead (keeps the "
                         "other results)")
@@ -821,6 +870,8 @@ def main() -> None:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:
         fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
+    if args.atomic_energies < 0:
+        fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
     if args.seeds < 1 or (args.student_batch is not None and args.student_batch < 1):
         fail("--seeds and --student-batch must be at least 1")
     if args.train_seeds and not set(args.train_seeds) <= set(range(args.seeds)):
