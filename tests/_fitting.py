@@ -7,20 +7,27 @@ from mlpot.data import AtomicData
 from mlpot.models import fit_reference_energies, force_rms
 
 
-def emt_frames(n_frames=20, seed=0):
-    """Rattled 8-atom Cu cells with two Au atoms, labelled by ASE's EMT."""
+def emt_cells(n_frames=20, seed=0):
+    """Rattled 8-atom Cu cells with two Au atoms (``ase.Atoms``), ASE's EMT attached."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
     rng = np.random.default_rng(seed)
-    frames = []
+    cells = []
     for _ in range(n_frames):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
         atoms.symbols[[1, 6]] = "Au"
         atoms.positions += rng.normal(0, 0.12, atoms.positions.shape)
         atoms.calc = EMT()
-        frames.append(AtomicData.from_ase(atoms, energy=atoms.get_potential_energy(),
-                                          forces=atoms.get_forces()))
+        cells.append(atoms)
+    return cells
+
+
+def emt_frames(n_frames=20, seed=0):
+    """emt_cells() labelled by EMT, as AtomicData."""
+    frames = [AtomicData.from_ase(atoms, energy=atoms.get_potential_energy(),
+                                  forces=atoms.get_forces())
+              for atoms in emt_cells(n_frames, seed)]
     for f in frames:
         f.atom_types = (f.atomic_numbers == 79).long()
     return frames

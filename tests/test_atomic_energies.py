@@ -5,10 +5,9 @@ from their per-element means."""
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
-from ase.calculators.emt import EMT
 from ase.io import write
 
+from _fitting import emt_cells
 from mlpot import keys as K
 from mlpot.data import AtomicData, DataError
 from mlpot.data.readers import read_ase
@@ -23,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def _cells(n, seed=0, key="T_atomic"):
     """Rattled 8-atom Cu/Au cells labelled by EMT: energy, forces and EMT's per-atom energies
     under ``key`` (EMT's atomic energies sum to its energy)."""
-    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
-        a.symbols[[1, 6]] = "Au"
-        a.positions += rng.normal(0, 0.12, a.positions.shape)
-        a.calc = EMT()
+    for a in emt_cells(n, seed):
         a.info["REF_energy"] = a.get_potential_energy()
         a.arrays["REF_forces"] = a.get_forces()
         a.arrays[key] = a.get_potential_energies()
