@@ -620,6 +620,23 @@ def with_atomic_energies(folder: Path) -> Path:
     return dst
 
 
+def without_teacher_on_reference(src: Path) -> Path:
+    """``src`` (a finished run's student data) without the teacher's labels of the structures
+    that have reference (DFT) labels: each structure is then learned from its best label, the
+    teacher's only on its own MD and displaced samples. Written once beside ``src``."""
+    import ase.io
+
+    dst = src.with_name(src.stem + "_no_teacher_on_reference.xyz")
+    if not dst.is_file():
+        frames = ase.io.read(str(src), index=":", format="extxyz")
+        keep = [a for a in frames if not (a.info.get("distill_source") == "reference"
+                                          and a.info.get("distill_label") == "teacher")]
+        print(f"{portable(src)}: {len(frames) - len(keep)} teacher frames of reference "
+              f"structures left out, {len(keep)} kept", flush=True)
+        write_frames(dst, keep)
+    return dst
+
+
 def seeds_summary(records: dict) -> dict:
     """Mean and population standard deviation over seeds of the test errors in ``records``
     (seed -> record with ``test``)."""
@@ -656,7 +673,8 @@ def fast_student(args) -> dict:
     want = set(args.students)
     batch = f"_b{args.student_batch}" if args.student_batch else ""
     # the distilled student's runs: also named by its atomic-energy weight (the direct one's not)
-    dbatch = batch + (f"_ae{args.atomic_energies:g}" if args.atomic_energies else "")
+    dbatch = batch + (f"_ae{args.atomic_energies:g}" if args.atomic_energies else "") \
+        + ("_noteacherref" if args.no_teacher_on_reference else "")
     print(f"=== fast-student 3BPA: students ({', '.join(sorted(want))}) {s_steps} steps"
           f"{f' at batch {args.student_batch}' if args.student_batch else ''}, seeds "
           f"{seeds}, teacher {'given' if args.teacher else f'nequip {t_steps} steps'}",
@@ -716,6 +734,9 @@ def fast_student(args) -> dict:
                      if (out / "bench_wall_s.txt").is_file() else None}
         labels = with_atomic_energies(out) if args.atomic_energies and args.labels_run \
             else out / "student_data.xyz"
+        if args.no_teacher_on_reference:
+            labels = without_teacher_on_reference(labels)
+        distilled["teacher_labels_on_reference_structures"] = not args.no_teacher_on_reference
         student_data = student_data_section(data, str(labels), "teacher")
         distilled["atomic_energies_weight"] = args.atomic_energies
         for k in seeds[first:]:
@@ -840,6 +861,10 @@ def main() -> None:
                         "energies, with this loss weight (student.loss.atomic_energies; default "
                         "0: not); with --labels-run, an older run's labels get them from its "
                         "teacher first")
+    p.add_argument("--no-teacher-on-reference", action="store_true",
+                   help="fast-student, with --labels-run: leave out the teacher's labels of "
+                        "the training structures (which keep their DFT labels); the teacher "
+                        "labels only its MD and displaced samples")
     p.add_argument("--tag", default="",
                    help="fast-student: write distill_fast_student_TAG.json instead (keeps the "
                         "other results)")
@@ -870,6 +895,8 @@ def main() -> None:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:
         fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
+    if args.no_teacher_on_reference and not args.labels_run:
+        fail("--no-teacher-on-reference takes the labels of a finished run: give --labels-run")
     if args.atomic_energies < 0:
         fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
     if args.seeds < 1 or (args.student_batch is not None and args.student_batch < 1):

