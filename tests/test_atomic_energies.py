@@ -99,9 +99,9 @@ def test_reference_energies_start_from_the_labels_element_means():
     np.testing.assert_allclose(e0.numpy(), [-4.0, -1.5, 7.0])
 
 
-def _student(path, out_dir, weight):
+def _student(path, out_dir, weight, key="T_atomic"):
     return config_from_dict({
-        "data": {"train": path, "validation_fraction": 0.25, "atomic_energies_key": "T_atomic"},
+        "data": {"train": path, "validation_fraction": 0.25, "atomic_energies_key": key},
         "model": {"name": "dp_se_e2_a", "cutoff": 4.0,
                   "hparams": {"embedding": [8, 16], "axis_neuron": 4, "fitting": [16, 16]}},
         "loss": {"energy": 1.0, "forces": 1.0, "atomic_energies": weight},
@@ -129,3 +129,14 @@ def test_a_student_learns_the_teachers_atomic_energies(tmp_path):
         errors[weight] = float((out[K.ATOMIC_ENERGIES] - batch.atomic_energies).abs().mean())
     print(errors)
     assert errors[10.0] < 0.5 * errors[0.0]
+
+
+@pytest.mark.parametrize("key", [None, "NO_SUCH_KEY"])
+def test_the_loss_term_without_labels_is_a_one_line_error_before_training(tmp_path, key):
+    path = str(tmp_path / "d.xyz")
+    write(path, _cells(6), format="extxyz")
+    with pytest.raises(DataError, match=r"loss.atomic_energies asks for per-atom energy labels, "
+                                        r"but no training frame has them") as err:
+        Trainer(_student(path, tmp_path / "run", 1.0, key=key))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "last.pt").exists()

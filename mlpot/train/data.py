@@ -163,4 +163,12 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
     if not validation:
         raise DataError("the validation split is empty; set data.validation or a "
                         "data.validation_fraction that leaves at least one frame")
+    if (cfg.loss.atomic_energies > 0 or (cfg.loss.atomic_energies_start or 0) > 0) \
+            and not any(s.atomic_energies is not None for s in train):
+        where = f"under {d.atomic_energies_key!r}" if d.atomic_energies_key \
+            else "(data.atomic_energies_key is not set)"
+        raise DataError(f"{d.train}: loss.atomic_energies asks for per-atom energy labels, but no "
+                        f"training frame has them {where}; name their array with "
+                        "data.atomic_energies_key (mlpot distill writes DISTILL_atomic_energies) "
+                        "or set loss.atomic_energies: 0")
     return TrainingData(train, validation, test, tm, hash_data(train_paths))
