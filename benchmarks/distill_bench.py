@@ -591,9 +591,8 @@ def with_atomic_energies(folder: Path) -> Path:
     them (runs of today's `mlpot distill`), else ``student_data_atomic.xyz``, written once from
     the run's teacher model (runs labelled before the teacher's atomic energies were kept)."""
     import ase.io
-    import numpy as np
 
-    from mlpot.ase import MLPotCalculator
+    from mlpot.label import LabellerSpec, make_labeller
 
     src = folder / "student_data.xyz"
     frames = ase.io.read(str(src), index=":", format="extxyz")
@@ -604,14 +603,11 @@ def with_atomic_energies(folder: Path) -> Path:
     if dst.is_file():
         return dst
     model = json.loads((folder / "state.json").read_text())["config"]["teacher"]["model"]
-    calc = MLPotCalculator(model)
+    labeller = make_labeller(LabellerSpec(kind="model", model=model))  # as `mlpot distill`'s
     print(f"the teacher's atomic energies for {len(teacher)} frames of {portable(src)}",
           flush=True)
     for a in teacher:
-        b = a.copy()
-        b.calc = calc
-        b.get_potential_energy()
-        atomic = np.asarray(calc.results["energies"], dtype=np.float64)
+        atomic = labeller.label(a.copy()).atomic_energies
         if abs(atomic.sum() - a.info["DISTILL_energy"]) > 1e-3:
             fail(f"{src}: the teacher {model} does not give this run's teacher energies "
                  f"({atomic.sum():.4f} against {a.info['DISTILL_energy']:.4f} eV)")
