@@ -49,8 +49,10 @@ done and skips finished cases. Each NVT entry records its length (``ps``): a rer
 longer ``--nvt-ps`` (or none: ``--ps``) redoes the NVT runs only, and ``--cold-only`` runs the
 NVT at 300 K only, so that the hot runs of a slow model can follow in a later run, or in a
 second process at the same time with ``--hot-only`` (the hot NVT alone, no NVE; give it its own
-``--work``). Results: benchmarks/results/stability.json (``--out``), one entry per label; a
-label's parts from an earlier run of the same model and settings are kept beside the new ones.
+``--work``). Results: benchmarks/results/stability.json (``--out``), one entry per label, with
+the date, machine and command of the run that wrote it (``run``); a label's parts from an earlier
+run of the same model and settings are kept beside the new ones (and that run's record under
+``run.earlier_parts``).
 
     python benchmarks/stability_bench.py                          # every case with a model
     python benchmarks/stability_bench.py --cases 3bpa_dp --ps 0.2 --replicas 2 --out /tmp/s.json
@@ -402,6 +404,9 @@ def merge_record(old: Optional[dict], new: dict) -> dict:
     if not old or source(old) != source(new) or old.get("settings") != new.get("settings"):
         return new
     merged = {**old, **new, "nvt": {**old.get("nvt", {}), **new["nvt"]}}
+    if old.get("run") and new.get("run") and old["run"] != new["run"]:
+        # the run that wrote the parts kept from before (with its own earlier parts, if any)
+        merged["run"] = {**new["run"], "earlier_parts": old["run"]}
     if "nve" not in new and "nve" in old:
         merged["nve"] = old["nve"]
     merged["targets"] = targets_of(merged)
@@ -493,16 +498,18 @@ def main() -> None:
         # read again: a run of another part of this case may have written it meanwhile
         results = json.loads(out.read_text()) if out.is_file() else {}
         results.setdefault("cases", {})
+        run = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine_info(),
+               "command": command_line(shared=args.shared)}
         if record.get("done"):
-            results["cases"][label] = merge_record(results["cases"].get(label), record)
+            results["cases"][label] = merge_record(results["cases"].get(label),
+                                                   {**record, "run": run})
         results.update({
             "definition": "integrators.stability (see benchmarks/stability_bench.py): NVE drift "
                           "= |slope| of the conserved energy per atom after the warm-up, "
                           "meV/atom/ps; NVT survival = fraction of replicas with no force > 50 "
                           "eV/A, no atoms closer than 0.5 A, no starting bond longer than 2 A "
                           "(molecules and water)",
-            "command": command_line(shared=args.shared), "machine": machine_info(),
-            "date": time.strftime("%Y-%m-%d", time.gmtime())})
+            "command": run["command"], "machine": run["machine"], "date": run["date"]})
         write_json(out, results)
     print(f"results: {portable(out)}", flush=True)
 
