@@ -48,7 +48,8 @@ fast-student  (3BPA)
       distilled  mlpot distill mode teacher: the teacher labels the 500 training structures, its
                  own Langevin MD samples (--sample-temps, default 300 and 450 K; 8 starts x 2
                  replicas per temperature, --sample-steps steps (default 1000) at 0.5 fs, a
-                 frame every 50 steps: 640 samples) and one copy of each training structure displaced by 0.05 A (Gaussian);
+                 frame every 50 steps: 640 samples) and --perturb-copies (default 1) copies of
+                 each training structure displaced by 0.05 A (Gaussian);
                  the DFT labels of the training structures are kept beside with weight 1;
       direct     mlpot train on train_300K's DFT labels;
     both for the same --student-steps (at --student-batch structures per step where given) and
@@ -707,7 +708,7 @@ def fast_student(args) -> dict:
         temps = [float(t) for t in args.sample_temps]
         sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8,
                   "replicas": 2, "timestep": 0.5, "friction": 0.01, "collect_every": 50,
-                  "perturb_copies": 1, "perturb_sigma": 0.05, "seed": 0}
+                  "perturb_copies": args.perturb_copies, "perturb_sigma": 0.05, "seed": 0}
         if args.labels_run:  # the teacher's labels of an earlier `mlpot distill` run
             out = Path(args.labels_run).resolve()
             state = json.loads((out / "state.json").read_text())  # checked in main()
@@ -715,7 +716,11 @@ def fast_student(args) -> dict:
             how = (f"mlpot train on the student_data.xyz of an earlier mlpot distill run "
                    f"({portable(out, work=args.work)}), every seed")
         else:
-            out = folder / f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}{dbatch}"
+            # other samples than the defaults: named by them (the defaults keep older names)
+            temps_tag = "" if temps == [300.0, 450.0] else "_T" + "-".join(f"{t:g}" for t in temps)
+            copies_tag = "" if args.perturb_copies == 1 else f"_p{args.perturb_copies}"
+            out = folder / (f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}"
+                            f"{temps_tag}{copies_tag}{dbatch}")
             dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
                     "student": student_section(args, s_steps, atomic=True), "sample": sample,
                     "weights": {"reference": 1.0}}
@@ -868,6 +873,9 @@ def main() -> None:
                    help="fast-student: steps of each teacher MD run (0.5 fs; default 1000)")
     p.add_argument("--sample-temps", nargs="+", type=float, default=[300.0, 450.0],
                    help="fast-student: temperatures of the teacher's MD samples, K")
+    p.add_argument("--perturb-copies", type=int, default=1,
+                   help="fast-student: displaced copies of each training structure that the "
+                        "teacher labels (default 1; 0: none)")
     p.add_argument("--md-ps", type=float, default=10.0,
                    help="energy-only: length of each NVT stability run, ps (default 10)")
     p.add_argument("--md-temperature", type=float, default=500.0, help="K (default 500)")
