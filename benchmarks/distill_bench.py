@@ -897,6 +897,8 @@ def main() -> None:
     for name in ("student_steps", "teacher_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.perturb_copies < 0:
+        fail("--perturb-copies must be 0 or more (0: no displaced copies)")
     if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:
         fail("--teacher-cutoff must be > 0 (Angstrom), e.g. 3")
     if args.no_teacher_on_reference and not args.labels_run:
