@@ -636,7 +636,7 @@ class Learner:
 
     # ------------------------------------------------------------ phases
     def train(self, i: int, state) -> None:
-        from .checkpoint import model_from_checkpoint, read_checkpoint, weights_of
+        from .checkpoint import model_from_checkpoint
         from .export import export
         from .train.trainer import Trainer, finalize
 
@@ -647,15 +647,9 @@ class Learner:
         resume = os.path.exists(os.path.join(out, "last.pt"))
         prev = os.path.join(self.iter_dir(i - 1), "train", "best.pt")
         if not resume and i > 0 and self.cfg.warm_start and os.path.exists(prev):
-            weights = weights_of(read_checkpoint(prev))
             try:
-                trainer.model.load_state_dict(weights)
-                if trainer.emas is not None:
-                    for k, ema in enumerate(trainer.emas):
-                        pre = f"members.{k}."
-                        ema.module.load_state_dict({n[len(pre):]: v for n, v in weights.items()
-                                                    if n.startswith(pre)})
-            except (RuntimeError, KeyError) as err:
+                trainer.init_weights(prev, where=f"iteration {i}: warm start from")
+            except ConfigError as err:
                 warnings.warn(f"iteration {i}: the committee of iteration {i - 1} does not fit "
                               f"this one ({str(err).splitlines()[0]}); training starts fresh",
                               stacklevel=2)

@@ -326,3 +326,55 @@ def test_energy_only_model_at_the_mean_energy_warns(tmp_path, data_file):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*mean energy")
         run("forces", 10.0)
+
+
+def test_init_from_starts_from_a_checkpoints_weights(tmp_path, data_file):
+    """training.init_from (fine-tuning): before the first step the model and its EMA hold the
+    checkpoint's (EMA) weights, while the step count and schedule start afresh; a fine-tuned
+    run starts at the first run's validation loss, not a fresh model's; a checkpoint of another
+    model or a missing file is one ConfigError before any training; --resume keeps the run's
+    own weights (last.pt), not the checkpoint's."""
+    first = tmp_path / "first"
+    train(config_from_dict(cfg_dict(data_file, first, epochs=25, optim={"lr": 1e-2,
+                                                                      "ema_decay": 0.9})))
+    held = ckpt.weights_of(ckpt.read_checkpoint(str(first / "best.pt")))
+    over = {"optim": {"lr": 1e-3, "ema_decay": 0.9},
+            "training": {"init_from": str(first / "best.pt"), "max_steps": 3}}
+    t = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "ft", **over)))
+    fresh = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.init_weights(str(first / "best.pt"))
+    got = t.model.state_dict()
+    assert all(torch.equal(got[k], held[k]) for k in held)
+    assert any(not torch.equal(fresh[k], held[k]) for k in held if held[k].is_floating_point())
+    ema = t.emas[0].module.state_dict()
+    assert all(torch.equal(ema[k], held[k]) for k in held)
+    assert t.step == 0
+    # through fit(): the first validation is near the first run's best, far below a fresh start
+    best_first = json.loads((first / "metrics.json").read_text())["validation"]["loss"]
+    ft = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "ft2", **over)))
+    ft.fit()
+    scratch = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "scratch",
+                                                **{**over, "training": {"max_steps": 3}})))
+    scratch.fit()
+    assert ft.step == 3
+    assert ft.best_val < 2 * best_first < 0.2 * scratch.best_val, (ft.best_val, best_first,
+                                                                scratch.best_val)
+    # resume: last.pt's weights, not the checkpoint's again
+    again = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "ft2", **{
+        **over, "training": {**over["training"], "max_steps": 4}})))
+
+    def not_again(*a, **k):
+        raise AssertionError("init_from applied on --resume")
+
+    again.init_weights = not_again
+    again.fit(resume=True)
+    assert again.step == 4
+    # another model: one line, before training
+    other = cfg_dict(data_file, tmp_path / "other", **over)
+    other["model"] = {**TINY, "cutoff": 3.0}
+    with pytest.raises(ConfigError, match=r"init_from .*best\.pt: its model differs .*cutoff"):
+        Trainer(config_from_dict(other)).fit()
+    assert not (tmp_path / "other" / "last.pt").exists()
+    with pytest.raises(ConfigError, match=r"training\.init_from = .*nothere\.pt.*no such file"):
+        config_from_dict(cfg_dict(data_file, tmp_path / "x",
+                                  training={"init_from": str(tmp_path / "nothere.pt")}))

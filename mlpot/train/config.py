@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class TrainingConfig:
     energy_shift: bool = True
     ensemble: int = _spec(1, ge=1)              # 1: a single model; K >= 2: a committee of K
     bootstrap: bool = False                     # committee: each member fits a bootstrap resample
+    # fine-tuning: start from this checkpoint's weights (its EMA's when it has them), same model
+    # config; optimizer, schedule and step count start afresh (`Trainer.init_weights`)
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -383,6 +387,9 @@ def check_config(cfg: Config, where: str = "config") -> None:
                           "'cuda' or 'cuda:N' (N: the GPU's index)")
     if not cfg.training.out_dir:
         raise ConfigError(f"{where}: training.out_dir = '': must name a folder for the run")
+    if cfg.training.init_from and not os.path.isfile(cfg.training.init_from):
+        raise ConfigError(f"{where}: training.init_from = {cfg.training.init_from!r}: no such "
+                          "file; give the best.pt (or last.pt) of the run to start from")
     if cfg.training.bootstrap and cfg.training.ensemble < 2:
         raise ConfigError(f"{where}: training.bootstrap = true needs a committee: set "
                           "training.ensemble to the number of members (2 or more), or remove "

@@ -407,6 +407,8 @@ class Trainer:
         elif os.path.exists(last):
             raise ConfigError(f"{self.out_dir} already holds a run (last.pt); use --resume to "
                               "continue it, or choose another training.out_dir")
+        elif self.cfg.training.init_from:  # on resume, last.pt holds the weights already
+            self.init_weights(self.cfg.training.init_from)
         if main and not resume:
             self._warn_energy_only_batch()
         if self.dist.active and main:
@@ -529,6 +531,30 @@ class Trainer:
             best_val=self.best_val, best_step=self.best_step,
             epochs_since_best=self.epochs_since_best, plateau_scale=self.plateau_scale,
             history=self.history, rng=_rng_state(self.generators))
+
+    def init_weights(self, path: str, where: str = "training.init_from") -> None:
+        """Start from the weights of another run's checkpoint ``path`` (fine-tuning, and the
+        warm start of `mlpot learn`): its EMA weights when it has them go into the model and
+        into every member's EMA; the optimizer, the learning-rate schedule and the step count
+        start afresh, and the checkpoint's reference energies and scales come with its weights.
+        A checkpoint of another model (architecture, cutoff, type map, committee size) is a
+        ``ConfigError`` (one line) and changes nothing."""
+        state = read_checkpoint(path)
+        if state["config"] != self.model.config:
+            old, new = _flat(state["config"]), _flat(self.model.config)
+            diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)}
+            raise ConfigError(f"{where} {path}: its model differs from the config's (key: "
+                              f"(checkpoint, config) = {diff}); give a checkpoint of the same "
+                              "model, or change the model section to match it")
+        weights = weights_of(state)
+        self.model.load_state_dict(weights)
+        if self.emas is not None:
+            single = self.committee_size == 1
+            for k, ema in enumerate(self.emas):
+                pre = "" if single else f"members.{k}."
+                ema.module.load_state_dict({n[len(pre):]: v for n, v in weights.items()
+                                            if n.startswith(pre)})
 
     def load_state(self, state: Dict) -> None:
         held = state["config"]
