@@ -130,6 +130,9 @@ DEFAULT_STEPS = {
 # teachers (3 A, ENERGY_ONLY_TEACHER_CUTOFF) ran ~10.7 steps/s (30,000 steps in 2,806 s).
 ENERGY_ONLY_BATCH = 32
 ENERGY_ONLY_LR = {"egnn": (2e-3, 2e-5), "nequip": (5e-3, 5e-5), "dp_se_e2_a": (1e-3, 3.5e-6)}
+# the fast-student teacher continued (--teacher-finetune-steps): a fresh exponential schedule
+# from 5x below the first run's start (0.01) down to 5x below its end (1e-4)
+FINETUNE_LR = (2e-3, 2e-5)
 # The energy-only teachers' cutoff (A) per molecule. Measured 2026-12-05 on aspirin's pool
 # energies (single EGNN, batch 32, constant lr 2e-3, 1 thread): at 5 A the network stayed at the
 # mean energy for 8,000 steps (parity slope 0.00; as in a committee run of 17,000 steps), at 4 A
@@ -677,7 +680,8 @@ def fast_student(args) -> dict:
           f"{seeds}, teacher {'given' if args.teacher else f'nequip {t_steps} steps'}",
           flush=True)
     folder.mkdir(parents=True, exist_ok=True)
-    tag = "given" if args.teacher else f"t{t_steps}"
+    ft_steps = args.teacher_finetune_steps
+    tag = "given" if args.teacher else f"t{t_steps}" + (f"ft{ft_steps}" if ft_steps else "")
 
     teacher_rec, distilled, distilled_runs = None, None, {}
     if "distilled" in want:
@@ -699,6 +703,16 @@ def fast_student(args) -> dict:
             cfg["training"].update(max_steps=t_steps, max_epochs=10 ** 6)
             teacher_rec = {"training": run_train(args, cfg, out),
                            "run": portable(out, work=args.work)}
+            if ft_steps:  # continued from its best.pt on a fresh, lower schedule
+                first = out
+                out = folder / f"teacher_nequip_t{t_steps}_ft{ft_steps}"
+                cfg = json.loads(json.dumps(cfg))
+                cfg["optim"].update(lr=FINETUNE_LR[0], lr_final=FINETUNE_LR[1])
+                cfg["training"].update(max_steps=ft_steps, init_from=str(first / "best.pt"))
+                teacher_rec["finetune"] = {
+                    "training": run_train(args, cfg, out), "run": portable(out, work=args.work),
+                    "lr": list(FINETUNE_LR), "init_from": portable(first / "best.pt",
+                                                                   work=args.work)}
             teacher_file = exported(out / "best.pt", out / "model.pt")
         teacher_rec["model"] = "nequip (train_bench MODELS['nequip'], MACE-like)" \
             if not args.teacher else "given with --teacher"
@@ -803,6 +817,7 @@ def fast_student(args) -> dict:
             "student_steps": s_steps, "student_batch": args.student_batch or
             tb.MODELS["dp_se_e2_a"]["batch_size"], "seeds": seeds,
             "teacher_steps": None if args.teacher else t_steps,
+            "teacher_finetune_steps": None if args.teacher else ft_steps,
             "md_structure": "test_300K.xyz frame 0 (27 atoms), replicas batched",
             "teacher": teacher_rec, "student_distilled": distilled, "student_direct": direct,
             "md_speedup_student_over_teacher": round(speedup, 2),
@@ -826,6 +841,9 @@ def main() -> None:
                    "(default: DEFAULT_STEPS, the stated 15 minutes at 1 thread here)")
     p.add_argument("--teacher-steps", type=int, help="optimizer steps of the teacher (the "
                    "committee's members train in lockstep; default: DEFAULT_STEPS)")
+    p.add_argument("--teacher-finetune-steps", type=int, metavar="N",
+                   help="fast-student: continue the nequip teacher for N more steps from its "
+                        "best.pt (training.init_from) at lr %g -> %g" % FINETUNE_LR)
     p.add_argument("--teacher-model", default="egnn", choices=["egnn", "nequip", "dp_se_e2_a"],
                    help="energy-only: the committee members' model (default egnn)")
     p.add_argument("--teacher-cutoff", type=float,
@@ -894,7 +912,7 @@ def main() -> None:
                    help="where distill_energy_only.json and distill_fast_student.json go")
     add_shared_option(p)
     args = p.parse_args()
-    for name in ("student_steps", "teacher_steps"):
+    for name in ("student_steps", "teacher_steps", "teacher_finetune_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.perturb_copies < 0:
