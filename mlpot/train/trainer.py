@@ -540,10 +540,8 @@ class Trainer:
         A checkpoint of another model (architecture, cutoff, type map, committee size) is a
         ``ConfigError`` (one line) and changes nothing."""
         state = read_checkpoint(path)
-        if state["config"] != self.model.config:
-            old, new = _flat(state["config"]), _flat(self.model.config)
-            diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)}
+        diff = _config_diff(state["config"], self.model.config)
+        if diff:
             raise ConfigError(f"{where} {path}: its model differs from the config's (key: "
                               f"(checkpoint, config) = {diff}); give a checkpoint of the same "
                               "model, or change the model section to match it")
@@ -563,10 +561,8 @@ class Trainer:
             what = f"a committee of {held_k}" if held_k > 1 else "a single model"
             raise ConfigError(f"--resume: the checkpoint holds {what} but training.ensemble = "
                               f"{self.committee_size}; resume with training.ensemble: {held_k}")
-        if state["config"] != self.model.config:
-            old, new = _flat(state["config"]), _flat(self.model.config)
-            diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)}
+        diff = _config_diff(state["config"], self.model.config)
+        if diff:
             raise ConfigError("--resume: the checkpoint's model differs from the config's "
                               f"(key: (checkpoint, config) = {diff}); resume with the same config")
         self.model.load_state_dict(state["model"])
@@ -615,6 +611,13 @@ def _make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
         return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
     except RuntimeError:  # a device or parameter type without the fused kernel
         return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _config_diff(held: Dict, mine: Dict) -> Dict:
+    """The model-config keys (dotted) whose values differ: key -> (held, mine)."""
+    old, new = _flat(held), _flat(mine)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)}
 
 
 def _flat(d: Dict, prefix: str = "") -> Dict:
