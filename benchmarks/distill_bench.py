@@ -915,6 +915,9 @@ def main() -> None:
     for name in ("student_steps", "teacher_steps", "teacher_finetune_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.teacher_finetune_steps and args.teacher:
+        fail("--teacher-finetune-steps continues the teacher this benchmark trains; with "
+             "--teacher give the continued run itself (or leave --teacher out)")
     if args.perturb_copies < 0:
         fail("--perturb-copies must be 0 or more (0: no displaced copies)")
     if args.teacher_cutoff is not None and args.teacher_cutoff <= 0:

@@ -378,3 +378,12 @@ def test_init_from_starts_from_a_checkpoints_weights(tmp_path, data_file):
     with pytest.raises(ConfigError, match=r"training\.init_from = .*nothere\.pt.*no such file"):
         config_from_dict(cfg_dict(data_file, tmp_path / "x",
                                   training={"init_from": str(tmp_path / "nothere.pt")}))
+    from mlpot.export import export
+
+    export(str(first / "best.pt"), str(tmp_path / "model.pt"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for name, what in (("model.pt", "an exported model"),
+                       ("notes.txt", "not an mlpot training checkpoint")):
+        with pytest.raises(ConfigError, match=rf"init_from = .*{name}': {what}; give the best"):
+            config_from_dict(cfg_dict(data_file, tmp_path / "x",
+                                      training={"init_from": str(tmp_path / name)}))

@@ -387,9 +387,15 @@ def check_config(cfg: Config, where: str = "config") -> None:
                           "'cuda' or 'cuda:N' (N: the GPU's index)")
     if not cfg.training.out_dir:
         raise ConfigError(f"{where}: training.out_dir = '': must name a folder for the run")
-    if cfg.training.init_from and not os.path.isfile(cfg.training.init_from):
-        raise ConfigError(f"{where}: training.init_from = {cfg.training.init_from!r}: no such "
-                          "file; give the best.pt (or last.pt) of the run to start from")
+    if cfg.training.init_from:
+        from ..checkpoint import file_kind
+
+        kind = file_kind(cfg.training.init_from)
+        if kind != "checkpoint":
+            what = {"missing": "no such file", "torchscript": "an exported model",
+                    "aoti": "an exported model"}.get(kind, "not an mlpot training checkpoint")
+            raise ConfigError(f"{where}: training.init_from = {cfg.training.init_from!r}: {what}; "
+                              "give the best.pt (or last.pt) of the run to start from")
     if cfg.training.bootstrap and cfg.training.ensemble < 2:
         raise ConfigError(f"{where}: training.bootstrap = true needs a committee: set "
                           "training.ensemble to the number of members (2 or more), or remove "
