@@ -25,6 +25,7 @@ Resumable: an element with a result in the output file is skipped; a run folder 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -117,7 +118,10 @@ def run_config(element: str, data: Path, model: str, args) -> dict:
         model_cfg["cutoff"] = args.cutoff
     if args.hparams:
         model_cfg["hparams"] = {**model_cfg["hparams"], **args.hparams}
-    return {"data": data_cfg, "model": model_cfg, "loss": loss, "optim": OPTIM[model],
+    optim = dict(OPTIM[model])
+    if args.scheduler != "exponential":
+        optim["scheduler"] = args.scheduler
+    return {"data": data_cfg, "model": model_cfg, "loss": loss, "optim": optim,
             "training": {"batch_size": args.batch_size, "max_epochs": 1000000,
                          "max_steps": args.max_steps, "max_time_min": args.max_min,
                          "seed": args.seed, "threads": args.threads, "progress": False}}
@@ -232,6 +236,9 @@ def main() -> None:
     ap.add_argument("--hparams", type=hparams_arg, default=None,
                     help="JSON object merged into the model's hyperparameters, e.g. "
                          "'{\"fitting\": [128, 128, 128]}' (recorded in the run's key)")
+    ap.add_argument("--scheduler", default="exponential", choices=["exponential", "cosine"],
+                    help="learning-rate schedule from lr to lr_final (the loss weights follow "
+                         "it); default %(default)s, recorded in the run's key when cosine")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "mlearn",
                     help="run folders (default %(default)s)")
     ap.add_argument("--out", type=Path,
@@ -245,6 +252,8 @@ def main() -> None:
         args.budget += f"_s{args.stress_weight:g}"
     if args.cutoff is not None:
         args.budget += f"_c{args.cutoff:g}"
+    if args.scheduler != "exponential":
+        args.budget += f"_{args.scheduler}"
     if args.hparams:
         args.budget += "_" + ",".join(
             f"{k}=" + ("x".join(str(x) for x in v) if isinstance(v, list) else str(v))
@@ -262,11 +271,19 @@ def main() -> None:
             _record(element, r)
 
     def _record(element, r):
-        results[f"{element}/{args.model}/{args.budget}"] = r
-        doc.update({"benchmark": "mlearn", "citation": CITATION,
-                    "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
-                    "command": command_line(shared=args.shared), "results": results})
-        write_json(args.out, portable(doc, shared=args.shared))
+        # re-read under a file lock: another mlearn_bench process (other elements or settings,
+        # run beside this one) may have added its results since this one started
+        with open(str(args.out) + ".lock", "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            now = json.loads(args.out.read_text()) if args.out.exists() else {}
+            results.update({k: v for k, v in now.get("results", {}).items() if k not in results})
+            results[f"{element}/{args.model}/{args.budget}"] = {
+                **r, "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+                "command": command_line(shared=args.shared)}
+            doc.update({"benchmark": "mlearn", "citation": CITATION,
+                        "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+                        "command": command_line(shared=args.shared), "results": results})
+            write_json(args.out, portable(doc, shared=args.shared))
         print(f"{element}: test E MAE {r['test']['energy_mae_meV_per_atom']:.2f} meV/atom, "
               f"F MAE {r['test']['forces_mae_eV_per_A']:.3f} eV/A ({r['steps']} steps, "
               f"{r['train_time_s'] / 60:.1f} min)", flush=True)

@@ -49,7 +49,10 @@ def _config(out: str, steps: int, minutes: float, max_frames, seed: int):
         # the strained cells together (validation energy MAE 6.2 -> 4.1 meV/atom, see README)
         "loss": {"energy_start": 1.0, "energy": 1000.0, "forces_start": 100.0, "forces": 10.0,
                  "stress": DEMO_STRESS_WEIGHT},
-        "optim": {"lr": 1e-2, "lr_final": 1e-4, "ema_decay": 0.99},
+        # a cosine schedule keeps the learning rate (and the force-heavy loss weights that follow
+        # it) high for longer than an exponential one: on three splits, validation energy MAE
+        # 4.0 / 5.1 / 4.5 -> 2.9 / 4.4 / 3.7 meV/atom at the same 1,800 steps (see README)
+        "optim": {"lr": 1e-2, "lr_final": 1e-4, "scheduler": "cosine", "ema_decay": 0.99},
         "training": {"batch_size": 2, "max_epochs": 100000, "max_steps": steps,
                      "max_time_min": minutes, "seed": seed, "out_dir": os.path.join(out, "training")},
     })
