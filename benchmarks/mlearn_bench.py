@@ -17,7 +17,8 @@ follows the steps, and the time is only a cap). Every result records the steps, 
 seconds it took, so the work actually done is beside every number.
 
 Resumable: an element with a result in the output file is skipped; a run folder with a
-``last.pt`` is resumed.
+``last.pt`` is resumed. Several processes (other elements or settings) may run at once: each
+adds its results to the output file under a lock, with its own command, date and machine.
 
     python benchmarks/mlearn_bench.py --jobs 2 --threads 1
     python benchmarks/mlearn_bench.py --elements Si --model dp_se_e2_a
