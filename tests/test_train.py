@@ -387,3 +387,29 @@ def test_init_from_starts_from_a_checkpoints_weights(tmp_path, data_file):
         with pytest.raises(ConfigError, match=rf"init_from = .*{name}': {what}; give the best"):
             config_from_dict(cfg_dict(data_file, tmp_path / "x",
                                       training={"init_from": str(tmp_path / name)}))
+
+
+def test_a_run_whose_forces_died_stops_with_what_to_do(tmp_path, data_file):
+    """A Deep Potential whose fitting net saturated (what a too-high learning rate did on mlearn
+    Ni) predicts zero forces and cannot recover: the run stops after that epoch with a
+    one-line error naming optim.lr (from the second epoch on), instead of training on for its whole budget."""
+    from mlpot.errors import exit_code_of
+    from mlpot.models.deeppot import DeepPotSeA
+    from mlpot.train.trainer import TrainingFailed
+
+    model = {"name": "dp_se_e2_a", "cutoff": 3.6, "hparams": dict(DeepPotSeA.TEST_HPARAMS)}
+    trainer = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "dead", model=model)))
+    nets = [m for m in trainer.model.modules() if hasattr(m, "fittings")]
+    assert nets
+    with torch.no_grad():  # every unit of the first fitting layer far in its flat tails
+        for fit in nets[0].fittings:
+            fit.layers[0].linear.weight.mul_(1e6)
+            fit.layers[0].linear.bias.mul_(1e6)
+    with pytest.raises(TrainingFailed, match=r"epoch 2, step \d+: the forces are practically zero"
+                                             r".*lower optim.lr \(now 0.005"):
+        trainer.fit()
+    assert exit_code_of(TrainingFailed("x")) == 2
+    # the same model and data, untouched, trains on
+    alive = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "alive", epochs=1,
+                                              model=model)))
+    alive.fit()

@@ -59,6 +59,7 @@ from .data import TrainingData, load_training_data
 from .distributed import Distributed, ShardedBatches
 from .loss import Loss, entry_counts
 from .metrics import MetricAccumulator
+from ..errors import UserError
 
 # Training on energies alone (no force labels, or loss.forces 0) in batches smaller than
 # ENERGY_ONLY_MIN_BATCH structures draws a warning that recommends ENERGY_ONLY_BATCH. Measured
@@ -250,6 +251,10 @@ class Trainer:
         n = 0
         loaders = [self.member_loader(k) for k in range(self.committee_size)]
         world = self.dist.world_size
+        # largest |force| each member predicted this epoch, and the largest reference |force|
+        # (kept on the device: no synchronisation per step); see _check_forces_alive
+        f_max = [torch.zeros((), device=self.device) for _ in range(self.committee_size)]
+        f_ref_max = torch.zeros((), device=self.device)
         for step_batches in zip(*loaders):
             poll_threads()  # fewer threads while another process takes a core (mlpot.threads)
             t0 = time.perf_counter()
@@ -273,6 +278,11 @@ class Trainer:
                                        (float(counts[k][1]) / 3.0, float(counts[k][0])))
                     loss = loss + cfg.loss.nll * nll
                     sums["nll"] = sums.get("nll", 0.0) + float(nll.detach()) / len(batches)
+                if batch.forces is not None and K.FORCES in pred:
+                    f_max[k] = torch.maximum(f_max[k], pred[K.FORCES].detach().abs().amax())
+                    if k == 0:
+                        f_ref_max = torch.maximum(
+                            f_ref_max, torch.nan_to_num(batch.forces).abs().amax())
                 if not torch.isfinite(loss):
                     who = f" (committee member {k})" if self.committee_size > 1 else ""
                     raise FloatingPointError(
@@ -303,12 +313,34 @@ class Trainer:
             if self.time_is_up() or self.steps_are_done():  # within a step, not at epoch end
                 break
         self.elapsed_s = self.dist.from_main(self.elapsed_s)  # (without a time limit: here)
+        self._check_forces_alive(f_max, f_ref_max)
         if self.dist.active and sums:  # each process holds its share of the global means
             names = sorted(sums)
             total = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in names],
                                                           dtype=torch.float64))
             sums = {k: float(v) for k, v in zip(names, total)}
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _check_forces_alive(self, f_max: List[torch.Tensor], f_ref_max: torch.Tensor) -> None:
+        """Stop a run whose model predicts practically zero forces on every structure of an
+        epoch (all below 1e-6 of the largest reference force) while the reference forces are
+        not zero: its activations saturated (tanh or sigmoid in their flat tails, most often
+        from a learning rate too high at the start), its energy no longer depends on the
+        positions, and no gradient can bring it back. Seen with a Deep Potential on mlearn Ni at
+        lr 3e-3 held by a cosine schedule: forces of 1e-13 eV/A from the second epoch (README)."""
+        ref = float(f_ref_max)
+        if ref == 0.0 or self.epoch == 0:  # from the second epoch: a model whose first epoch
+            return  # is one step may start at zero forces (a zero-initialised readout)
+        for k, m in enumerate(f_max):
+            if float(m) < DEAD_FORCE_FRACTION * ref:
+                who = f" of committee member {k}" if self.committee_size > 1 else ""
+                lr = self.cfg.optim.lr
+                raise TrainingFailed(
+                    f"epoch {self.epoch + 1}, step {self.step}: the forces{who} are practically "
+                    f"zero on every training structure (largest {float(m):.2g} eV/A, the data's "
+                    f"{ref:.3g}): the network's activations saturated and it cannot recover; "
+                    f"start a new run with a lower optim.lr (now {lr:g}; try {lr / 3:.2g}) in "
+                    "another training.out_dir")
 
     def steps_are_done(self) -> bool:
         n = self.cfg.training.max_steps
@@ -727,6 +759,15 @@ def _shift_reference_energies(state: Dict[str, torch.Tensor], shift: torch.Tenso
     for key, value in state.items():
         if key.endswith("reference_energies"):
             state[key] = value + shift.to(value.dtype)
+
+
+# a model whose largest predicted |force| over an epoch stays below this fraction of the data's
+# largest has died (Trainer._check_forces_alive)
+DEAD_FORCE_FRACTION = 1e-6
+
+
+class TrainingFailed(UserError, RuntimeError):
+    """A run that cannot go on with its settings (the message says which to change). Exit 2."""
 
 
 def finalize(trainer: Trainer) -> Dict[str, float]:
