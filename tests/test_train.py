@@ -392,7 +392,8 @@ def test_init_from_starts_from_a_checkpoints_weights(tmp_path, data_file):
 def test_a_run_whose_forces_died_stops_with_what_to_do(tmp_path, data_file):
     """A Deep Potential whose fitting net saturated (what a too-high learning rate did on mlearn
     Ni) predicts zero forces and cannot recover: the run stops after that epoch with a
-    one-line error naming optim.lr (from the second epoch on), instead of training on for its whole budget."""
+    one-line error naming optim.lr (from the second epoch on), instead of training on for its
+    whole budget."""
     from mlpot.errors import exit_code_of
     from mlpot.models.deeppot import DeepPotSeA
     from mlpot.train.trainer import TrainingFailed
