@@ -325,9 +325,10 @@ class Trainer:
         """Stop a run whose model predicts practically zero forces on every structure of an
         epoch (all below 1e-6 of the largest reference force) while the reference forces are
         not zero: its activations saturated (tanh or sigmoid in their flat tails, most often
-        from a learning rate too high at the start), its energy no longer depends on the
-        positions, and no gradient can bring it back. Seen with a Deep Potential on mlearn Ni at
-        lr 3e-3 held by a cosine schedule: forces of 1e-13 eV/A from the second epoch (README)."""
+        from a learning rate too high at the start), its energy hardly depends on the positions,
+        and the gradients that could undo it vanish with the forces. Seen with a Deep Potential
+        on mlearn Ni at lr 3e-3 held by a cosine schedule: such a run stayed dead for its whole
+        14 minutes (README)."""
         ref = float(f_ref_max)
         if ref == 0.0 or self.epoch == 0:  # from the second epoch: a model whose first epoch
             return  # is one step may start at zero forces (a zero-initialised readout)
@@ -338,7 +339,7 @@ class Trainer:
                 raise TrainingFailed(
                     f"epoch {self.epoch + 1}, step {self.step}: the forces{who} are practically "
                     f"zero on every training structure (largest {float(m):.2g} eV/A, the data's "
-                    f"{ref:.3g}): the network's activations saturated and it cannot recover; "
+                    f"{ref:.3g}): the network's activations saturated, which training does not undo; "
                     f"start a new run with a lower optim.lr (now {lr:g}; try {lr / 3:.2g}) in "
                     "another training.out_dir")
 
