@@ -49,6 +49,7 @@ from ..checkpoint import (checkpoint_dict, file_kind, read_checkpoint, weights_o
                           write_checkpoint)
 from ..data import AtomicDataset
 from ..dtypes import usable_device
+from ..errors import UserError
 from ..files import remove_stale_temporaries
 from ..models import atomic_reference_energies, build_model, fit_reference_energies, force_rms
 from ..models.committee import Committee
@@ -59,7 +60,6 @@ from .data import TrainingData, load_training_data
 from .distributed import Distributed, ShardedBatches
 from .loss import Loss, entry_counts
 from .metrics import MetricAccumulator
-from ..errors import UserError
 
 # Training on energies alone (no force labels, or loss.forces 0) in batches smaller than
 # ENERGY_ONLY_MIN_BATCH structures draws a warning that recommends ENERGY_ONLY_BATCH. Measured
@@ -339,9 +339,9 @@ class Trainer:
                 raise TrainingFailed(
                     f"epoch {self.epoch + 1}, step {self.step}: the forces{who} are practically "
                     f"zero on every training structure (largest {float(m):.2g} eV/A, the data's "
-                    f"{ref:.3g}): the network's activations saturated, which training does not undo; "
-                    f"start a new run with a lower optim.lr (now {lr:g}; try {lr / 3:.2g}) in "
-                    "another training.out_dir")
+                    f"{ref:.3g}): the network's activations saturated, which training does not "
+                    f"undo; start a new run with a lower optim.lr (now {lr:g}; try "
+                    f"{lr / 3:.2g}) in another training.out_dir")
 
     def steps_are_done(self) -> bool:
         n = self.cfg.training.max_steps
