@@ -382,6 +382,21 @@ def test_plugin_path_command_prints_the_library(plugin):
     assert buf.getvalue().strip() == plugin and Path(plugin).is_file()
 
 
+def test_plugin_build_is_per_torch_library_folder(monkeypatch):
+    """The plugin finds libtorch through an rpath: a second environment with the same torch
+    version must not reuse a build whose rpath points into the first (deleted, it failed to load
+    with "libc10.so: cannot open shared object file" under mpirun)."""
+    from torch.utils import cpp_extension
+
+    from mlpot import lammps as ml
+
+    sources, op, cxx = ml._source_dir(), ml._op_library(), ml._compiler()
+    here = ml._build_id(sources, op, cxx)
+    assert ml._build_id(sources, op, cxx) == here
+    monkeypatch.setattr(cpp_extension, "library_paths", lambda *a, **k: ["/elsewhere/torch/lib"])
+    assert ml._build_id(sources, op, cxx) != here
+
+
 # ---------------------------------------------------------------------------- model deviation
 def _committee(folder: Path) -> str:
     """Three untrained float64 Deep Potentials (seeds 0-2) as one exported committee."""

@@ -15,8 +15,9 @@ the op at run time through its rpath. It is cached like the op (``mlpot.cache``)
 
     $MLPOT_CACHE_DIR/lammps-<torch-version>-<hash>/mlpotplugin.so   (default ~/.cache/mlpot/lammps/)
 
-the hash covering the sources, the torch and LAMMPS versions, the op library and the flags, so
-an upgrade of any of them rebuilds. The build runs in a private temporary folder under a lock and
+the hash covering the sources, the torch and LAMMPS versions, the torch library folders (the
+rpath: another environment with the same torch gets its own build), the op library and the flags,
+so an upgrade of any of them rebuilds. The build runs in a private temporary folder under a lock and
 the library reaches its name by an atomic rename; a cached library owned by someone else or
 writable by others is refused (``mlpot.cache.check_private``).
 
@@ -200,13 +201,18 @@ def _command(cxx: str, sources: Path, op: Path, output: Path) -> List[str]:
 
 def _build_id(sources: Path, op: Path, cxx: str):
     import torch
+    from torch.utils import cpp_extension
 
     from ..cache import cache_root
 
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (sources / name).read_bytes())
-    for part in (torch.__version__, _lammps_version(), str(op), str(op.stat().st_mtime_ns),
+    # the torch library folders too: the plugin finds libc10/libtorch through an rpath to them,
+    # so another environment with the same torch version (or this one, once deleted) needs its
+    # own build
+    for part in (torch.__version__, *[str(p) for p in cpp_extension.library_paths()],
+                 _lammps_version(), str(op), str(op.stat().st_mtime_ns),
                  " ".join(_CFLAGS), _cxx_standard(), cxx,
                  f"{sys.version_info[0]}.{sys.version_info[1]}"):
         h.update(b"\0" + part.encode())
