@@ -278,12 +278,11 @@ def main() -> None:
             fcntl.flock(lk, fcntl.LOCK_EX)
             now = json.loads(args.out.read_text()) if args.out.exists() else {}
             results.update({k: v for k, v in now.get("results", {}).items() if k not in results})
-            results[f"{element}/{args.model}/{args.budget}"] = {
-                **r, "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
-                "command": command_line(shared=args.shared)}
-            doc.update({"benchmark": "mlearn", "citation": CITATION,
-                        "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
-                        "command": command_line(shared=args.shared), "results": results})
+            stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+                     "command": command_line(shared=args.shared)}
+            results[f"{element}/{args.model}/{args.budget}"] = {**r, **stamp}
+            doc.update({"benchmark": "mlearn", "citation": CITATION, **stamp,
+                        "results": results})
             write_json(args.out, portable(doc, shared=args.shared))
         print(f"{element}: test E MAE {r['test']['energy_mae_meV_per_atom']:.2f} meV/atom, "
               f"F MAE {r['test']['forces_mae_eV_per_A']:.3f} eV/A ({r['steps']} steps, "

@@ -209,8 +209,7 @@ def _build_id(sources: Path, op: Path, cxx: str):
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (sources / name).read_bytes())
     # the torch library folders too: the plugin finds libc10/libtorch through an rpath to them,
-    # so another environment with the same torch version (or this one, once deleted) needs its
-    # own build
+    # so another environment with the same torch version needs its own build
     for part in (torch.__version__, *[str(p) for p in cpp_extension.library_paths()],
                  _lammps_version(), str(op), str(op.stat().st_mtime_ns),
                  " ".join(_CFLAGS), _cxx_standard(), cxx,
