@@ -131,9 +131,11 @@ def test_global_counts_are_the_sum_of_every_process_batch_counts(tmp_path_factor
 @pytest.mark.parametrize("family,model,training,allreduce", [
     ("dp_se_e2_a", None, {"ensemble": 2, "bootstrap": True}, "auto"),
     ("egnn", {"uncertainty": "mve"}, None, "auto"),
-    ("nequip", None, None, "auto"),
+    # 3 layers with both parities: before the layers were trimmed, the middle layer's 1e and 2o
+    # weights got no gradient and DDP stopped at the second step
+    ("nequip", {"hparams": {"num_features": 4, "l_max": 2, "num_layers": 3}}, None, "auto"),
     ("dp_se_e2_a", None, None, "gloo"),
-], ids=["dp-committee", "egnn-mve", "nequip", "dp-gloo-allreduce"])
+], ids=["dp-committee", "egnn-mve", "nequip-3layers", "dp-gloo-allreduce"])
 def test_two_processes_equal_one_with_the_global_batch(data_file, tmp_path, family, model,
                                                       training, allreduce):
     from mlpot.train.distributed import ALLREDUCE

@@ -2,6 +2,7 @@
 equivariance of the intermediate features, the e3nn blocks against e3nn's own tensor product,
 the product basis, precision, scripting, config round trip, statistics and a short fit to EMT."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,40 @@ def test_learns_emt_forces():
                         num_layers=2, radial_mlp=[32], readout_hidden=16)
     start, end = fit_emt_forces(model, steps=150)
     assert end < 0.15 * start, f"force RMSE {start:.3f} -> {end:.3f} eV/A"
+
+
+# ---------------------------------------------------------------------------- trimmed layers
+UNTRIMMED = Path(__file__).parent / "data" / "nequip_untrimmed"
+
+
+def test_a_checkpoint_of_the_untrimmed_layout_gives_its_numbers():
+    """A 3-layer model written before the layers were trimmed (its middle layer still had the
+    1e and 2o weights that never reached the energy, tests/data/nequip_untrimmed) loads into
+    the trimmed layout with fewer parameters and the same energy and forces."""
+    from ase.io import read
+
+    from mlpot.checkpoint import model_from_checkpoint
+
+    expected = json.loads((UNTRIMMED / "expected.json").read_text())
+    model = model_from_checkpoint(str(UNTRIMMED / "nequip_3layers.pt"))
+    assert model.net.layer_irreps[1] == [(0, 1), (1, -1), (2, 1)]
+    assert sum(p.numel() for p in model.parameters()) < expected["parameters"]
+    out = T._run(model, T.to_data(read(UNTRIMMED / "cuau.xyz"), model))
+    assert abs(out[K.ENERGY].item() - expected["energy"]) < 1e-10
+    assert torch.allclose(out[K.FORCES], torch.tensor(expected["forces"], dtype=torch.float64),
+                          rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("hp", [
+    {},                                                    # 3 layers, both parities
+    {"num_layers": 4, "l_max": 1, "feature_l_max": 3},     # features beyond what Y^1 couples
+    {**MACE, "num_layers": 3},                             # the product basis
+    {**MACE, "correlation": 2},                            # an empty third-order weight
+], ids=["parity-3", "flmax3-4", "mace-3", "mace-corr2"])
+def test_every_parameter_reaches_the_energy(periodic, hp):
+    """No weight without a gradient from the energy and forces (data-parallel training refuses
+    such weights, and they cost time for nothing)."""
+    model = make(**hp).train()
+    out = model(periodic.as_dict(), compute_forces=True)
+    (out[K.ENERGY].sum() + out[K.FORCES].pow(2).sum()).backward()
+    assert [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -26,7 +26,11 @@ Symbols (code names in brackets), for a pair i <- j with vector r_ij = x_j - x_i
 
 Feature irreps: l = 0..feature_l_max (default l_max), with both parities when ``parity``
 (NequIP's O(3) features, e.g. 0e+0o+1o+1e+2e+2o) or the natural one only ((-1)^l: 0e+1o+2e, only
-paths with l1+l2+l3 even). The last layer computes only what the energy needs (0e). Every
+paths with l1+l2+l3 even). The last layer computes only what the energy needs (0e), and each
+layer before it only the irreps from which the next layer's messages reach what that layer
+computes (``layer_targets``; with 3 layers and both parities the middle layer keeps 0e+1o+2e:
+1e and 2o cannot couple with a spherical harmonic to 0e, so they never reached the energy;
+their parameters would get no gradient, which data-parallel training refuses). Every
 message carries u(r), which vanishes with two derivatives at r_c: energies and forces are
 continuous as atoms cross the cutoff.
 
@@ -49,7 +53,7 @@ from torch import nn
 
 from ..nn import MLP, BesselBasis, polynomial_cutoff
 from ..nn.equivariant import (Gate, Irrep, IrrepsLinear, PathConvolution, SymmetricContraction,
-                              gate_widths, irreps_up_to)
+                              gate_widths, irreps_up_to, sources)
 from .family import (Network, mean_neighbor_count, need_bool, need_choice, need_int, need_number,
                      need_widths, uniform_neighbor_count)
 
@@ -151,6 +155,35 @@ class InteractionLayer(nn.Module):
                 k += 1
 
 
+def layer_targets(hidden: List[Irrep], l_max: int, num_layers: int, correlation: int
+                  ) -> List[List[Irrep]]:
+    """Each layer's output irreps as far as the energy can use them: 0e for the last layer; for
+    a layer before it, the hidden irreps from which the next layer's convolution reaches that
+    layer's own targets (``sources``). With MACE's product basis (correlation > 1) every layer
+    keeps ``hidden`` (its convolution makes every natural irrep up to l_max)."""
+    out: List[List[Irrep]] = [[(0, 1)]]
+    for _ in range(num_layers - 1):
+        out.insert(0, list(hidden) if correlation > 1 else sources(hidden, l_max, out[0]))
+    return out
+
+
+def _conv_layout(conv: PathConvolution, irreps_in: List[Irrep]
+                 ) -> Tuple[List[Tuple[int, Irrep]], List[List[Tuple[Irrep, int, Irrep]]]]:
+    """A convolution's path groups, as (l3, input irrep), and each group's paths in the order
+    of its radial weights, as (input irrep, l2, output irrep): names that do not depend on
+    which other irreps a layer has."""
+    out = conv.irreps_out
+    groups: List[Tuple[int, Irrep]] = []
+    paths: List[List[Tuple[Irrep, int, Irrep]]] = []
+    for i, l2, k in conv.paths:
+        g = (out[k][0], irreps_in[i])
+        if g not in groups:
+            groups.append(g)
+            paths.append([])
+        paths[groups.index(g)].append((irreps_in[i], l2, out[k]))
+    return groups, paths
+
+
 class NequIP(Network):
     """Per-atom energies of an equivariant interatomic potential (see the module docstring).
 
@@ -181,18 +214,23 @@ class NequIP(Network):
         self.basis = BesselBasis(self.cutoff, int(num_basis), bool(trainable_basis))
         self.embedding = nn.Parameter(torch.randn(num_types, c))
         hidden = irreps_up_to(f_l_max, bool(parity))
-        irreps: List[Irrep] = [(0, 1)]
-        layers = []
-        self.layer_irreps: List[List[Irrep]] = []
-        for k in range(int(num_layers)):
-            last = k == int(num_layers) - 1
-            layer = InteractionLayer(irreps, [(0, 1)] if last else hidden, l_max, c, num_types,
-                                     [int(num_basis)] + [int(w) for w in radial_mlp],
-                                     int(correlation), k == 0)
-            layers.append(layer)
-            irreps = layer.irreps_out
-            self.layer_irreps.append(irreps)
+        n_layers, correlation = int(num_layers), int(correlation)
+        radial = [int(num_basis)] + [int(w) for w in radial_mlp]
+        self.full_targets = [hidden] * (n_layers - 1) + [[(0, 1)]]
+        targets = layer_targets(hidden, l_max, n_layers, correlation)
+        # the layers are first made with every hidden irrep (the random draws of the models
+        # made before the trimming, so a seed gives the same weights as then), then remade with
+        # only the irreps the energy can use, which take over their share of those weights
+        layers = self._make_layers(self.full_targets, l_max, c, num_types, radial, correlation)
+        if targets != self.full_targets:
+            full = {f"layers.{k}": v for k, v in nn.ModuleList(layers).state_dict().items()}
+            with torch.random.fork_rng(devices=[]):
+                layers = self._make_layers(targets, l_max, c, num_types, radial, correlation)
+            self.layers = nn.ModuleList(layers)
+            self._trim_state(full, "")
+            self.layers.load_state_dict({k[len("layers."):]: v for k, v in full.items()})
         self.layers = nn.ModuleList(layers)
+        self.layer_irreps: List[List[Irrep]] = [layer.irreps_out for layer in layers]
         self.readout = MLP([c, int(readout_hidden), 1])
         self.fixed_avg = avg_num_neighbors is not None
         avg = float(avg_num_neighbors) if self.fixed_avg \
@@ -202,6 +240,88 @@ class NequIP(Network):
 
         self.sh = o3.SphericalHarmonics(list(range(l_max + 1)), normalize=False,
                                         normalization="component")
+
+    @staticmethod
+    def _make_layers(targets: List[List[Irrep]], l_max: int, channels: int, num_types: int,
+                     radial: List[int], correlation: int) -> List[InteractionLayer]:
+        irreps: List[Irrep] = [(0, 1)]
+        layers: List[InteractionLayer] = []
+        for k, t in enumerate(targets):
+            layers.append(InteractionLayer(irreps, t, l_max, channels, num_types, radial,
+                                           correlation, k == 0))
+            irreps = layers[-1].irreps_out
+        return layers
+
+    def _trim_state(self, state: Dict[str, torch.Tensor], prefix: str) -> None:
+        """Rewrite, in place, the layers' entries of ``state`` from the layout with every hidden
+        irrep in every layer (``full_targets``: the models made before the trimming) to this
+        model's: a layer's outputs and inputs are picked by irrep, its radial weights by path
+        (input irrep, l2, output irrep), the gates of the 0e block by the irrep they gate; the
+        convolution's constant buffers are this model's own. Exact: what is left out never
+        reached the energy."""
+        irreps_full: List[Irrep] = [(0, 1)]
+        irreps_new: List[Irrep] = [(0, 1)]
+        for k, (layer, t_full) in enumerate(zip(self.layers, self.full_targets)):
+            conv_full = PathConvolution(irreps_full, self.l_max, t_full)
+            out_full, out_new = conv_full.irreps_out, layer.irreps_out
+            if out_full == out_new and irreps_full == irreps_new:
+                irreps_full, irreps_new = out_full, out_new
+                continue
+            pk = f"{prefix}layers.{k}."
+            c = layer.channels
+            old = {key[len(pk):]: state.pop(key) for key in list(state) if key.startswith(pk)}
+            new: Dict[str, torch.Tensor] = {}
+            own = layer.state_dict()
+            for key, value in old.items():
+                head, _, rest = key.partition(".")
+                if key.startswith("conv."):
+                    continue
+                if head == "pre" and rest.startswith("mixes."):
+                    j, _, name = rest[len("mixes."):].partition(".")
+                    ir = irreps_full[int(j)]
+                    if ir in irreps_new:
+                        new[f"pre.mixes.{irreps_new.index(ir)}.{name}"] = value
+                elif head == "post" and rest.startswith("mixes."):
+                    j, _, name = rest[len("mixes."):].partition(".")
+                    ir = out_full[int(j)]
+                    if ir not in out_new:
+                        continue
+                    if ir == (0, 1):  # [scalars | gates of each gated irrep]
+                        gated_full = [o for o in out_full if o[0] > 0]
+                        cols = list(range(c)) + [
+                            c * (1 + gated_full.index(o)) + m
+                            for o in out_new if o[0] > 0 for m in range(c)]
+                        value = value.index_select(1, torch.tensor(cols))
+                    new[f"post.mixes.{out_new.index(ir)}.{name}"] = value
+                elif head == "radial_out":
+                    continue  # below, by path
+                else:
+                    new[key] = value
+            groups_full, paths_full = _conv_layout(conv_full, irreps_full)
+            groups_new, paths_new = _conv_layout(layer.conv, irreps_new)
+            for g, (group, paths) in enumerate(zip(groups_new, paths_new)):
+                go = groups_full.index(group)
+                rows = [paths_full[go].index(path) * c + m for path in paths for m in range(c)]
+                for name in ("weight", "bias"):
+                    new[f"radial_out.{g}.{name}"] = old[f"radial_out.{go}.{name}"].index_select(
+                        0, torch.tensor(rows))
+            for key, value in own.items():
+                if key.startswith("conv."):
+                    new[key] = value
+            state.update({pk + key: value for key, value in new.items()})
+            irreps_full, irreps_new = out_full, out_new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints of models made before the trimming (every hidden irrep in every layer)
+        load into this layout (``_trim_state``)."""
+        for k, layer in enumerate(self.layers):
+            n_mixes = sum(1 for key in state_dict
+                          if key.startswith(f"{prefix}layers.{k}.post.mixes.")
+                          and key.endswith(".weight"))
+            if n_mixes > len(layer.irreps_out):
+                self._trim_state(state_dict, prefix)
+                break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def validate_hparams(cls, cutoff: float, hparams: Dict[str, Any]) -> None:

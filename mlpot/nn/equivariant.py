@@ -79,6 +79,14 @@ def reachable(irreps_in: List[Irrep], sh_l_max: int, targets: List[Irrep]) -> Li
     return out
 
 
+def sources(irreps_in: List[Irrep], sh_l_max: int, targets: List[Irrep]) -> List[Irrep]:
+    """The inputs that some (input x Y^l2) coupling takes to one of ``targets``, in the order of
+    ``irreps_in``: what a layer with these targets can use of its input."""
+    return [i for i in irreps_in
+            if any(allowed(i[0], i[1], l2, natural(l2)[1], o[0], o[1])
+                   for o in targets for l2 in range(sh_l_max + 1))]
+
+
 def _normal(fan_in: int, fan_out: int) -> nn.Parameter:
     return nn.Parameter(torch.randn(fan_in, fan_out) / math.sqrt(fan_in))
 
@@ -438,7 +446,9 @@ class SymmetricContraction(nn.Module):
                 u = self._embed(bases[nu - 1], targets, d_out, nu)  # [K_nu, d_out * D**nu]
             self.register_buffer(f"u{nu}", u)  # float64 until the model is cast
             w = torch.randn(num_types, u.shape[0], channels) / math.sqrt(max(u.shape[0], 1))
-            setattr(self, f"w{nu}", nn.Parameter(w))  # [T, K_nu, C]
+            # [T, K_nu, C]; empty above the correlation, and then not trained (no gradient
+            # reaches it, which data-parallel training would refuse)
+            setattr(self, f"w{nu}", nn.Parameter(w, requires_grad=nu <= correlation))
         self.block_bytes = 1 << 21  # CPU: atoms per block so that a block's intermediate is 2 MB
 
     def _embed(self, per_out: List[torch.Tensor], targets: List[Irrep], d_out: int, nu: int

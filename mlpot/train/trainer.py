@@ -606,7 +606,14 @@ class Trainer:
                 ema.load_state_dict(es)
         for opt, os_ in zip(self.optimizers,
                             [state["optimizer"]] if single else state["optimizer"]):
-            opt.load_state_dict(os_)
+            try:
+                opt.load_state_dict(os_)
+            except ValueError:  # another parameter list: an older mlpot's model layout
+                raise ConfigError(
+                    "--resume: the checkpoint's optimizer state does not fit this model's "
+                    "parameters (written by an older mlpot whose model had other weights); "
+                    "continue from its weights instead: training.init_from: <its last.pt>, "
+                    "without --resume") from None
         for key in ("epoch", "step", "elapsed_s", "best_val", "epochs_since_best",
                     "plateau_scale", "history"):
             setattr(self, key, state[key])
