@@ -117,6 +117,26 @@ def test_resume_continues_exactly(tmp_path, data_file):
     assert [r["val_loss"] for r in rows_full] == [r["val_loss"] for r in rows_res]
 
 
+def test_resume_with_an_optimizer_state_of_other_weights_says_what_to_do(tmp_path, data_file):
+    """A last.pt whose optimizer holds another parameter list (an older mlpot's model layout,
+    e.g. nequip before its layers were trimmed) is a one-line error naming training.init_from,
+    and the checkpoint is left as it was."""
+    part = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=3)))
+    part.done = lambda: part.epoch >= 1
+    part.fit()
+    last = str(tmp_path / "run" / "last.pt")
+    state = ckpt.read_checkpoint(last)
+    group = state["optimizer"]["param_groups"][0]
+    group["params"] = list(group["params"]) + [max(group["params"]) + 1]
+    ckpt.write_checkpoint(state, last)
+    before = open(last, "rb").read()
+    resumed = Trainer(config_from_dict(cfg_dict(data_file, tmp_path / "run", epochs=3)))
+    with pytest.raises(ConfigError, match="training.init_from") as err:
+        resumed.fit(resume=True)
+    assert "\n" not in str(err.value)
+    assert open(last, "rb").read() == before
+
+
 def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     ckpt.write_checkpoint({"config": {"a": 1}, "model": {}}, path)

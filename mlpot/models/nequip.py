@@ -221,16 +221,16 @@ class NequIP(Network):
         # the layers are first made with every hidden irrep (the random draws of the models
         # made before the trimming, so a seed gives the same weights as then), then remade with
         # only the irreps the energy can use, which take over their share of those weights
-        layers = self._make_layers(self.full_targets, l_max, c, num_types, radial, correlation)
+        self.layers = nn.ModuleList(
+            self._make_layers(self.full_targets, l_max, c, num_types, radial, correlation))
         if targets != self.full_targets:
-            full = {f"layers.{k}": v for k, v in nn.ModuleList(layers).state_dict().items()}
+            full = {f"layers.{k}": v for k, v in self.layers.state_dict().items()}
             with torch.random.fork_rng(devices=[]):
-                layers = self._make_layers(targets, l_max, c, num_types, radial, correlation)
-            self.layers = nn.ModuleList(layers)
+                self.layers = nn.ModuleList(
+                    self._make_layers(targets, l_max, c, num_types, radial, correlation))
             self._trim_state(full, "")
             self.layers.load_state_dict({k[len("layers."):]: v for k, v in full.items()})
-        self.layers = nn.ModuleList(layers)
-        self.layer_irreps: List[List[Irrep]] = [layer.irreps_out for layer in layers]
+        self.layer_irreps: List[List[Irrep]] = [layer.irreps_out for layer in self.layers]
         self.readout = MLP([c, int(readout_hidden), 1])
         self.fixed_avg = avg_num_neighbors is not None
         avg = float(avg_num_neighbors) if self.fixed_avg \
