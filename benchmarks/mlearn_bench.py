@@ -45,6 +45,8 @@ from _common import (REPO, add_shared_option, command_line, machine_info, portab
 
 ELEMENTS = ("Si", "Ge", "Li", "Mo", "Cu", "Ni")
 WITH_VIRIAL = ("Si", "Ge", "Li", "Mo")
+WITH_CONFIG_TYPES = ("Si", "Ge", "Li", "Mo")  # the ACEData copies of Cu and Ni have none
+WEIGHT_KEY = "mlearn_energy_weight"  # --surface-energy-weight: the weighted copy's info key
 # Published test-set MAEs of Zuo et al., J. Phys. Chem. A 124, 731 (2020), as tabulated in
 # ACEpotentials.jl examples/zuobench/error_table.jl (see <shared>/data/zuo2020_mlearn/README.md):
 # energy meV/atom, forces eV/A. The paper's NNP, SNAP and qSNAP errors (larger) were not
@@ -131,6 +133,29 @@ def run_config(element: str, data: Path, model: str, args) -> dict:
                          "seed": args.seed, "threads": args.threads, "progress": False}}
 
 
+def weighted_copy(data: Path, dest: Path, weight: float) -> Path:
+    """``data`` with the info value WEIGHT_KEY: ``weight`` on its Surface frames, 1 on the others,
+    added to each frame's comment line; every other byte is kept (the labels to the last digit,
+    so the trainer's split, which compares them to keep copies together, is the same)."""
+    from ase.io import read
+
+    kinds = [atoms.info.get("config_type") for atoms in read(str(data), index=":")]
+    lines = data.read_text().splitlines(keepends=True)
+    out, k, i = [], 0, 0
+    while i < len(lines):
+        n = int(lines[i].split()[0])
+        w = weight if kinds[k] == "Surface" else 1.0
+        out += [lines[i], lines[i + 1].rstrip("\n") + f" {WEIGHT_KEY}={w!r}\n"]
+        out += lines[i + 2:i + 2 + n]
+        i, k = i + 2 + n, k + 1
+    if k != len(kinds):
+        raise RuntimeError(f"{data}: read {len(kinds)} frames but found {k} in the text")
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text("".join(out))
+    os.replace(tmp, dest)
+    return dest
+
+
 def train_element(element: str, args) -> dict:
     import yaml
 
@@ -138,7 +163,11 @@ def train_element(element: str, args) -> dict:
                        what=f"the mlearn {element} training file")
     run_dir = args.work / f"{element}_{args.model}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.surface_energy_weight is not None:
+        data = weighted_copy(data, run_dir / data.name, args.surface_energy_weight)
     cfg = run_config(element, data, args.model, args)
+    if args.surface_energy_weight is not None:
+        cfg["data"]["energy_weight_key"] = WEIGHT_KEY
     cfg["training"]["out_dir"] = str(run_dir / "run")
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -155,7 +184,10 @@ def train_element(element: str, args) -> dict:
     if rc != 0:
         raise RuntimeError(f"{element}: mlpot train exited {rc}; see {run_dir / 'train.log'}")
     metrics = json.loads((run_dir / "run" / "metrics.json").read_text())
-    return summarize(element, metrics, cfg, time.time() - t0)
+    out = summarize(element, metrics, cfg, time.time() - t0)
+    if args.surface_energy_weight is not None:
+        out["surface_energy_weight"] = args.surface_energy_weight
+    return out
 
 
 def summarize(element: str, metrics: dict, cfg: dict, wall_s: float) -> dict:
@@ -249,6 +281,12 @@ def main() -> None:
     ap.add_argument("--hparams", type=hparams_arg, default=None,
                     help="JSON object merged into the model's hyperparameters, e.g. "
                          "'{\"fitting\": [128, 128, 128]}' (recorded in the run's key)")
+    ap.add_argument("--surface-energy-weight", type=float, default=None, metavar="W",
+                    help="multiply the energy error of the training frames with config_type "
+                         "Surface by W (the elements whose file has config types: Si, Ge, Li, "
+                         "Mo; a weighted copy of the file in the run folder, data.energy_weight_key; "
+                         "the split and the validation and test metrics are unweighted and "
+                         "unchanged; recorded in the run's key)")
     ap.add_argument("--scheduler", default="exponential", choices=["exponential", "cosine"],
                     help="learning-rate schedule from lr to lr_final (the loss weights follow "
                          "it); default %(default)s, recorded in the run's key when cosine")
@@ -270,6 +308,14 @@ def main() -> None:
         args.budget += f"_s{args.stress_weight:g}"
     if args.cutoff is not None:
         args.budget += f"_c{args.cutoff:g}"
+    if args.surface_energy_weight is not None:
+        if not args.surface_energy_weight >= 0:
+            ap.error(f"--surface-energy-weight {args.surface_energy_weight:g}: give a weight >= 0")
+        flat = [el for el in args.elements if el not in WITH_CONFIG_TYPES]
+        if flat:
+            ap.error(f"--surface-energy-weight: {', '.join(flat)} frames carry no config_type "
+                     f"to find the surfaces by; give --elements from {' '.join(WITH_CONFIG_TYPES)}")
+        args.budget += f"_sw{args.surface_energy_weight:g}"
     if args.scheduler != "exponential":
         args.budget += f"_{args.scheduler}"
     if args.hparams:
