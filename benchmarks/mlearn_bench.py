@@ -142,7 +142,7 @@ def weighted_copy(data: Path, dest: Path, weight: float) -> Path:
     kinds = [atoms.info.get("config_type") for atoms in read(str(data), index=":")]
     lines = data.read_text().splitlines(keepends=True)
     out, k, i = [], 0, 0
-    while i < len(lines):
+    while i < len(lines) and lines[i].strip():  # (blank lines may end the file)
         n = int(lines[i].split()[0])
         w = weight if kinds[k] == "Surface" else 1.0
         out += [lines[i], lines[i + 1].rstrip("\n") + f" {WEIGHT_KEY}={w!r}\n"]
@@ -163,11 +163,10 @@ def train_element(element: str, args) -> dict:
                        what=f"the mlearn {element} training file")
     run_dir = args.work / f"{element}_{args.model}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    if args.surface_energy_weight is not None:
-        data = weighted_copy(data, run_dir / data.name, args.surface_energy_weight)
     cfg = run_config(element, data, args.model, args)
     if args.surface_energy_weight is not None:
-        cfg["data"]["energy_weight_key"] = WEIGHT_KEY
+        copy = weighted_copy(data, run_dir / data.name, args.surface_energy_weight)
+        cfg["data"].update(train=str(copy), energy_weight_key=WEIGHT_KEY)
     cfg["training"]["out_dir"] = str(run_dir / "run")
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
