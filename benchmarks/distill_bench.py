@@ -44,7 +44,8 @@ fast-student  (3BPA)
     Teacher: nequip at train_bench's MACE-like settings (MODELS["nequip"], batch 5, cutoff 5 A)
     trained on <shared>/data/3bpa/train_300K.xyz (5 % validation) for --teacher-steps steps, or
     an existing model given with --teacher (a train_bench run folder, a checkpoint or an
-    exported model). Student: dp_se_e2_a at train_bench's settings (batch 1), either
+    exported model). Student: dp_se_e2_a at train_bench's settings (batch 1), or with
+    --student-model mace_1layer train_bench's one-layer MACE-style nequip (batch 5), either
       distilled  mlpot distill mode teacher: the teacher labels the 500 training structures, its
                  own Langevin MD samples (--sample-temps, default 300 and 450 K; 8 starts x 2
                  replicas per temperature, --sample-steps steps (default 1000) at 0.5 fs, a
@@ -187,15 +188,17 @@ def model_section(args, model: str, steps: int, loss: dict, seed: int = 0) -> di
 
 def student_section(args, steps: int, forces: bool = True, seed: int = 0,
                     atomic: bool = False) -> dict:
-    """dp_se_e2_a at train_bench's settings as an `mlpot train` config without data
-    (``forces=False``: energies alone, at the energy-only batch and learning rates; with
-    forces, at --student-batch structures per step where given; ``atomic``: with the teacher's
-    atomic energies at the loss weight --atomic-energies where it is above 0)."""
+    """The student (--student-model, dp_se_e2_a by default) at train_bench's settings as an
+    `mlpot train` config without data (``forces=False``: energies alone, at the energy-only
+    batch and learning rates; with forces, at --student-batch structures per step where given;
+    ``atomic``: with the teacher's atomic energies at the loss weight --atomic-energies where it
+    is above 0)."""
+    student = getattr(args, "student_model", "dp_se_e2_a")
     if forces:
-        loss = dict(train_bench().MODELS["dp_se_e2_a"]["loss"])
+        loss = dict(train_bench().MODELS[student]["loss"])
         if atomic and getattr(args, "atomic_energies", 0.0):
             loss["atomic_energies"] = float(args.atomic_energies)
-        section = model_section(args, "dp_se_e2_a", steps, loss, seed)
+        section = model_section(args, student, steps, loss, seed)
         if getattr(args, "student_batch", None):
             section["training"]["batch_size"] = int(args.student_batch)
         return section
@@ -424,7 +427,8 @@ def common_settings(args) -> dict:
             "energy_only_batch": ENERGY_ONLY_BATCH,
             "energy_only_lr": {k: list(v) for k, v in ENERGY_ONLY_LR.items()},
             "cutoff_A": CUTOFF_A, "validation_fraction": VALIDATION_FRACTION, "seed": 0,
-            "student": {"name": "dp_se_e2_a", **{k: v for k, v in student_section(
+            "student": {"name": getattr(args, "student_model", "dp_se_e2_a"),
+                        **{k: v for k, v in student_section(
                 args, 0).items() if k in ("model", "loss", "optim")},
                 "batch_size": student_section(args, 0)["training"]["batch_size"]}}
 
@@ -672,6 +676,8 @@ def fast_student(args) -> dict:
     train_seeds = seeds if args.train_seeds is None else sorted(set(args.train_seeds))
     want = set(args.students)
     batch = f"_b{args.student_batch}" if args.student_batch else ""
+    if args.student_model != "dp_se_e2_a":  # both students' runs named by another model
+        batch = f"_{args.student_model}" + batch
     # the distilled student's runs: also named by its atomic-energy weight (the direct one's not)
     dbatch = batch + (f"_ae{args.atomic_energies:g}" if args.atomic_energies else "") \
         + ("_noteacherref" if args.no_teacher_on_reference else "")
@@ -815,7 +821,7 @@ def fast_student(args) -> dict:
                      "test": portable(test, shared=args.shared),
                      "validation_fraction": VALIDATION_FRACTION},
             "student_steps": s_steps, "student_batch": args.student_batch or
-            tb.MODELS["dp_se_e2_a"]["batch_size"], "seeds": seeds,
+            tb.MODELS[args.student_model]["batch_size"], "seeds": seeds,
             "teacher_steps": None if args.teacher else t_steps,
             "teacher_finetune_steps": None if args.teacher else ft_steps,
             "md_structure": "test_300K.xyz frame 0 (27 atoms), replicas batched",
@@ -862,6 +868,10 @@ def main() -> None:
     p.add_argument("--student-batch", type=int,
                    help="fast-student: structures per step of both students (default: "
                         "train_bench's Deep Potential batch, 1)")
+    p.add_argument("--student-model", default="dp_se_e2_a", choices=["dp_se_e2_a", "mace_1layer"],
+                   help="fast-student: the model of both students, at train_bench's settings "
+                        "(MODELS; mace_1layer: a one-layer MACE-style nequip; runs and results "
+                        "of another model than the default are named by it)")
     p.add_argument("--students", nargs="+", default=["distilled", "direct"],
                    choices=["distilled", "direct"],
                    help="fast-student: train only these students (two processes can share the "
@@ -926,6 +936,9 @@ def main() -> None:
         fail("--no-teacher-on-reference takes the labels of a finished run: give --labels-run")
     if args.atomic_energies < 0:
         fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
+    if args.student_model != "dp_se_e2_a" and "energy-only" in args.parts:
+        fail("--student-model is for the fast-student part (the energy-only comparison is "
+             "measured with dp_se_e2_a); run energy-only without it")
     if args.seeds < 1 or (args.student_batch is not None and args.student_batch < 1):
         fail("--seeds and --student-batch must be at least 1")
     if args.train_seeds and not set(args.train_seeds) <= set(range(args.seeds)):

@@ -56,6 +56,17 @@ MODELS = {
         "optim": {"lr": 1e-2, "lr_final": 1e-4, "scheduler": "exponential", "ema_decay": 0.99},
         "batch_size": 5,
     },
+    # one-layer MACE-style: MACE's product basis (body order 4) on a single layer, features of
+    # l=0 only: an ACE-like model whose receptive field is the cutoff (the fast student of
+    # distill_bench, --student-model); the optimizer and loss of "nequip"
+    "mace_1layer": {
+        "model": {"name": "nequip", "dtype": "float32",
+                  "hparams": {"num_features": 32, "l_max": 3, "feature_l_max": 0,
+                              "correlation": 3, "num_layers": 1, "parity": False}},
+        "loss": {"energy": 1.0, "forces": 100.0},
+        "optim": {"lr": 1e-2, "lr_final": 1e-4, "scheduler": "exponential", "ema_decay": 0.99},
+        "batch_size": 5,
+    },
     "egnn": {
         "model": {"name": "egnn", "dtype": "float32", "hparams": {}},
         "loss": {"energy": 1.0, "forces": 100.0},
