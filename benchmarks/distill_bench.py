@@ -689,6 +689,18 @@ def fast_student(args) -> dict:
     ft_steps = args.teacher_finetune_steps
     tag = "given" if args.teacher else f"t{t_steps}" + (f"ft{ft_steps}" if ft_steps else "")
 
+    temps = [float(t) for t in args.sample_temps]
+    # other samples than the defaults: named by them (the defaults keep older names)
+    temps_tag = "" if temps == [300.0, 450.0] else "_T" + "-".join(f"{t:g}" for t in temps)
+    copies_tag = "" if args.perturb_copies == 1 else f"_p{args.perturb_copies}"
+    distill_out = folder / (f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}"
+                            f"{temps_tag}{copies_tag}{dbatch}")
+    later_seeds_only = "distilled" in want and 0 not in train_seeds and not args.labels_run
+    if later_seeds_only and not labels_done(distill_out):
+        fail(f"--train-seeds {' '.join(map(str, train_seeds))} without 0 trains on the teacher's "
+             f"labels in {portable(distill_out, work=args.work)}, not finished yet: start it "
+             "once the seed-0 process has labelled (its state.json lists student_data)")
+
     teacher_rec, distilled, distilled_runs = None, None, {}
     if "distilled" in want:
         # the teacher
@@ -725,7 +737,6 @@ def fast_student(args) -> dict:
 
         # the distilled student: seed 0 by `mlpot distill`, other seeds by `mlpot train` on
         # the same teacher-labelled data (OUT/student_data.xyz, the same weights and split key)
-        temps = [float(t) for t in args.sample_temps]
         sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8,
                   "replicas": 2, "timestep": 0.5, "friction": 0.01, "collect_every": 50,
                   "perturb_copies": args.perturb_copies, "perturb_sigma": 0.05, "seed": 0}
@@ -736,15 +747,14 @@ def fast_student(args) -> dict:
             how = (f"mlpot train on the student_data.xyz of an earlier mlpot distill run "
                    f"({portable(out, work=args.work)}), every seed")
         else:
-            # other samples than the defaults: named by them (the defaults keep older names)
-            temps_tag = "" if temps == [300.0, 450.0] else "_T" + "-".join(f"{t:g}" for t in temps)
-            copies_tag = "" if args.perturb_copies == 1 else f"_p{args.perturb_copies}"
-            out = folder / (f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}"
-                            f"{temps_tag}{copies_tag}{dbatch}")
+            out = distill_out
             dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
                     "student": student_section(args, s_steps, atomic=True), "sample": sample,
                     "weights": {"reference": 1.0}}
-            state = run_distill(args, dcfg, out)
+            if later_seeds_only:  # seed 0's `mlpot distill` may still train: leave it be
+                state = json.loads((out / "state.json").read_text())
+            else:
+                state = run_distill(args, dcfg, out)
             distilled_runs[0] = out / "student"
             first = 1
             how = ("mlpot distill mode teacher (seed 0); further seeds: mlpot train on its "
@@ -878,7 +888,8 @@ def main() -> None:
                         "work); results are written only by a run with both")
     p.add_argument("--train-seeds", type=int, nargs="+", metavar="K",
                    help="fast-student: train only these of the seeds (the distilled student's "
-                        "seed 0 comes with `mlpot distill`), to share them between processes; "
+                        "seed 0 comes with `mlpot distill`; a process without 0 trains on its "
+                        "labels once they exist, beside it), to share them between processes; "
                         "results are written only by a run with every seed")
     p.add_argument("--labels-run", metavar="DIR",
                    help="fast-student: train every distilled seed with `mlpot train` on the "
