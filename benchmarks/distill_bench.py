@@ -58,8 +58,8 @@ fast-student  (3BPA)
     ``mlpot train`` on the same teacher-labelled ``student_data.xyz``: one teacher, one set of
     labels); --students distilled beside --students direct shares them between two processes,
     and a third, --students distilled --train-seeds 1 ..., trains the distilled student's later
-    seeds beside seed 0 once its labels exist (then one run with both and every seed reports). Tested on test_300K.xyz (energy and force MAE, and the
-    teacher's; with several seeds, their mean and spread, the targets on the mean). MD throughput: steps/s of integrators' Langevin (0.5 fs, 300 K, health checks
+    seeds beside seed 0 once its labels exist (then one run with both and every seed reports).
+    Tested on test_300K.xyz (energy and force MAE, and the teacher's; with several seeds, their mean and spread, the targets on the mean). MD throughput: steps/s of integrators' Langevin (0.5 fs, 300 K, health checks
     on) on 64 replicas of test_300K frame 0 batched in one call (1,728 atoms), after a warm-up,
     for the teacher and the distilled student. Targets: the distilled student's force MAE is
     below the direct student's, and it runs at least 3x the teacher's steps/s; its force MAE as
