@@ -126,6 +126,42 @@ def _self_check(eager, scripted, dtype: torch.dtype) -> None:
 FORMATS = ("torchscript", "aoti")
 
 
+def committee_of(members, use_ema: bool = True):
+    """One ``Committee`` of separately trained single models (checkpoint paths or Potentials),
+    as DP-GEN users train their four models: the same outputs and deviations as a committee
+    trained with ``training.ensemble``, with the calibration factor 1 (no common validation
+    split to fit it on: the ``*_calibrated`` outputs equal the raw ones). Returns the committee
+    and the members' training-data hash where they all share one (else None)."""
+    from .models import Potential
+    from .models.committee import Committee
+
+    if len(members) < 2:
+        raise ExportError(f"a committee needs at least 2 models, got {len(members)}; give one "
+                          "checkpoint to export a single model")
+    models, hashes = [], set()
+    for k, m in enumerate(members):
+        name = os.fspath(m) if isinstance(m, (str, os.PathLike)) else f"model {k}"
+        if isinstance(m, (str, os.PathLike)):
+            ckpt = read_checkpoint(name)
+            hashes.add(ckpt.get("data_hash", ckpt.get("training_data_hash")))
+            m = model_from_checkpoint(ckpt, use_ema)
+        else:
+            hashes.add(None)
+        if not isinstance(m, Potential) or m.config.get("model") in ("committee", "mve"):
+            raise ExportError(f"{name}: a committee is built from single models; this one is "
+                              f"a {m.config.get('model', type(m).__name__)}: export it alone")
+        first = models[0] if models else m
+        if (list(m.type_map), float(m.cutoff), m.model_dtype) != \
+                (list(first.type_map), float(first.cutoff), first.model_dtype):
+            raise ExportError(
+                f"{name}: type map {list(m.type_map)}, cutoff {float(m.cutoff)} A, "
+                f"{dtype_name(m.model_dtype)} differ from the first model's "
+                f"({list(first.type_map)}, {float(first.cutoff)} A, "
+                f"{dtype_name(first.model_dtype)}); committee members must share all three")
+        models.append(m)
+    return Committee(models).eval(), (hashes.pop() if len(hashes) == 1 else None)
+
+
 def format_of(path: str, format: Optional[str] = None) -> str:  # noqa: A002 - the CLI's name
     """The export format: ``format`` when given, else from the suffix (.pt2: 'aoti', else
     'torchscript')."""
@@ -145,7 +181,8 @@ def export(model, path: str, dtype: Optional[str] = None,
     (``mlpot.aoti``; minutes of compilation).
 
     Args:
-        model: a ``Potential`` or the path of a checkpoint (EMA weights preferred).
+        model: a ``Potential`` or the path of a checkpoint (EMA weights preferred); or a list
+            of two or more of them, written as one committee (``committee_of``).
         path: the file to write (written atomically).
         dtype: 'float32' or 'float64' for the network; None keeps the model's.
         training_data_hash: stored as metadata (default: the checkpoint's, if any).
@@ -157,7 +194,10 @@ def export(model, path: str, dtype: Optional[str] = None,
         ``path``.
     """
     fmt = format_of(path, format)
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (list, tuple)):  # separately trained models: one committee
+        model, hash_ = committee_of(model, use_ema)
+        training_data_hash = training_data_hash if training_data_hash is not None else hash_
+    elif isinstance(model, (str, os.PathLike)):
         ckpt = read_checkpoint(os.fspath(model))
         model = model_from_checkpoint(ckpt, use_ema)
         if training_data_hash is None:
@@ -335,7 +375,11 @@ def add_export_parser(subparsers) -> None:
         "export", help="write a training checkpoint as one model file (TorchScript or .pt2)",
         description="Write a checkpoint (EMA weights preferred) as one TorchScript file with "
                     "its metadata, for mlpot.load, the ASE calculator and OpenMM.")
-    p.add_argument("checkpoint", help="checkpoint written by `mlpot train`")
+    p.add_argument("checkpoint", nargs="+",
+                   help="checkpoint written by `mlpot train`; two or more (models trained "
+                        "apart, e.g. with different seeds, sharing type map, cutoff and dtype) "
+                        "are written as one committee with its deviations (calibration "
+                        "factor 1)")
     p.add_argument("-o", "--output", default="model.pt",
                    help="output file (default model.pt); a name ending in .pt2 writes an "
                         "AOTInductor package (compiled native code, CPU; minutes to compile)")
@@ -351,7 +395,8 @@ def add_export_parser(subparsers) -> None:
 
 def run_export(args) -> int:
     """``mlpot export``; errors in the input reach ``mlpot.cli.main`` (one line, exit code 2)."""
-    path = export(args.checkpoint, args.output, dtype=args.dtype,
+    source = args.checkpoint[0] if len(args.checkpoint) == 1 else list(args.checkpoint)
+    path = export(source, args.output, dtype=args.dtype,
                   training_data_hash=args.data_hash, use_ema=not args.no_ema,
                   format=getattr(args, "format", None))
     info = read_metadata(path)

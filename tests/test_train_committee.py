@@ -224,3 +224,48 @@ def test_cli_test_reports_calibration_for_a_committee(committee_run, data_file, 
     capsys.readouterr()
     assert cli(["test", str(tmp_path / "single" / "best.pt"), "--data", data_file]) == 0
     assert "UQ" not in capsys.readouterr().out
+
+
+def test_export_of_separately_trained_models_is_one_committee(committee_run, data_file, tmp_path,
+                                                              capsys):
+    """`mlpot export a/best.pt b/best.pt -o c.pt` (DP-GEN's way: models trained apart) writes
+    one committee whose mean and deviations are those of the two models' own exports."""
+    from mlpot.uncertainty import model_deviation
+
+    runs = []
+    for seed in (5, 6):
+        cfg = cfg_dict(data_file, tmp_path / f"m{seed}", epochs=1, ensemble=1, seed=seed)
+        (tmp_path / f"m{seed}.yaml").write_text(yaml.safe_dump(cfg))
+        assert cli(["train", str(tmp_path / f"m{seed}.yaml")]) == 0
+        runs.append(str(tmp_path / f"m{seed}" / "best.pt"))
+    out = str(tmp_path / "c.pt")
+    assert cli(["export", *runs, "-o", out]) == 0
+    assert "committee model" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert meta["committee"] == 2 and meta["calibration"] == 1.0
+    assert meta["training_data_hash"] == read_checkpoint(runs[0])["data_hash"]
+    singles = [load(export(r, str(tmp_path / f"s{k}.pt"))) for k, r in enumerate(runs)]
+    batch = next(iter(committee_run[0].val_set.loader(3))).as_dict()
+    got = load(out)(dict(batch), True, False)
+    each = [m(dict(batch), True, False) for m in singles]
+    e = torch.stack([o[K.ENERGY] for o in each])
+    f = torch.stack([o[K.FORCES] for o in each])
+    torch.testing.assert_close(got[K.ENERGY], e.mean(0))
+    torch.testing.assert_close(got[K.FORCES], f.mean(0))
+    n_atoms = torch.bincount(batch[K.BATCH])
+    dev = model_deviation(e, f, batch[K.BATCH], n_atoms)
+    torch.testing.assert_close(got[K.MAX_FORCE_DEV], dev[K.MAX_FORCE_DEV])
+    assert float(got[K.MAX_FORCE_DEV].min()) > 0  # two seeds disagree
+    # members that do not fit together, and a committee as a member: one line, exit code 2
+    other = cfg_dict(data_file, tmp_path / "cut", epochs=1, ensemble=1)
+    other["model"]["cutoff"] = 3.0
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(other))
+    assert cli(["train", str(tmp_path / "cut.yaml")]) == 0
+    capsys.readouterr()
+    for bad, why in (([runs[0], str(tmp_path / "cut" / "best.pt")], "must share all three"),
+                     ([runs[0], str(committee_run[2] / "best.pt")],
+                      "a committee is built from single models")):
+        assert cli(["export", *bad, "-o", str(tmp_path / "bad.pt")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad.pt").exists()
