@@ -27,7 +27,9 @@ Two modes, one code path (stages in this order, each skipped when already done):
        ``sample.temperatures``, ``sample.replicas`` replicas from each of ``sample.starts``
        training structures evenly spaced through the data, a frame every ``collect_every``
        steps) and ``sample.perturb_copies`` copies of each training structure with Gaussian
-       displacements of ``sample.perturb_sigma`` A; a sample with atoms closer than
+       displacements of ``sample.perturb_sigma`` A, and the structures of the files
+       ``sample.structures`` (any format ASE reads; their own labels are ignored: the
+       user's MD snapshots, or another run's ``samples.xyz``); a sample with atoms closer than
        ``data.min_distance`` (default 0.5 A, which the student's reader refuses: MD gone
        wrong) is dropped and counted (``samples_dropped`` in ``state.json``);
     3. **label**: the training structures and the samples labelled by the teacher (``TEACHER_``);
@@ -92,6 +94,7 @@ class SampleConfig:
     collect_every: int = _spec(20, ge=1)         # steps between samples
     perturb_copies: int = _spec(0, ge=0)         # displaced copies per training structure
     perturb_sigma: float = _spec(0.05, gt=0.0)   # A
+    structures: List[str] = field(default_factory=list)  # files of more structures to label
     seed: int = _spec(0, ge=0)
     device: str = "cpu"
 
@@ -127,6 +130,9 @@ def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",
     if not isinstance(raw, dict):
         raise DistillConfigError(f"{where}: expected a mapping with keys mode, out_dir, data, "
                                  "teacher, student, sample, weights")
+    sample = raw.get("sample")
+    if isinstance(sample, dict) and isinstance(sample.get("structures"), str):
+        raw = {**raw, "sample": {**sample, "structures": [sample["structures"]]}}
     cfg = _fill(DistillConfig, raw, where)
 
     def rel(p):
@@ -156,12 +162,17 @@ def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",
                 f"{where}: mode teacher needs teacher.model, a file written by `mlpot export`; "
                 "for energy-only data without a teacher use mode: ensemble")
         cfg.teacher = {"model": rel(model)}
+        cfg.sample.structures = [rel(p) for p in cfg.sample.structures]
+        for p in cfg.sample.structures:
+            if not os.path.isfile(p):
+                raise DistillConfigError(f"{where}: sample.structures: {p}: no such file; give "
+                                         "files of structures (any format ASE reads) to label")
     else:
         if "model" in cfg.teacher and isinstance(cfg.teacher["model"], str):
             raise DistillConfigError(f"{where}: mode ensemble trains its own teacher: give "
                                      "teacher as an `mlpot train` config (model, loss, optim, "
                                      "training), or use mode: teacher with teacher.model")
-        if cfg.sample.steps or cfg.sample.perturb_copies:
+        if cfg.sample.steps or cfg.sample.perturb_copies or cfg.sample.structures:
             raise DistillConfigError(f"{where}: sample applies to mode teacher; remove it")
     for name in ("teacher", "student"):
         section = getattr(cfg, name)
@@ -274,8 +285,9 @@ def tag_structures(frames, samples) -> list:
         out.append(a)
     for j, b in enumerate(samples):
         b = b.copy()
-        b.info[STRUCTURE_KEY] = f"s{b.info['parent']}" \
-            if b.info.get("distill_source") == "perturbed" else f"md{j}"
+        source = b.info.get("distill_source")
+        b.info[STRUCTURE_KEY] = f"s{b.info['parent']}" if source == "perturbed" \
+            else f"x{j}" if source == "file" else f"md{j}"
         out.append(b)
     return out
 
@@ -334,6 +346,31 @@ def _write_xyz(path: str, frames) -> None:
     import ase.io
 
     atomic_write(path, lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
+
+
+def _file_structures(path: str, known) -> list:
+    """The structures of ``path`` (``sample.structures``; any format ASE reads) without
+    whatever labels the file has (the teacher labels them); an element outside ``known`` (the
+    teacher's type map) or an unreadable file is one line."""
+    import ase
+    import ase.io
+
+    try:
+        read = ase.io.read(path, index=":")
+    except Exception as err:  # noqa: BLE001 - ASE raises many kinds for a bad file
+        raise DistillConfigError(f"sample.structures: {path}: not readable as structures "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                                 "give a file in a format ASE reads") from None
+    out = []
+    for i, a in enumerate(read):
+        missing = sorted(set(a.get_chemical_symbols()) - set(known))
+        if missing:
+            raise DistillConfigError(f"sample.structures: {path} structure {i} has "
+                                     f"{', '.join(missing)}, which the teacher does not know "
+                                     f"({list(known)}); leave such structures out")
+        out.append(ase.Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc,
+                             info={"distill_source": "file", "file_index": i}))
+    return out
 
 
 def _read_xyz(path: str):
@@ -408,6 +445,8 @@ class Distiller:
                 raise DistillConfigError(
                     f"teacher.model {path} knows {meta['type_map']} but the data has "
                     f"{', '.join(missing)}; use a teacher trained on these elements")
+            for extra in cfg.sample.structures:  # read again by the sample stage
+                _file_structures(extra, meta["type_map"])
             teacher_cutoff = float(meta["cutoff"])
         else:
             if not all("REF_energy" in a.info for a in frames):
@@ -469,6 +508,14 @@ class Distiller:
                     b.positions = b.positions + rng.normal(0.0, s.perturb_sigma, b.positions.shape)
                     b.info.update(distill_source="perturbed", parent=k)
                     samples.append(b)
+        if s.structures:
+            from .export import read_metadata
+
+            known = read_metadata(self.teacher_file())["type_map"]
+            for path in s.structures:
+                extra = _file_structures(path, known)
+                self.log(f"  {path}: {len(extra)} structures")
+                samples += extra
         # the student's reader refuses atoms closer than data.min_distance: a sample from MD
         # that went wrong (or a large displacement) would stop the student stage after all
         # the labelling, and again on every resume; such samples are dropped here

@@ -304,3 +304,47 @@ def test_ensemble_teacher_batch_defaults_to_32(data, tmp_path):
     assert teacher_config(distill_config_from_dict(raw)).training.batch_size == 4
     del raw["teacher"]["training"]["batch_size"]
     assert teacher_config(distill_config_from_dict(raw)).training.batch_size == 32
+
+
+def test_teacher_mode_labels_structures_from_files(ensemble_run, tmp_path):
+    """sample.structures: a user's own structures (another run's samples.xyz here) are labelled
+    by the teacher beside the training structures, their own labels ignored, each its own
+    structure in the split; a file with an element the teacher lacks is refused up front."""
+    out, _ = ensemble_run
+    train = str(tmp_path / "dft.xyz")
+    write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
+    # with EMT labels, which the teacher's replace
+    write(str(tmp_path / "mine.xyz"), labelled_cu_cells(5, seed=901, stress=False),
+          format="extxyz")
+    extra = read(str(tmp_path / "mine.xyz"), ":")
+    raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
+           "data": {"train": train, "validation_fraction": 0.2},
+           "teacher": {"model": str(out / "teacher.pt")},
+           "sample": {"structures": "mine.xyz"},
+           "student": {"model": dict(TINY), "training": {"max_epochs": 1, "batch_size": 8}}}
+    cfg = distill_config_from_dict(raw, base_dir=str(tmp_path))  # relative to the config
+    assert cfg.sample.structures == [str(tmp_path / "mine.xyz")]
+    state = distill(cfg, log=lambda *a: None)
+    assert state["samples"] == 5 and state["labelled"] == 6 + 5
+    labels = read(str(tmp_path / "run" / "teacher_labels.xyz"), ":")
+    mine = [a for a in labels if a.info["distill_source"] == "file"]
+    assert [a.info["file_index"] for a in mine] == list(range(5))
+    teacher = mlpot.load(str(out / "teacher.pt"))
+    for a, b in zip(mine, extra):
+        np.testing.assert_allclose(a.positions, b.positions)
+        assert "REF_energy" not in a.info and "REF_forces" not in a.arrays
+        np.testing.assert_allclose(a.arrays["TEACHER_forces"],
+                                   _forces(teacher, b)[K.FORCES].detach().numpy(), atol=1e-5)
+        assert abs(a.info["TEACHER_energy"] - b.info["REF_energy"]) > 1e-6  # not EMT's
+    assert len({a.info["distill_structure"] for a in mine}) == 5
+    # an element the teacher does not know: before any work
+    from ase.build import molecule
+
+    write(str(tmp_path / "h2o.xyz"), [molecule("H2O")], format="extxyz")
+    raw.update(out_dir=str(tmp_path / "run2"), sample={"structures": [str(tmp_path / "h2o.xyz")]})
+    with pytest.raises(DistillConfigError, match="structure 0 has H, O, which the teacher"):
+        distill(distill_config_from_dict(raw), log=lambda *a: None)
+    assert not (tmp_path / "run2" / "state.json").exists()
+    raw.update(sample={"structures": ["missing.xyz"]})
+    with pytest.raises(DistillConfigError, match="missing.xyz: no such file"):
+        distill_config_from_dict(raw, base_dir=str(tmp_path))
