@@ -59,6 +59,12 @@ fast-student  (3BPA)
     labels); --students distilled beside --students direct shares them between two processes,
     and a third, --students distilled --train-seeds 1 ..., trains the distilled student's later
     seeds beside seed 0 once its labels exist (then one run with both and every seed reports).
+    --teacher-committee K makes the teacher a committee of K such models (training seeds
+    0..K-1, each with its fine-tune; `mlpot export A B ...` writes them as one file, whose mean
+    labels and whose deviation gives TEACHER_forces_dev); --teacher-members k ... trains only
+    those members and stops (one process per core). --samples-from DIR has the teacher label
+    the samples.xyz of an earlier run instead of sampling its own MD (sample.structures), so two
+    teachers are compared on the same structures.
     Tested on test_300K.xyz (energy and force MAE, and the teacher's; with several seeds, their mean and spread, the targets on the mean). MD throughput: steps/s of integrators' Langevin (0.5 fs, 300 K, health checks
     on) on 64 replicas of test_300K frame 0 batched in one call (1,728 atoms), after a warm-up,
     for the teacher and the distilled student. Targets: the distilled student's force MAE is
@@ -328,7 +334,7 @@ def test_errors(args, model: Path, test: Path, cache: Path) -> dict:
         torch.set_num_threads(args.threads)
         m = evaluate_file(str(model), str(test))
         return {k: round(float(v), 3) for k, v in m.items()
-                if k.startswith(("energy_", "forces_")) or k == "frames"}
+                if k.startswith(("energy_", "forces_", "uq_")) or k == "frames"}
 
     return cached(cache, {"model_sha256": sha256(model), "test": test.name}, compute)
 
@@ -585,6 +591,45 @@ def energy_only(args) -> dict:
 
 
 # ------------------------------------------------------------------ fast student
+def train_teacher(args, data: dict, folder: Path, t_steps: int, ft_steps, seed: int):
+    """The fast-student teacher of training seed ``seed``: nequip at train_bench's settings for
+    ``t_steps`` steps, then (``ft_steps``) continued from its best.pt on FINETUNE_LR; seed 0 in
+    teacher_nequip_t<T>[_ft<F>], seed k in the same names with _seed<k>. Trains only where
+    --teacher-members includes the seed (all seeds without it). (record, final run folder)."""
+    tb = train_bench()
+    suffix = f"_seed{seed}" if seed else ""
+    train_it = args.teacher_members is None or seed in args.teacher_members
+    out = folder / f"teacher_nequip_t{t_steps}{suffix}"
+    cfg = tb.make_config("3bpa", "nequip", data, args.cap_min, args.threads, out)
+    cfg["data"] = data
+    cfg["training"].update(max_steps=t_steps, max_epochs=10 ** 6, seed=seed)
+    rec = {"training": run_train(args, cfg, out) if train_it else None,
+           "run": portable(out, work=args.work), "seed": seed}
+    if ft_steps:  # continued from its best.pt on a fresh, lower schedule
+        first = out
+        out = folder / f"teacher_nequip_t{t_steps}_ft{ft_steps}{suffix}"
+        cfg = json.loads(json.dumps(cfg))
+        cfg["optim"].update(lr=FINETUNE_LR[0], lr_final=FINETUNE_LR[1])
+        cfg["training"].update(max_steps=ft_steps, init_from=str(first / "best.pt"))
+        rec["finetune"] = {"training": run_train(args, cfg, out) if train_it else None,
+                           "run": portable(out, work=args.work), "lr": list(FINETUNE_LR),
+                           "init_from": portable(first / "best.pt", work=args.work)}
+    return rec, out
+
+
+def committee_file(checkpoints, out: Path) -> Path:
+    """The teachers ``checkpoints`` as one committee file (``mlpot export A B ...``), written
+    again when any of them changed."""
+    from mlpot.export import export
+
+    stamp = out.with_name(out.name + ".sha256")
+    digest = " ".join(sha256(c) for c in checkpoints)
+    if not out.is_file() or not stamp.is_file() or stamp.read_text().strip() != digest:
+        export([str(c) for c in checkpoints], str(out))
+        stamp.write_text(digest + "\n")
+    return out
+
+
 def labels_done(folder: Path) -> bool:
     """Whether ``folder`` holds a `mlpot distill` run whose teacher labels are finished."""
     state_file = folder / "state.json"
@@ -688,14 +733,17 @@ def fast_student(args) -> dict:
           flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     ft_steps = args.teacher_finetune_steps
-    tag = "given" if args.teacher else f"t{t_steps}" + (f"ft{ft_steps}" if ft_steps else "")
+    tag = "given" if args.teacher else f"t{t_steps}" + (f"ft{ft_steps}" if ft_steps else "") \
+        + (f"c{args.teacher_committee}" if args.teacher_committee > 1 else "")
 
     temps = [float(t) for t in args.sample_temps]
     # other samples than the defaults: named by them (the defaults keep older names)
     temps_tag = "" if temps == [300.0, 450.0] else "_T" + "-".join(f"{t:g}" for t in temps)
     copies_tag = "" if args.perturb_copies == 1 else f"_p{args.perturb_copies}"
-    distill_out = folder / (f"student_distilled_s{s_steps}_{tag}_md{args.sample_steps}"
-                            f"{temps_tag}{copies_tag}{dbatch}")
+    samples_tag = f"_md{args.sample_steps}{temps_tag}{copies_tag}"
+    if args.samples_from:  # another run's samples, named by their file's digest
+        samples_tag = f"_samples{sha256(Path(args.samples_from) / 'samples.xyz')[:8]}"
+    distill_out = folder / f"student_distilled_s{s_steps}_{tag}{samples_tag}{dbatch}"
     later_seeds_only = "distilled" in want and 0 not in train_seeds and not args.labels_run
     if later_seeds_only and not labels_done(distill_out):
         fail(f"--train-seeds {' '.join(map(str, train_seeds))} without 0 trains on the teacher's "
@@ -716,31 +764,36 @@ def fast_student(args) -> dict:
                            "training": train_record(ckpt.parent) if metrics.is_file() else None}
             teacher_file = exported(ckpt, folder / "teacher_given.pt")
         else:
-            out = folder / f"teacher_nequip_t{t_steps}"
-            cfg = tb.make_config("3bpa", "nequip", data, args.cap_min, args.threads, out)
-            cfg["data"] = data
-            cfg["training"].update(max_steps=t_steps, max_epochs=10 ** 6)
-            teacher_rec = {"training": run_train(args, cfg, out),
-                           "run": portable(out, work=args.work)}
-            if ft_steps:  # continued from its best.pt on a fresh, lower schedule
-                first = out
-                out = folder / f"teacher_nequip_t{t_steps}_ft{ft_steps}"
-                cfg = json.loads(json.dumps(cfg))
-                cfg["optim"].update(lr=FINETUNE_LR[0], lr_final=FINETUNE_LR[1])
-                cfg["training"].update(max_steps=ft_steps, init_from=str(first / "best.pt"))
-                teacher_rec["finetune"] = {
-                    "training": run_train(args, cfg, out), "run": portable(out, work=args.work),
-                    "lr": list(FINETUNE_LR), "init_from": portable(first / "best.pt",
-                                                                   work=args.work)}
-            teacher_file = exported(out / "best.pt", out / "model.pt")
-        teacher_rec["model"] = "nequip (train_bench MODELS['nequip'], MACE-like)" \
-            if not args.teacher else "given with --teacher"
+            members = [train_teacher(args, data, folder, t_steps, ft_steps, k)
+                       for k in range(args.teacher_committee)]
+            if args.teacher_members is not None:
+                return None  # only these members trained: the run with all of them goes on
+            if len(members) == 1:
+                teacher_rec, out = members[0]
+                teacher_file = exported(out / "best.pt", out / "model.pt")
+            else:
+                teacher_file = committee_file([out / "best.pt" for _, out in members],
+                                              folder / f"teacher_{tag}.pt")
+                teacher_rec = {"committee": len(members), "file": portable(teacher_file,
+                                                                           work=args.work),
+                               "members": {str(k): rec for k, (rec, _) in enumerate(members)}}
+                for k, (rec, out) in enumerate(members):  # each member alone, for scale
+                    rec["test"] = test_errors(args, exported(out / "best.pt", out / "model.pt"),
+                                              test, out / "bench_test.json")
+        teacher_rec["model"] = "given with --teacher" if args.teacher else \
+            "nequip (train_bench MODELS['nequip'], MACE-like)" + (
+                f", a committee of {args.teacher_committee} (training seeds 0..."
+                f"{args.teacher_committee - 1}; mlpot export of the members)"
+                if args.teacher_committee > 1 else "")
 
         # the distilled student: seed 0 by `mlpot distill`, other seeds by `mlpot train` on
         # the same teacher-labelled data (OUT/student_data.xyz, the same weights and split key)
         sample = {"steps": args.sample_steps, "temperatures": temps, "starts": 8,
                   "replicas": 2, "timestep": 0.5, "friction": 0.01, "collect_every": 50,
                   "perturb_copies": args.perturb_copies, "perturb_sigma": 0.05, "seed": 0}
+        if args.samples_from:  # the teacher labels these instead of sampling its own MD
+            sample.update(steps=0, perturb_copies=0, structures=[
+                str(Path(args.samples_from).resolve() / "samples.xyz")])
         if args.labels_run:  # the teacher's labels of an earlier `mlpot distill` run
             out = Path(args.labels_run).resolve()
             state = json.loads((out / "state.json").read_text())  # checked in main()
@@ -835,6 +888,9 @@ def fast_student(args) -> dict:
             tb.MODELS[args.student_model]["batch_size"], "seeds": seeds,
             "teacher_steps": None if args.teacher else t_steps,
             "teacher_finetune_steps": None if args.teacher else ft_steps,
+            "teacher_committee": None if args.teacher else args.teacher_committee,
+            "samples_from": portable(Path(args.samples_from), work=args.work)
+            if args.samples_from else None,
             "md_structure": "test_300K.xyz frame 0 (27 atoms), replicas batched",
             "teacher": teacher_rec, "student_distilled": distilled, "student_direct": direct,
             "md_speedup_student_over_teacher": round(speedup, 2),
@@ -866,6 +922,17 @@ def main() -> None:
     p.add_argument("--teacher-cutoff", type=float,
                    help="energy-only: the teachers' cutoff in A (default per molecule, "
                         "ENERGY_ONLY_TEACHER_CUTOFF: ethanol 5, aspirin 3)")
+    p.add_argument("--teacher-committee", type=int, default=1, metavar="K",
+                   help="fast-student: the teacher is a committee of K such nequip models "
+                        "(training seeds 0..K-1, each with its fine-tune), written as one file "
+                        "by `mlpot export A B ...` (default 1: one model)")
+    p.add_argument("--teacher-members", type=int, nargs="+", metavar="K",
+                   help="fast-student: train only these committee members and stop (one "
+                        "process per core, side by side; then run without it)")
+    p.add_argument("--samples-from", metavar="DIR",
+                   help="fast-student: the teacher labels the samples.xyz of this earlier "
+                        "`mlpot distill` run (a student_distilled_* folder) instead of its own "
+                        "MD (sample.structures): two teachers compared on the same structures")
     p.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
                    help="energy-only: train only these cases (two processes can share the "
                         "work, e.g. --cases b beside --cases a c); results are written only by "
@@ -955,6 +1022,20 @@ def main() -> None:
         fail("--seeds and --student-batch must be at least 1")
     if args.train_seeds and not set(args.train_seeds) <= set(range(args.seeds)):
         fail(f"--train-seeds must be among 0..{args.seeds - 1} (--seeds {args.seeds})")
+    if args.teacher_committee < 1:
+        fail("--teacher-committee must be at least 1 (1: a single teacher)")
+    if args.teacher_members is not None and not (
+            set(args.teacher_members) <= set(range(args.teacher_committee))):
+        fail(f"--teacher-members must be among 0..{args.teacher_committee - 1} "
+             f"(--teacher-committee {args.teacher_committee})")
+    if (args.teacher_committee > 1 or args.teacher_members is not None) and args.teacher:
+        fail("--teacher-committee and --teacher-members train the teachers; with --teacher "
+             "give an exported committee file instead")
+    if args.samples_from and not (Path(args.samples_from) / "samples.xyz").is_file():
+        fail(f"--samples-from {args.samples_from}: no samples.xyz there; give a "
+             "student_distilled_* folder whose sample stage finished")
+    if args.samples_from and args.labels_run:
+        fail("--samples-from makes new teacher labels, --labels-run reuses old ones: give one")
     if args.labels_run and not labels_done(Path(args.labels_run)):
         fail(f"--labels-run {args.labels_run}: no finished `mlpot distill` labels there "
              "(state.json without the student_data stage); give a student_distilled_* folder")
