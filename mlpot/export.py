@@ -374,7 +374,8 @@ def add_export_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a training checkpoint as one model file (TorchScript or .pt2)",
         description="Write a checkpoint (EMA weights preferred) as one TorchScript file with "
-                    "its metadata, for mlpot.load, the ASE calculator and OpenMM.")
+                    "its metadata, for mlpot.load, the ASE calculator and OpenMM; several "
+                    "checkpoints of models trained apart as one committee file.")
     p.add_argument("checkpoint", nargs="+",
                    help="checkpoint written by `mlpot train`; two or more (models trained "
                         "apart, e.g. with different seeds, sharing type map, cutoff and dtype) "
