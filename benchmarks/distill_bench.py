@@ -1028,6 +1028,9 @@ def main() -> None:
             set(args.teacher_members) <= set(range(args.teacher_committee))):
         fail(f"--teacher-members must be among 0..{args.teacher_committee - 1} "
              f"(--teacher-committee {args.teacher_committee})")
+    if args.teacher_members is not None and "distilled" not in args.students:
+        fail("--teacher-members trains the distilled student's teachers: give --students "
+             "distilled (or leave --students out) with it")
     if (args.teacher_committee > 1 or args.teacher_members is not None) and args.teacher:
         fail("--teacher-committee and --teacher-members train the teachers; with --teacher "
              "give an exported committee file instead")
@@ -1070,7 +1073,10 @@ def main() -> None:
     if "fast-student" in args.parts:
         t0 = time.time()
         res = fast_student(args)
-        if res is None:
+        if res is None and args.teacher_members is not None:
+            print("fast-student: teachers " + " ".join(map(str, args.teacher_members)) +
+                  " trained; run again without --teacher-members for the students")
+        elif res is None:
             print("fast-student: students " + " ".join(args.students) + " trained; run again "
                   "with both and every seed for the results")
         else:
