@@ -15,7 +15,9 @@ then run with everything identical but the selection (``selection.strategy``):
   random     10 frames drawn uniformly at random from the unchosen pool (``selection.seed``;
              the pool is not scored, which makes these loops faster, not more accurate)
 
-Each iteration trains the committee (``training.ensemble: 4``) for a fixed number of optimizer
+The committees and the final fits are one model (``--model``: the small EGNN by default, or
+train_bench's one-layer MACE-style nequip, MODELS). Each iteration trains the committee
+(``training.ensemble: 4``) for a fixed number of optimizer
 steps (``--steps``, default 500, ``training.max_steps``: the learning-rate schedule runs from
 ``lr`` to ``lr_final`` within them), warm-started from the previous iteration's weights
 (``warm_start``), on all labels so far (10 % of them for validation, which picks the best
@@ -80,21 +82,42 @@ STRATEGIES = ("committee", "random")
 K_MEMBERS = 4
 POOL = 800
 TYPE_MAP = ["C", "H", "O"]
-# a small EGNN (mlpot's own message-passing model) sized for one CPU core: 2 layers of width 32
-MODEL = {"name": "egnn", "cutoff": 5.0, "dtype": "float32",
-         "hparams": {"hidden": 32, "edge_hidden": 32, "num_layers": 2, "readout_hidden": 16}}
-LOSS = {"energy": 1.0, "forces": 100.0}                      # train_bench's egnn weights
-OPTIM = {"lr": 5.0e-3, "lr_final": 5.0e-5, "scheduler": "exponential", "ema_decay": 0.99}
-BATCH = 4
+# The model of the committees and the final fits (--model), each with its loss weights,
+# optimizer and batch. egnn (the default): a small EGNN (mlpot's own message-passing model) sized
+# for one CPU core, 2 layers of width 32, train_bench's EGNN weights; mace_1layer: train_bench's
+# one-layer MACE-style nequip (MODELS), which fits forces far better per step (3BPA, README's
+# Distillation section), so that the model's capacity limits the final fits less.
+MODELS = {
+    "egnn": {"model": {"name": "egnn", "cutoff": 5.0, "dtype": "float32",
+                       "hparams": {"hidden": 32, "edge_hidden": 32, "num_layers": 2,
+                                   "readout_hidden": 16}},
+             "loss": {"energy": 1.0, "forces": 100.0},
+             "optim": {"lr": 5.0e-3, "lr_final": 5.0e-5, "scheduler": "exponential",
+                       "ema_decay": 0.99},
+             "batch_size": 4},
+}
 JUDGE_SEED_STEP = 1000  # judge j of loop seed s trains with seed s + 1000 j
 VALIDATION_FRACTION = 0.1
 
 
+def model_settings(name: str) -> dict:
+    """--model's model, loss, optim and batch_size (MODELS; mace_1layer from train_bench)."""
+    if name in MODELS:
+        return MODELS[name]
+    import train_bench
+
+    spec = train_bench.MODELS[name]
+    return {"model": {**spec["model"], "cutoff": 5.0}, "loss": spec["loss"],
+            "optim": spec["optim"], "batch_size": spec["batch_size"]}
+
+
 def training_section(args, seed: int, steps: int) -> dict:
     """The `mlpot train` config shared by the loops and the reference (without data.train)."""
-    return {"model": MODEL, "loss": LOSS, "optim": OPTIM,
+    m = model_settings(args.model)
+    return {"model": m["model"], "loss": m["loss"], "optim": m["optim"],
             "data": {"validation_fraction": VALIDATION_FRACTION, "type_map": TYPE_MAP},
-            "training": {"ensemble": K_MEMBERS, "batch_size": BATCH, "max_steps": steps,
+            "training": {"ensemble": K_MEMBERS, "batch_size": m["batch_size"],
+                         "max_steps": steps,
                          "max_epochs": 1000000, "seed": seed, "threads": args.threads,
                          "progress": False}}
 
@@ -321,8 +344,8 @@ def results(args, t_total: float) -> dict:
                                      "the same on the whole pool, per seed; with judges J > 1, "
                                      "J such models per seed (training seeds seed + "
                                      f"{JUDGE_SEED_STEP} j, j < J), the seed's error their mean"},
-               "committee": K_MEMBERS, "model": MODEL, "loss": LOSS, "optim": OPTIM,
-               "batch_size": BATCH, "validation_fraction": VALIDATION_FRACTION,
+               "committee": K_MEMBERS, "model_choice": args.model,
+               **model_settings(args.model), "validation_fraction": VALIDATION_FRACTION,
                "committee_selection": "selection.strategy: committee, pool_all_candidates: "
                                       "true, candidates_per_label: "
                                       f"{args.candidates_per_label or None}, diversity: "
@@ -471,15 +494,23 @@ def main():
                         "mean (default 1; one judge's own spread is ~2.5 meV/A on ethanol)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference (whole-pool) final fits")
+    p.add_argument("--model", choices=["egnn", "mace_1layer"], default="egnn",
+                   help="the committees' and final fits' model (MODELS; default egnn, the "
+                        "small EGNN; mace_1layer: train_bench's one-layer MACE-style nequip); "
+                        "another than egnn names the default --work and --out by it")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default=str(HERE / "runs" / "label"),
-                   help="folder for the runs (default: benchmarks/runs/label, which git ignores)")
-    p.add_argument("--out", default=str(HERE / "results" / "label_efficiency.json"),
-                   help="the results JSON (the plot beside it, .png)")
+    p.add_argument("--work", help="folder for the runs (default: benchmarks/runs/label, "
+                   "label_<model> for another --model; git ignores them)")
+    p.add_argument("--out", help="the results JSON, the plot beside it as .png (default: "
+                   "benchmarks/results/label_efficiency.json, label_efficiency_<model>.json "
+                   "for another --model)")
     p.add_argument("--report-only", action="store_true",
                    help="only collect what --work holds into --out (no training)")
     add_shared_option(p)
     args = p.parse_args()
+    tag = "" if args.model == "egnn" else f"_{args.model}"
+    args.work = args.work or str(HERE / "runs" / f"label{tag}")
+    args.out = args.out or str(HERE / "results" / f"label_efficiency{tag}.json")
     if args.initial < 2 or args.per_iter < 1 or args.max_labels <= args.initial \
             or (args.max_labels - args.initial) % args.per_iter:
         p.error("need --initial >= 2, --per-iter >= 1 and --max-labels = --initial + a "
