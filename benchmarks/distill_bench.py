@@ -1021,7 +1021,7 @@ def main() -> None:
                    help="where distill_energy_only.json and distill_fast_student.json go")
     add_shared_option(p)
     args = p.parse_args()
-    for name in ("student_steps", "teacher_steps", "teacher_finetune_steps"):
+    for name in ("student_steps", "energy_only_steps", "teacher_steps", "teacher_finetune_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.teacher_finetune_steps and args.teacher:

@@ -522,6 +522,14 @@ def main():
     if args.max_labels > POOL:
         p.error(f"--max-labels {args.max_labels}: the pool has {POOL} frames")
     shared_path(args.shared, "data", "rmd17", what="the rMD17 data")
+    # a finished fit is reused by its folder name alone: one --work holds one model's runs
+    marker = Path(args.work) / "model.txt"
+    if marker.is_file() and marker.read_text().strip() != args.model:
+        p.error(f"--work {args.work} holds runs of --model {marker.read_text().strip()}; give "
+                f"that --model or another --work")
+    if not args.report_only:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(args.model + "\n")
     t0 = time.time()
     out = Path(args.out)
     if not args.report_only:
