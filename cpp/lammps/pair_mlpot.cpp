@@ -345,7 +345,6 @@ void PairMLPot::atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor 
 void PairMLPot::compute_periodic()
 {
   const int nlocal = atom->nlocal;
-  double **f = atom->f;
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   torch::Tensor positions, types;
   atoms_as_tensors(nlocal, positions, types);
@@ -378,16 +377,7 @@ void PairMLPot::compute_periodic()
   bool stress = want_virial || (devi && uncertainty == "committee");
   auto out = run_model(input, stress).toGenericDict();
 
-  torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
-  auto fa = forces.accessor<double, 2>();
-  for (int k = 0; k < nlocal; k++)
-    for (int d = 0; d < 3; d++) f[k][d] += fa[k][d];
-  if (eflag_global) eng_vdwl += out.at("energy").toTensor().sum().item<double>();
-  if (eflag_atom) {
-    torch::Tensor atomic = out.at("atomic_energies").toTensor().to(torch::kFloat64).contiguous();
-    auto ea = atomic.accessor<double, 1>();
-    for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
-  }
+  add_forces_and_energies(out, nlocal);
   if (devi) deviation_periodic(out);
   if (vflag_atom) add_atomic_virial(out, nlocal);
   if (want_virial) {    // mlpot's virial -dE/d(strain) is LAMMPS's sum x F
@@ -409,7 +399,6 @@ void PairMLPot::compute_ghosts()
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
-  double **f = atom->f;
 
   // the cluster of local and ghost atoms, in float64 (pair vectors are formed in float64 and
   // cast to the network's precision inside the model)
@@ -446,16 +435,8 @@ void PairMLPot::compute_ghosts()
   // ghosts' shares go back to their owners with compute stress/atom's reverse communication
   if (vflag_atom) add_atomic_virial(out, nall);
 
-  torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
+  torch::Tensor forces = add_forces_and_energies(out, nall);
   auto fa = forces.accessor<double, 2>();
-  for (int k = 0; k < nall; k++)
-    for (int d = 0; d < 3; d++) f[k][d] += fa[k][d];
-  if (eflag_global) eng_vdwl += out.at("energy").toTensor().sum().item<double>();
-  if (eflag_atom) {
-    torch::Tensor atomic = out.at("atomic_energies").toTensor().to(torch::kFloat64).contiguous();
-    auto ea = atomic.accessor<double, 1>();
-    for (int k = 0; k < nlocal; k++) eatom[k] += ea[k];
-  }
   if (vflag_fdotr) {
     virial_fdotr_compute();
   } else if (vflag_global) {    // the same sum x F, of this style's forces only
@@ -502,6 +483,25 @@ void PairMLPot::pairs_of_local_centres(int nlocal, torch::Tensor &ei, torch::Ten
   const auto n = static_cast<int64_t>(is.size());
   ei = torch::from_blob(is.data(), {n}, i64).clone();
   ej = torch::from_blob(js.data(), {n}, i64).clone();
+}
+
+/* the model's forces on atoms 0..n-1 into f, its energy and the local atoms' energies into
+   eng_vdwl and eatom (as the energy flags ask); returns the forces [N, 3] in float64 */
+
+torch::Tensor PairMLPot::add_forces_and_energies(const c10::impl::GenericDict &out, int n)
+{
+  double **f = atom->f;
+  torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
+  auto fa = forces.accessor<double, 2>();
+  for (int k = 0; k < n; k++)
+    for (int d = 0; d < 3; d++) f[k][d] += fa[k][d];
+  if (eflag_global) eng_vdwl += out.at("energy").toTensor().sum().item<double>();
+  if (eflag_atom) {
+    torch::Tensor atomic = out.at("atomic_energies").toTensor().to(torch::kFloat64).contiguous();
+    auto ea = atomic.accessor<double, 1>();
+    for (int k = 0; k < atom->nlocal; k++) eatom[k] += ea[k];
+  }
+  return forces;
 }
 
 /* the model's per-atom virials W [n, 3, 3] (eV, symmetric) of atoms 0..n-1 into vatom (xx, yy,

@@ -69,6 +69,7 @@ class PairMLPot : public Pair {
   void atoms_as_tensors(int n, torch::Tensor &positions, torch::Tensor &types);
   void compute_ghosts();
   void pairs_of_local_centres(int nlocal, torch::Tensor &ei, torch::Tensor &ej);
+  torch::Tensor add_forces_and_energies(const c10::impl::GenericDict &out, int n);
   void add_atomic_virial(const c10::impl::GenericDict &out, int n);
   torch::jit::IValue run_model(c10::Dict<std::string, torch::Tensor> &input, bool stress);
   bool deviation_step() const;
