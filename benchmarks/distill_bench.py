@@ -47,7 +47,8 @@ fast-student  (3BPA)
     trained on <shared>/data/3bpa/train_300K.xyz (5 % validation) for --teacher-steps steps, or
     an existing model given with --teacher (a train_bench run folder, a checkpoint or an
     exported model). Student: dp_se_e2_a at train_bench's settings (batch 1), or with
-    --student-model mace_1layer train_bench's one-layer MACE-style nequip (batch 5), either
+    --student-model mace_1layer (mace_2layer) train_bench's one-layer (two-layer) MACE-style
+    nequip (batch 5), either
       distilled  mlpot distill mode teacher: the teacher labels the 500 training structures, its
                  own Langevin MD samples (--sample-temps, default 300 and 450 K; 8 starts x 2
                  replicas per temperature, --sample-steps steps (default 1000) at 0.5 fs, a
@@ -966,10 +967,12 @@ def main() -> None:
     p.add_argument("--student-batch", type=int,
                    help="fast-student: structures per step of both students (default: "
                         "train_bench's Deep Potential batch, 1)")
-    p.add_argument("--student-model", default="dp_se_e2_a", choices=["dp_se_e2_a", "mace_1layer"],
+    p.add_argument("--student-model", default="dp_se_e2_a",
+                   choices=["dp_se_e2_a", "mace_1layer", "mace_2layer"],
                    help="the model of every student, at train_bench's settings (MODELS; "
-                        "mace_1layer: a one-layer MACE-style nequip; runs and results of "
-                        "another model than the default are named by it)")
+                        "mace_1layer: a one-layer MACE-style nequip, mace_2layer: the same on "
+                        "two layers (fast-student only); runs and results of another model "
+                        "than the default are named by it)")
     p.add_argument("--students", nargs="+", default=["distilled", "direct"],
                    choices=["distilled", "direct"],
                    help="fast-student: train only these students (two processes can share the "
@@ -1035,6 +1038,9 @@ def main() -> None:
         fail("--no-teacher-on-reference takes the labels of a finished run: give --labels-run")
     if args.atomic_energies < 0:
         fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
+    if args.student_model not in ENERGY_ONLY_LR and "energy-only" in args.parts:
+        fail(f"energy-only with --student-model {args.student_model}: its energy-only learning "
+             f"rates were never measured (ENERGY_ONLY_LR has {', '.join(ENERGY_ONLY_LR)})")
     if (args.student_model != "dp_se_e2_a" and "energy-only" in args.parts
             and not (args.student_steps and args.energy_only_steps)):
         fail("energy-only with --student-model: give --student-steps (cases b, c) and "
