@@ -76,7 +76,7 @@ MODELS = {
     },
 }
 # the one-layer MACE-style model on two layers of l=0 features (receptive field twice the cutoff):
-# more capacity for a fast student at 1.27x its MD cost (README, Distillation)
+# more capacity for a fast student at 1.3-1.7x its MD cost (README, Distillation)
 MODELS["mace_2layer"] = copy.deepcopy(MODELS["mace_1layer"])
 MODELS["mace_2layer"]["model"]["hparams"]["num_layers"] = 2
 TASKS = ("water", "3bpa", "3bpa_mixedT")
