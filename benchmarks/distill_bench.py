@@ -208,13 +208,15 @@ def student_section(args, steps: int, forces: bool = True, seed: int = 0,
     """The student (--student-model, dp_se_e2_a by default) at train_bench's settings as an
     `mlpot train` config without data (``forces=False``: energies alone, at the energy-only
     batch and learning rates; with forces, at --student-batch structures per step where given;
-    ``atomic``: with the teacher's atomic energies at the loss weight --atomic-energies where it
-    is above 0)."""
+    ``atomic``: the distilled student, with the teacher's atomic energies at the loss weight
+    --atomic-energies and its Hessian rows at --hessian-weight where they are above 0)."""
     student = getattr(args, "student_model", "dp_se_e2_a")
     if forces:
         loss = dict(train_bench().MODELS[student]["loss"])
         if atomic and getattr(args, "atomic_energies", 0.0):
             loss["atomic_energies"] = float(args.atomic_energies)
+        if atomic and getattr(args, "hessian_weight", 0.0):
+            loss["hessian"] = float(args.hessian_weight)
         section = model_section(args, student, steps, loss, seed)
         if getattr(args, "student_batch", None):
             section["training"]["batch_size"] = int(args.student_batch)
@@ -741,6 +743,7 @@ def fast_student(args) -> dict:
         batch = f"_{args.student_model}" + batch
     # the distilled student's runs: also named by its atomic-energy weight (the direct one's not)
     dbatch = batch + (f"_ae{args.atomic_energies:g}" if args.atomic_energies else "") \
+        + (f"_h{args.hessian_atoms}w{args.hessian_weight:g}" if args.hessian_atoms else "") \
         + ("_noteacherref" if args.no_teacher_on_reference else "")
     print(f"=== fast-student 3BPA: students ({', '.join(sorted(want))}) {s_steps} steps"
           f"{f' at batch {args.student_batch}' if args.student_batch else ''}, seeds "
@@ -823,6 +826,8 @@ def fast_student(args) -> dict:
             dcfg = {"mode": "teacher", "data": data, "teacher": {"model": str(teacher_file)},
                     "student": student_section(args, s_steps, atomic=True), "sample": sample,
                     "weights": {"reference": 1.0}}
+            if args.hessian_atoms:  # Hessian distillation (mlpot.hessian)
+                dcfg["hessian"] = {"atoms": args.hessian_atoms}
             if later_seeds_only:  # seed 0's `mlpot distill` may still train: leave it be
                 state = json.loads((out / "state.json").read_text())
             else:
@@ -842,6 +847,9 @@ def fast_student(args) -> dict:
         distilled["teacher_labels_on_reference_structures"] = not args.no_teacher_on_reference
         student_data = student_data_section(data, str(labels), "teacher")
         distilled["atomic_energies_weight"] = args.atomic_energies
+        distilled["hessian"] = {"atoms_per_frame": args.hessian_atoms,
+                                "loss_weight": args.hessian_weight} if args.hessian_atoms \
+            else None
         for k in seeds[first:]:
             run = out / (f"student_s{s_steps}{dbatch}_seed{k}" if args.labels_run
                          else f"student_seed{k}")
@@ -992,6 +1000,14 @@ def main() -> None:
                         "energies, with this loss weight (student.loss.atomic_energies; default "
                         "0: not); with --labels-run, an older run's labels get them from its "
                         "teacher first")
+    p.add_argument("--hessian-atoms", type=int, default=0, metavar="K",
+                   help="fast-student: Hessian distillation: the teacher also labels the "
+                        "Hessian rows of K atoms of every frame it labels (hessian.atoms; -1: "
+                        "all; 6 teacher calls per atom) and the distilled student learns them "
+                        "with --hessian-weight (default 0: not)")
+    p.add_argument("--hessian-weight", type=float, default=1.0, metavar="W",
+                   help="fast-student, with --hessian-atoms: student.loss.hessian, (eV/A^2)^-2 "
+                        "(default 1)")
     p.add_argument("--no-teacher-on-reference", action="store_true",
                    help="fast-student, with --labels-run: leave out the teacher's labels of "
                         "the training structures (which keep their DFT labels); the teacher "
@@ -1038,6 +1054,10 @@ def main() -> None:
         fail("--no-teacher-on-reference takes the labels of a finished run: give --labels-run")
     if args.atomic_energies < 0:
         fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
+    if args.hessian_atoms < -1 or (args.hessian_atoms and not args.hessian_weight > 0):
+        fail("--hessian-atoms K takes K >= 1 (or -1: all) with --hessian-weight above 0")
+    if args.hessian_atoms and args.labels_run:
+        fail("--hessian-atoms labels Hessian rows with the teacher: leave out --labels-run")
     if args.student_model not in ENERGY_ONLY_LR and "energy-only" in args.parts:
         fail(f"energy-only with --student-model {args.student_model}: its energy-only learning "
              f"rates were never measured (ENERGY_ONLY_LR has {', '.join(ENERGY_ONLY_LR)})")

@@ -107,6 +107,16 @@ class WeightsConfig:
 
 
 @dataclass
+class HessianConfig:
+    # Hessian distillation (mlpot.hessian): the teacher also labels the Hessian rows of this
+    # many atoms of every frame it labels (0: none, -1: all) by central differences of its
+    # forces (6 calls per atom); the student learns them with student.loss.hessian
+    atoms: int = _spec(0, ge=-1)
+    delta: float = _spec(0.01, gt=0.0)          # A
+    seed: int = _spec(0, ge=0)                   # which atoms: drawn per frame from this seed
+
+
+@dataclass
 class DistillConfig:
     mode: str = _spec("ensemble", choices=["ensemble", "teacher"])
     out_dir: str = "mlpot-distill"
@@ -115,9 +125,10 @@ class DistillConfig:
     student: Dict[str, Any] = field(default_factory=dict)   # a train config without data
     sample: SampleConfig = field(default_factory=SampleConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
 
 
-_SECTIONS = {"sample": SampleConfig, "weights": WeightsConfig}
+_SECTIONS = {"sample": SampleConfig, "weights": WeightsConfig, "hessian": HessianConfig}
 
 
 def _fill(cls, raw: Any, where: str):
@@ -179,7 +190,14 @@ def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",
         if "data" in section:
             raise DistillConfigError(f"{where}: {name}.data: the data are given once, in data:")
     teacher_config(cfg, where)  # checked now: every value before any work
-    student_config(cfg, os.path.join(cfg.out_dir, "student_data.xyz"), where)
+    scfg = student_config(cfg, os.path.join(cfg.out_dir, "student_data.xyz"), where)
+    learns_hessian = scfg.loss.hessian > 0 or (scfg.loss.hessian_start or 0) > 0
+    if learns_hessian and cfg.hessian.atoms == 0:
+        raise DistillConfigError(f"{where}: student.loss.hessian asks for the teacher's Hessian "
+                                 "rows: set hessian.atoms (atoms per frame, -1 for all)")
+    if cfg.hessian.atoms and not learns_hessian:
+        warnings.warn(f"{where}: hessian.atoms labels Hessian rows that the student ignores "
+                      "(student.loss.hessian is 0)", stacklevel=2)
     return cfg
 
 
@@ -243,11 +261,12 @@ def student_data_section(data: Dict[str, Any], data_file: str, mode: str) -> Dic
     out = {k: v for k, v in data.items()
            if k not in ("train", "format", "energy_key", "forces_key", "stress_key",
                         "virial_key", "energy_unit", "length_unit", "max_frames",
-                        "energy_weight_key", "forces_weight_key", "atomic_energies_key")}
+                        "energy_weight_key", "forces_weight_key", "atomic_energies_key",
+                        "hessian_key")}
     out.update(train=data_file, energy_key="DISTILL_energy", forces_key="DISTILL_forces",
                energy_weight_key="DISTILL_energy_weight",
                forces_weight_key="DISTILL_forces_weight",
-               atomic_energies_key="DISTILL_atomic_energies")
+               atomic_energies_key="DISTILL_atomic_energies", hessian_key="DISTILL_hessian")
     if mode == "teacher":  # a structure's teacher and reference frames stay together
         out["copy_key"] = STRUCTURE_KEY
     return out
@@ -577,8 +596,10 @@ class Distiller:
             extra = _read_xyz(self.path("samples.xyz")) if self.cfg.mode == "teacher" \
                 and os.path.exists(self.path("samples.xyz")) else []
             _write_xyz(to_label, tag_structures(frames, extra))
+        h = self.cfg.hessian
         spec = LabellerSpec(kind="model", model=self.teacher_file(),
-                            device=self.cfg.sample.device)
+                            device=self.cfg.sample.device, hessian_atoms=h.atoms,
+                            hessian_delta=h.delta, hessian_seed=h.seed)
         self.log(f"label: the teacher labels {to_label}")
         summary = label_file(to_label, self.path("teacher_labels.xyz"), spec, log=self.log,
                              prefix="TEACHER_")
@@ -594,7 +615,7 @@ class Distiller:
             fw = force_weights(devs, w.force_weighting, w.min_force_weight)
             for a, weight in zip(labelled, fw):
                 b = _distill_frame(a, a.info["REF_energy"], a.arrays["TEACHER_forces"], 1.0,
-                                   float(weight))
+                                   float(weight), hessian=a.arrays.get("TEACHER_hessian"))
                 b.info["distill_label"] = "reference energy + teacher forces"
                 out.append(b)
             state["force_weights"] = {"min": float(fw.min()), "median": float(np.median(fw)),
@@ -602,7 +623,8 @@ class Distiller:
         else:
             for a in labelled:
                 b = _distill_frame(a, a.info["TEACHER_energy"], a.arrays["TEACHER_forces"],
-                                   1.0, 1.0, a.arrays.get("TEACHER_atomic_energies"))
+                                   1.0, 1.0, a.arrays.get("TEACHER_atomic_energies"),
+                                   a.arrays.get("TEACHER_hessian"))
                 b.info["distill_label"] = "teacher"
                 out.append(b)
             if w.reference > 0:
@@ -639,15 +661,18 @@ class Distiller:
 
 
 def _distill_frame(a, energy: float, forces, energy_weight: float, forces_weight: float,
-                   atomic_energies=None):
+                   atomic_energies=None, hessian=None):
     """A copy of frame ``a`` whose training labels are ``DISTILL_*`` (forces None: zeros with
-    weight 0, so that every frame of the file has the same keys; atomic energies, a teacher's,
-    only where given: a frame without them has no such label)."""
+    weight 0, so that every frame of the file has the same keys; atomic energies and Hessian
+    rows, a teacher's, only where given: a frame without them has no such label)."""
     b = a.copy()
-    for key in [k for k in b.arrays if k.startswith("DISTILL_")]:
+    # the teacher's Hessian rows are large (9N numbers per atom): kept once, as DISTILL_hessian
+    for key in [k for k in b.arrays if k.startswith("DISTILL_") or k == "TEACHER_hessian"]:
         del b.arrays[key]
     if atomic_energies is not None:
         b.arrays["DISTILL_atomic_energies"] = np.asarray(atomic_energies, dtype=np.float64)
+    if hessian is not None:
+        b.arrays["DISTILL_hessian"] = np.asarray(hessian, dtype=np.float64)
     b.info["DISTILL_energy"] = float(energy)
     b.arrays["DISTILL_forces"] = np.zeros((len(a), 3)) if forces is None \
         else np.asarray(forces, dtype=np.float64)

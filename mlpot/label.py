@@ -83,6 +83,12 @@ class LabellerSpec:
     calc_kwargs: Dict[str, Any] = field(default_factory=dict)
     model: Optional[str] = None
     device: str = "cpu"
+    # Hessian rows by central differences of the labeller's forces (mlpot.hessian): for this
+    # many atoms of each frame (0: none, -1: all; the atoms drawn with hessian_seed and the
+    # frame's index), displacements of hessian_delta A; 6 force calls per atom
+    hessian_atoms: int = 0
+    hessian_delta: float = 0.01
+    hessian_seed: int = 0
 
     def describe(self) -> str:
         if self.kind == "pyscf":
@@ -110,6 +116,10 @@ class Labels:
     energy_dev: Optional[float] = None  # eV/atom
     # an mlpot model's per-atom energies (their sum is the energy): distillation targets
     atomic_energies: Optional[np.ndarray] = None  # [N] eV
+    # Hessian rows of these atoms (LabellerSpec.hessian_atoms): [3k, 3N] eV/A^2, row 3m + c
+    # for coordinate c of hessian_atoms[m]
+    hessian_atoms: Optional[List[int]] = None
+    hessian_rows: Optional[np.ndarray] = None
 
     def to_json(self) -> Dict[str, Any]:
         d = {"energy": float(self.energy), "forces": np.asarray(self.forces).tolist(),
@@ -119,16 +129,22 @@ class Labels:
             d["energy_dev"] = self.energy_dev
         if self.atomic_energies is not None:
             d["atomic_energies"] = np.asarray(self.atomic_energies).tolist()
+        if self.hessian_rows is not None:
+            d["hessian_atoms"] = [int(a) for a in self.hessian_atoms]
+            d["hessian_rows"] = np.asarray(self.hessian_rows).tolist()
         return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Labels":
         virial, fdev, atomic = d.get("virial"), d.get("forces_dev"), d.get("atomic_energies")
+        rows = d.get("hessian_rows")
         return cls(float(d["energy"]), np.asarray(d["forces"], dtype=np.float64),
                    None if virial is None else np.asarray(virial, dtype=np.float64),
                    None if fdev is None else np.asarray(fdev, dtype=np.float64),
                    None if d.get("energy_dev") is None else float(d["energy_dev"]),
-                   None if atomic is None else np.asarray(atomic, dtype=np.float64))
+                   None if atomic is None else np.asarray(atomic, dtype=np.float64),
+                   None if rows is None else [int(a) for a in d["hessian_atoms"]],
+                   None if rows is None else np.asarray(rows, dtype=np.float64))
 
 
 def _fully_periodic(atoms) -> bool:
@@ -327,6 +343,26 @@ class ModelLabeller(ASELabeller):
             labels.energy_dev = float(results["energy_dev"])
         return labels
 
+    def forces_many(self, frames) -> List[np.ndarray]:
+        """The forces of frames of one system (the same atoms and cell: the displaced copies
+        of a Hessian by differences), as batches of replicas in one model call each."""
+        import torch
+
+        from .inputs import read_outputs, replica_inputs
+
+        model, out = self.calc.model, []
+        first = frames[0]
+        types = model.atom_types(first.numbers, where="the model labeller")
+        cell = torch.as_tensor(np.asarray(first.cell.array), dtype=model.dtype)
+        pbc = torch.as_tensor(np.asarray(first.pbc, dtype=bool))
+        for k in range(0, len(frames), 64):
+            chunk = frames[k:k + 64]
+            pos = torch.as_tensor(np.stack([a.positions for a in chunk]), dtype=model.dtype)
+            data = replica_inputs(pos, types, cell.expand(len(chunk), 3, 3), pbc)
+            forces = read_outputs(model(data, True, False), len(chunk))["forces"]
+            out.extend(f.to(torch.float64).numpy() for f in forces)
+        return out
+
     def check(self, atoms, where: str) -> None:
         missing = sorted(set(atoms.get_chemical_symbols()) - set(self.elements))
         if missing:
@@ -366,9 +402,32 @@ def _init_worker(spec: LabellerSpec, threads: Optional[int]) -> None:
     _WORKER_LABELLER = make_labeller(spec)
 
 
+def _forces_many(labeller, frames) -> List[np.ndarray]:
+    """Forces of several frames: the labeller's batched ``forces_many`` where it has one."""
+    if hasattr(labeller, "forces_many"):
+        return labeller.forces_many(frames)
+    return [labeller.label(a).forces for a in frames]
+
+
+def _with_hessian(labeller, index: int, atoms, labels: Labels) -> Labels:
+    """``labels`` with the Hessian rows the spec asks for (mlpot.hessian)."""
+    from .hessian import choose_atoms, finite_difference_rows
+
+    spec = labeller.spec
+    rng = np.random.default_rng([spec.hessian_seed, index])
+    chosen = choose_atoms(len(atoms), spec.hessian_atoms, rng)
+    labels.hessian_atoms = [int(a) for a in chosen]
+    labels.hessian_rows = finite_difference_rows(lambda fr: _forces_many(labeller, fr), atoms,
+                                                 chosen, spec.hessian_delta)
+    return labels
+
+
 def _label_one(labeller, index: int, atoms) -> Tuple[int, Optional[Dict], Optional[str]]:
     try:
-        return index, labeller.label(atoms).to_json(), None
+        labels = labeller.label(atoms)
+        if labeller.spec.hessian_atoms:
+            labels = _with_hessian(labeller, index, atoms, labels)
+        return index, labels.to_json(), None
     except FrameFailed as err:
         return index, None, " ".join(str(err).split())
     except Exception as err:  # noqa: BLE001 - one frame's failure never stops the batch
@@ -543,6 +602,11 @@ def _output_atoms(atoms, labels: Labels, prefix: str = "REF_"):
     if labels.atomic_energies is not None:
         out.arrays[prefix + "atomic_energies"] = np.asarray(labels.atomic_energies,
                                                             dtype=np.float64)
+    if labels.hessian_rows is not None:
+        from .hessian import rows_to_array
+
+        out.arrays[prefix + "hessian"] = rows_to_array(len(out), labels.hessian_atoms,
+                                                       labels.hessian_rows)
     return out
 
 
@@ -650,9 +714,19 @@ def spec_from_args(args) -> LabellerSpec:
         raise LabelError(f"--max-cycle {args.max_cycle}: give 1 or more SCF iterations")
     if args.spin < 0:
         raise LabelError(f"--spin {args.spin}: give 2S >= 0 (N_alpha - N_beta)")
+    check_hessian_options(args.hessian_atoms, args.hessian_delta, "--hessian-")
     return LabellerSpec(kind=kind, method=args.method, basis=args.basis, charge=args.charge,
                         spin=args.spin, max_cycle=args.max_cycle, calculator=args.ase_calculator,
-                        calc_kwargs=calc_kwargs, model=args.model, device=args.device)
+                        calc_kwargs=calc_kwargs, model=args.model, device=args.device,
+                        hessian_atoms=args.hessian_atoms, hessian_delta=args.hessian_delta)
+
+
+def check_hessian_options(atoms: int, delta: float, where: str) -> None:
+    """LabelError (one line) for a Hessian request that cannot be met."""
+    if atoms < -1:
+        raise LabelError(f"{where}atoms {atoms}: give a number of atoms >= 0, or -1 for all")
+    if not delta > 0:
+        raise LabelError(f"{where}delta {delta}: give a displacement > 0 (A), e.g. 0.01")
 
 
 def run_label(args) -> int:
@@ -704,6 +778,12 @@ def add_label_parser(subparsers) -> None:
                         "TEACHER_ for a teacher model's labels; a model also writes its "
                         "atomic energies, PREFIXatomic_energies, and a committee "
                         "PREFIXforces_dev and PREFIXenergy_dev)")
+    p.add_argument("--hessian-atoms", type=int, default=0,
+                   help="also the Hessian rows of this many atoms per frame (-1: all), by "
+                        "central differences of the labeller's forces, 6 force calls per atom, "
+                        "as PREFIXhessian (eV/A^2; Hessian distillation; default 0: none)")
+    p.add_argument("--hessian-delta", type=float, default=0.01,
+                   help="--hessian-atoms: the displacement, A (default 0.01)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel worker processes (default 1: in this process)")
     p.set_defaults(func=run_label)

@@ -348,3 +348,36 @@ def test_teacher_mode_labels_structures_from_files(ensemble_run, tmp_path):
     raw.update(sample={"structures": ["missing.xyz"]})
     with pytest.raises(DistillConfigError, match="missing.xyz: no such file"):
         distill_config_from_dict(raw, base_dir=str(tmp_path))
+
+
+def test_teacher_hessian_rows_reach_the_student(ensemble_run, tmp_path):
+    """hessian.atoms: the teacher labels Hessian rows of its frames (mlpot.hessian), the
+    student's data carries them once, as DISTILL_hessian on the teacher's frames, and the
+    student learns them (loss.hessian); asking for them without labels, or labels without
+    asking, is said before any work."""
+    out, _ = ensemble_run
+    train = str(tmp_path / "dft.xyz")
+    write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
+    raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
+           "data": {"train": train, "validation_fraction": 0.2},
+           "teacher": {"model": str(out / "teacher.pt")},
+           "sample": {"perturb_copies": 1},
+           "hessian": {"atoms": 2},
+           "student": {"model": dict(TINY), "loss": {"hessian": 0.1},
+                       "training": {"max_epochs": 1, "batch_size": 4}}}
+    state = distill(distill_config_from_dict(raw), log=lambda *a: None)
+    assert state["done"] == ["teacher", "sample", "label", "student_data", "student"]
+    labels = read(str(tmp_path / "run" / "teacher_labels.xyz"), ":")
+    assert all(np.isfinite(a.arrays["TEACHER_hessian"]).all(axis=1).sum() == 2 for a in labels)
+    student = read(str(tmp_path / "run" / "student_data.xyz"), ":")
+    assert not any("TEACHER_hessian" in a.arrays for a in student)
+    for a in student:
+        assert ("DISTILL_hessian" in a.arrays) == (a.info["distill_label"] == "teacher")
+    assert student_config(distill_config_from_dict(raw), str(
+        tmp_path / "run" / "student_data.xyz")).data.hessian_key == "DISTILL_hessian"
+    log = (tmp_path / "run" / "student" / "log.csv").read_text().splitlines()
+    assert "mse_hessian" in log[0]
+    with pytest.raises(DistillConfigError, match="set hessian.atoms"):
+        distill_config_from_dict({**raw, "hessian": {"atoms": 0}})
+    with pytest.warns(UserWarning, match="student ignores"):
+        distill_config_from_dict({**raw, "student": {**raw["student"], "loss": {}}})

@@ -28,6 +28,9 @@ _WEIGHTS = ("energy_weight", "forces_weight")
 # per-atom labels that models do not take as input (not in ``as_dict``): a teacher's atomic
 # energies (data.atomic_energies_key, loss.atomic_energies), float64 like the energy
 _ATOM_LABELS = (K.ATOMIC_ENERGIES,)
+# second derivatives of the energy (a teacher's, for Hessian distillation): per structure a
+# flattened 3N x 3N matrix, float64 (mlpot.hessian)
+_HESSIAN = "hessian"
 
 
 @dataclass
@@ -48,6 +51,9 @@ class AtomicData:
             virial: [B, 3, 3] eV. Each optional; NaN marks a missing label inside a batch.
         atomic_energies: [N] float64 eV, a teacher's per-atom energies (distillation), NaN where
             a structure has none; a label only, never a model input.
+        hessian: [sum_b (3 N_b)^2] float64 eV/A^2, each structure's Hessian d^2E/dR dR
+            flattened row-major (structures concatenated), NaN rows where unlabelled
+            (mlpot.hessian); a label only.
         energy_weight, forces_weight: [B] float64 per-structure weights of the energy and force
             loss terms (distillation: lower force weights where teachers disagree); None and,
             inside a batch, a structure without one: 1.
@@ -70,6 +76,7 @@ class AtomicData:
     energy_weight: Optional[torch.Tensor] = None
     forces_weight: Optional[torch.Tensor] = None
     atomic_energies: Optional[torch.Tensor] = None
+    hessian: Optional[torch.Tensor] = None
     sources: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
@@ -194,6 +201,10 @@ class AtomicData:
                 parts.append(v if v is not None else torch.full(
                     (n,) + _TARGET_SHAPES[key], float("nan"), dtype=ref.dtype))
             out[key] = torch.cat(parts)
+        if any(it.hessian is not None for it in items):
+            out[_HESSIAN] = torch.cat([it.hessian if it.hessian is not None else torch.full(
+                (int((9 * it.num_atoms ** 2).sum()),), float("nan"), dtype=torch.float64)
+                for it in items])
         for key in _WEIGHTS:
             values = [getattr(it, key) for it in items]
             if any(v is not None for v in values):
@@ -231,6 +242,9 @@ class AtomicData:
             v = getattr(self, key)
             if v is not None:
                 out[key] = v[a0:a1]
+        if self.hessian is not None:
+            h0 = int((9 * self.num_atoms[:b] ** 2).sum())
+            out[_HESSIAN] = self.hessian[h0:h0 + 9 * (a1 - a0) ** 2]
         return AtomicData(**out)
 
     def split(self) -> List["AtomicData"]:
@@ -239,14 +253,14 @@ class AtomicData:
     # ------------------------------------------------------------------ conversion
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "AtomicData":
         """Move to a device; ``dtype`` converts positions, cell, forces, stress, virial
-        (energy and atomic energies stay float64)."""
+        (energy, atomic energies and the Hessian stay float64)."""
         changes = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, torch.Tensor):
                 continue
             if dtype is not None and v.is_floating_point() and f.name != K.ENERGY \
-                    and f.name not in _WEIGHTS + _ATOM_LABELS:
+                    and f.name not in _WEIGHTS + _ATOM_LABELS + (_HESSIAN,):
                 v = v.to(dtype)
             changes[f.name] = v.to(device) if device is not None else v
         return replace(self, **changes)

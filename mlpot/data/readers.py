@@ -104,6 +104,7 @@ def read_ase(
     energy_weight_key: Optional[str] = None,
     forces_weight_key: Optional[str] = None,
     atomic_energies_key: Optional[str] = None,
+    hessian_key: Optional[str] = None,
 ) -> List[AtomicData]:
     """Read any file ASE reads (extxyz, xyz, traj, db, POSCAR/OUTCAR, cif, ...).
 
@@ -120,6 +121,9 @@ def read_ase(
             frame's ``info``; every frame must have them when the key is named).
         atomic_energies_key: a per-atom array of energies (eV before ``energy_unit``; a
             teacher's, for distillation); a frame without it has no such label.
+        hessian_key: a per-atom array of 9N numbers, the Hessian rows of each atom (eV/A^2
+            before the units; ``mlpot.hessian``: a teacher's, for Hessian distillation); NaN
+            rows are unlabelled; a frame without it has no such label.
     """
     import ase.io
 
@@ -167,6 +171,9 @@ def read_ase(
         if atomic_energies_key is not None and atomic_energies_key in atoms.arrays:
             data.atomic_energies = _atomic_energies(atoms.arrays[atomic_energies_key], e_f,
                                                     atomic_energies_key, where)
+        if hessian_key is not None and hessian_key in atoms.arrays:
+            data.hessian = _hessian(atoms.arrays[hessian_key], len(atoms), e_f / l_f ** 2,
+                                    hessian_key, where)
         out.append(_finish(data, tm, where, min_distance))
     return out
 
@@ -196,6 +203,20 @@ def _atomic_energies(values, e_f: float, key: str, where: str):
         raise DataError(f"{where}: {key} holds a value that is not a finite number; fix the "
                         "file or drop the frame")
     return torch.as_tensor(a * e_f)
+
+
+def _hessian(values, n_atoms: int, factor: float, key: str, where: str):
+    """A frame's Hessian label, flattened [(3N)^2] (float64, eV/A^2; NaN rows unlabelled),
+    else a DataError."""
+    import torch
+
+    from ..hessian import array_to_matrix
+
+    try:
+        m = array_to_matrix(values, n_atoms, where, key)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return torch.as_tensor(m.reshape(-1) * factor)
 
 
 def _looked_for(missing):
@@ -419,7 +440,8 @@ def read(path: str, format: Optional[str] = None, **kwargs) -> List[AtomicData]:
     if format == "deepmd" or (format is None and os.path.isdir(path)):
         ase_only = sorted(set(kwargs) & {"index", "energy_key", "forces_key", "stress_key",
                                          "virial_key", "energy_weight_key",
-                                         "forces_weight_key", "atomic_energies_key"})
+                                         "forces_weight_key", "atomic_energies_key",
+                                         "hessian_key"})
         if ase_only:
             raise DataError(f"{path}: {ase_only} apply to ASE formats, not to DeePMD npy data "
                             "(whose labels are energy.npy, force.npy, virial.npy)")

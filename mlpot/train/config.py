@@ -60,6 +60,9 @@ class DataConfig:
     # per-atom energies of a teacher (an array key of ASE formats; distillation writes
     # DISTILL_atomic_energies), the labels of loss.atomic_energies
     atomic_energies_key: Optional[str] = None
+    # Hessian rows of a teacher (a per-atom array of 9N numbers; mlpot distill writes
+    # DISTILL_hessian; mlpot.hessian), the labels of loss.hessian
+    hessian_key: Optional[str] = None
     energy_unit: str = "eV"                     # a key of readers.ENERGY_UNITS_TO_EV
     length_unit: str = "A"                      # a key of readers.LENGTH_UNITS_TO_ANGSTROM
     min_distance: Optional[float] = _spec(0.5, ge=0.0)  # Angstrom; closer atoms: an input error
@@ -107,6 +110,12 @@ class LossConfig:
     # error): in distillation, N labels per structure where the energy gives one
     atomic_energies: float = _spec(0.0, ge=0.0)
     atomic_energies_start: Optional[float] = _spec(None, ge=0.0)
+    # a teacher's Hessian rows (data.hessian_key; (eV/A^2)^-2 on the squared error of an entry):
+    # Hessian distillation; each step compares hessian_rows random labelled rows per structure,
+    # one extra backward pass through the forces per row (mlpot.hessian)
+    hessian: float = _spec(0.0, ge=0.0)
+    hessian_start: Optional[float] = _spec(None, ge=0.0)
+    hessian_rows: int = _spec(1, ge=1)
     # model.uncertainty: mve: weight of the variance network's Gaussian negative log-likelihood
     nll: float = _spec(1.0, ge=0.0)
 

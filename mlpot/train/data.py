@@ -39,10 +39,12 @@ def _read_all(paths: List[str], cfg: Config, type_map: Optional[TypeMap], requir
                           stress_key=d.stress_key, virial_key=d.virial_key,
                           energy_weight_key=d.energy_weight_key,
                           forces_weight_key=d.forces_weight_key,
-                          atomic_energies_key=d.atomic_energies_key)
-        elif d.energy_weight_key or d.forces_weight_key or d.atomic_energies_key:
-            raise DataError(f"{p}: data.energy_weight_key, forces_weight_key and "
-                            "atomic_energies_key apply to "
+                          atomic_energies_key=d.atomic_energies_key,
+                          hessian_key=d.hessian_key)
+        elif d.energy_weight_key or d.forces_weight_key or d.atomic_energies_key \
+                or d.hessian_key:
+            raise DataError(f"{p}: data.energy_weight_key, forces_weight_key, "
+                            "atomic_energies_key and hessian_key apply to "
                             "ASE formats (per-frame info), not to DeePMD npy data")
         out.extend(read(p, format=d.format, **kwargs))
     return out
@@ -171,4 +173,10 @@ def load_training_data(cfg: Config, require=("energy",)) -> TrainingData:
                         f"training frame has them {where}; name their array with "
                         "data.atomic_energies_key (mlpot distill writes DISTILL_atomic_energies) "
                         "or set loss.atomic_energies: 0")
+    if (cfg.loss.hessian > 0 or (cfg.loss.hessian_start or 0) > 0) \
+            and not any(s.hessian is not None for s in train):
+        where = f"under {d.hessian_key!r}" if d.hessian_key else "(data.hessian_key is not set)"
+        raise DataError(f"{d.train}: loss.hessian asks for Hessian labels, but no training frame "
+                        f"has them {where}; name their array with data.hessian_key (mlpot "
+                        "distill writes DISTILL_hessian) or set loss.hessian: 0")
     return TrainingData(train, validation, test, tm, hash_data(train_paths))

@@ -3,7 +3,9 @@
 Labels missing from some structures of a batch are NaN (see AtomicData) and are masked out.
 Per-structure weights (``AtomicData.energy_weight``/``forces_weight``, from
 ``data.energy_weight_key``/``forces_weight_key``) multiply each squared error; the mean is still
-over the entries, so a weight below 1 lowers a structure's share of the loss.
+over the entries, so a weight below 1 lowers a structure's share of the loss. A teacher's Hessian rows
+(``loss.hessian``, Hessian distillation) add a term on random rows of each structure's Hessian,
+computed from the forces and the positions they came from (``mlpot.hessian``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import keys as K
+from ..hessian import sampled_row_loss
 from .config import LossConfig
 
 
@@ -42,15 +45,17 @@ def entry_counts(batch) -> torch.Tensor:
 
 
 class Loss:
-    """L = w_E mean((dE/N)^2) + w_F mean(dF^2) + w_S mean(dS^2) + w_A mean(dE_i^2), weights
-    possibly scheduled; the last over the atoms with an atomic-energy label (a teacher's)."""
+    """L = w_E mean((dE/N)^2) + w_F mean(dF^2) + w_S mean(dS^2) + w_A mean(dE_i^2)
+    + w_H mean(dH^2), weights possibly scheduled; w_A over the atoms with an atomic-energy label
+    (a teacher's), w_H over sampled labelled Hessian rows (in training only: it needs the
+    positions the forces were computed from, with their graph)."""
 
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
 
     def weights(self, lr_ratio: float = 1.0) -> Dict[str, float]:
         out = {}
-        for key in ("energy", "forces", "stress", "atomic_energies"):
+        for key in ("energy", "forces", "stress", "atomic_energies", "hessian"):
             final = getattr(self.cfg, key)
             start = getattr(self.cfg, key + "_start")
             out[key] = final if start is None else final + (start - final) * lr_ratio
@@ -65,14 +70,21 @@ class Loss:
         return self.cfg.atomic_energies > 0 or (self.cfg.atomic_energies_start or 0) > 0
 
     @property
+    def needs_hessian(self) -> bool:
+        return self.cfg.hessian > 0 or (self.cfg.hessian_start or 0) > 0
+
+    @property
     def needs_stress(self) -> bool:
         return self.cfg.stress > 0 or (self.cfg.stress_start or 0) > 0
 
     def __call__(self, pred: Dict[str, torch.Tensor], batch, lr_ratio: float = 1.0,
-                 counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                 counts: Optional[torch.Tensor] = None,
+                 positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The loss and its parts (the unweighted MSEs). ``counts`` [4]: divide the sums by these
         entry counts (of the global batch, ``entry_counts`` summed over processes) instead of
-        this batch's own."""
+        this batch's own. ``positions``: the leaf the forces were computed from (with
+        create_graph), for the Hessian term; without it the term is left out (validation). The
+        Hessian term is each process's own mean."""
         w = self.weights(lr_ratio)
         c = [None] * 4 if counts is None else [max(float(x), 1.0) for x in counts]
         total = pred[K.ENERGY].new_zeros(())
@@ -97,4 +109,11 @@ class Loss:
             mse, _ = _masked_mse(pred[K.ATOMIC_ENERGIES], batch.atomic_energies, count=c[3])
             total = total + w["atomic_energies"] * mse
             parts["atomic_energies"] = float(mse.detach())
+        if batch.hessian is not None and w["hessian"] > 0 and positions is not None \
+                and K.FORCES in pred:
+            mse, n = sampled_row_loss(pred[K.FORCES], positions, batch.hessian, batch.ptr,
+                                      self.cfg.hessian_rows)
+            if mse is not None:
+                total = total + w["hessian"] * mse
+                parts["hessian"] = float(mse.detach())
         return total, parts

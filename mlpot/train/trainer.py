@@ -93,6 +93,9 @@ class Trainer:
             torch.set_num_threads(cfg.training.threads)
             stop_watching()  # the config's count holds while training runs
         self.dist = dist if dist is not None else Distributed()
+        if self.dist.active and self.loss_fn.needs_hessian:
+            raise ConfigError("loss.hessian (Hessian distillation) trains in one process: run "
+                              "mlpot train without torchrun, or set loss.hessian: 0")
         self.device = self.dist.device(cfg.training.device)
         mc = cfg.model
         seed, k_members = cfg.training.seed, cfg.training.ensemble
@@ -268,10 +271,16 @@ class Trainer:
                 model, optimizer = self.step_models[k], self.optimizers[k]
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                pred = model(batch.as_dict(), compute_forces=self.loss_fn.needs_forces,
-                             compute_stress=self.loss_fn.needs_stress)
+                inputs, positions = batch.as_dict(), None
+                if self.loss_fn.needs_hessian and batch.hessian is not None:
+                    # the Hessian term differentiates the forces again w.r.t. these positions
+                    positions = inputs[K.POSITIONS].detach().requires_grad_(True)
+                    inputs[K.POSITIONS] = positions
+                pred = model(inputs, compute_forces=self.loss_fn.needs_forces
+                             or positions is not None, compute_stress=self.loss_fn.needs_stress)
                 loss, parts = self.loss_fn(pred, batch, lr / cfg.optim.lr,
-                                           counts=None if counts is None else counts[k])
+                                           counts=None if counts is None else counts[k],
+                                           positions=positions)
                 if self.mve:  # the variance network's likelihood of the (detached) errors
                     nll = gaussian_nll(pred, batch.forces, batch.energy, batch.num_atoms,
                                        None if counts is None else
