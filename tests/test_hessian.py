@@ -212,3 +212,23 @@ def test_a_student_trained_on_hessian_rows_learns_them(tmp_path):
         errors[w] = _hessian_error(tmp_path / f"w{w}" / "best.pt", held)
     print(f"held-out Hessian MAE (eV/A^2): {errors}")
     assert errors[1.0] < 0.9 * errors[0.0]  # seen: 1.01 against 1.27
+
+
+def test_label_cli_hessian_options_and_bad_values(tmp_path, capsys):
+    from mlpot.cli import main as cli
+
+    frames = labelled_cu_cells(2, seed=7, stress=False)
+    write(str(tmp_path / "in.xyz"), frames)
+    out = tmp_path / "out.xyz"
+    assert cli(["label", str(tmp_path / "in.xyz"), "-o", str(out), "--ase-calculator",
+                "ase.calculators.emt:EMT", "--hessian-atoms", "1"]) == 0
+    for a in ase_read(str(out), ":"):
+        assert np.isfinite(a.arrays["REF_hessian"]).all(axis=1).sum() == 1
+    capsys.readouterr()
+    for flag, value, message in (("--hessian-atoms", "-2", "give a number of atoms >= 0"),
+                                 ("--hessian-delta", "0", "give a displacement > 0")):
+        assert cli(["label", str(tmp_path / "in.xyz"), "-o", str(tmp_path / "x.xyz"),
+                    "--ase-calculator", "ase.calculators.emt:EMT", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x.xyz").exists()
