@@ -215,7 +215,7 @@ def student_section(args, steps: int, forces: bool = True, seed: int = 0,
         loss = dict(train_bench().MODELS[student]["loss"])
         if atomic and getattr(args, "atomic_energies", 0.0):
             loss["atomic_energies"] = float(args.atomic_energies)
-        if atomic and getattr(args, "hessian_weight", 0.0):
+        if atomic and getattr(args, "hessian_atoms", 0):
             loss["hessian"] = float(args.hessian_weight)
         section = model_section(args, student, steps, loss, seed)
         if getattr(args, "student_batch", None):
