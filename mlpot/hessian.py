@@ -109,7 +109,8 @@ def sampled_row_loss(forces: torch.Tensor, positions: torch.Tensor, hessian: tor
     no structure of the batch has a labelled row."""
     picks: List[List[Tuple[int, int]]] = [[] for _ in range(rows_per_structure)]
     targets: List[List[torch.Tensor]] = [[] for _ in range(rows_per_structure)]
-    for b, (a0, n, off) in enumerate(_blocks(ptr)):
+    blocks = _blocks(ptr)
+    for b, (a0, n, off) in enumerate(blocks):
         m = hessian[off:off + 9 * n * n].reshape(3 * n, 3 * n)
         labelled = torch.nonzero(torch.isfinite(m).all(dim=1)).reshape(-1)
         if labelled.numel() == 0:
@@ -121,7 +122,6 @@ def sampled_row_loss(forces: torch.Tensor, positions: torch.Tensor, hessian: tor
             targets[s].append(m[r])
     if not picks[0]:
         return None, 0
-    blocks = _blocks(ptr)
     sq_sum = forces.new_zeros((), dtype=torch.float64)
     count = 0
     for s in range(rows_per_structure):

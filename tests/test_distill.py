@@ -177,17 +177,25 @@ def test_a_kill_after_each_stage_resumes_to_the_same_student(data, tmp_path):
     assert run.returncode == 2 and "another config" in run.stderr
 
 
-def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_path):
-    out, _ = ensemble_run
+def _teacher_mode(teacher: str, tmp_path, **over):
+    """A mode-teacher config: 6 EMT Cu cells as the training structures (written now),
+    ``teacher`` as the teacher, a one-epoch student; ``over`` replaces top-level sections."""
     train = str(tmp_path / "dft.xyz")
     write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
     raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
            "data": {"train": train, "validation_fraction": 0.2},
-           "teacher": {"model": str(out / "teacher.pt")},
-           "sample": {"temperatures": [300, 600], "steps": 20, "collect_every": 10,
-                      "starts": 2, "replicas": 1, "perturb_copies": 1},
-           "weights": {"reference": 0.5},
+           "teacher": {"model": teacher},
            "student": {"model": dict(TINY), "training": {"max_epochs": 1, "batch_size": 8}}}
+    raw.update(over)
+    return raw
+
+
+def test_teacher_mode_samples_and_weights_reference_labels(ensemble_run, tmp_path):
+    out, _ = ensemble_run
+    raw = _teacher_mode(str(out / "teacher.pt"), tmp_path,
+                        sample={"temperatures": [300, 600], "steps": 20, "collect_every": 10,
+                                "starts": 2, "replicas": 1, "perturb_copies": 1},
+                        weights={"reference": 0.5})
     state = distill(distill_config_from_dict(raw), log=lambda *a: None)
     # 2 starts x 2 temperatures x 1 replica x 2 collected frames + 6 perturbed copies
     assert state["samples"] == 8 + 6
@@ -311,17 +319,11 @@ def test_teacher_mode_labels_structures_from_files(ensemble_run, tmp_path):
     by the teacher beside the training structures, their own labels ignored, each its own
     structure in the split; a file with an element the teacher lacks is refused up front."""
     out, _ = ensemble_run
-    train = str(tmp_path / "dft.xyz")
-    write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
     # with EMT labels, which the teacher's replace
     write(str(tmp_path / "mine.xyz"), labelled_cu_cells(5, seed=901, stress=False),
           format="extxyz")
     extra = read(str(tmp_path / "mine.xyz"), ":")
-    raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
-           "data": {"train": train, "validation_fraction": 0.2},
-           "teacher": {"model": str(out / "teacher.pt")},
-           "sample": {"structures": "mine.xyz"},
-           "student": {"model": dict(TINY), "training": {"max_epochs": 1, "batch_size": 8}}}
+    raw = _teacher_mode(str(out / "teacher.pt"), tmp_path, sample={"structures": "mine.xyz"})
     cfg = distill_config_from_dict(raw, base_dir=str(tmp_path))  # relative to the config
     assert cfg.sample.structures == [str(tmp_path / "mine.xyz")]
     state = distill(cfg, log=lambda *a: None)
@@ -356,15 +358,10 @@ def test_teacher_hessian_rows_reach_the_student(ensemble_run, tmp_path):
     student learns them (loss.hessian); asking for them without labels, or labels without
     asking, is said before any work."""
     out, _ = ensemble_run
-    train = str(tmp_path / "dft.xyz")
-    write(train, labelled_cu_cells(6, seed=900, stress=False), format="extxyz")
-    raw = {"mode": "teacher", "out_dir": str(tmp_path / "run"),
-           "data": {"train": train, "validation_fraction": 0.2},
-           "teacher": {"model": str(out / "teacher.pt")},
-           "sample": {"perturb_copies": 1},
-           "hessian": {"atoms": 2},
-           "student": {"model": dict(TINY), "loss": {"hessian": 0.1},
-                       "training": {"max_epochs": 1, "batch_size": 4}}}
+    raw = _teacher_mode(str(out / "teacher.pt"), tmp_path, sample={"perturb_copies": 1},
+                        hessian={"atoms": 2},
+                        student={"model": dict(TINY), "loss": {"hessian": 0.1},
+                                 "training": {"max_epochs": 1, "batch_size": 4}})
     state = distill(distill_config_from_dict(raw), log=lambda *a: None)
     assert state["done"] == ["teacher", "sample", "label", "student_data", "student"]
     labels = read(str(tmp_path / "run" / "teacher_labels.xyz"), ":")
