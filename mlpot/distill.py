@@ -191,7 +191,9 @@ def distill_config_from_dict(raw: Dict[str, Any], where: str = "config",
             raise DistillConfigError(f"{where}: {name}.data: the data are given once, in data:")
     teacher_config(cfg, where)  # checked now: every value before any work
     scfg = student_config(cfg, os.path.join(cfg.out_dir, "student_data.xyz"), where)
-    learns_hessian = scfg.loss.hessian > 0 or (scfg.loss.hessian_start or 0) > 0
+    from .train.loss import Loss
+
+    learns_hessian = Loss(scfg.loss).needs_hessian
     if learns_hessian and cfg.hessian.atoms == 0:
         raise DistillConfigError(f"{where}: student.loss.hessian asks for the teacher's Hessian "
                                  "rows: set hessian.atoms (atoms per frame, -1 for all)")

@@ -3,9 +3,10 @@
 Labels missing from some structures of a batch are NaN (see AtomicData) and are masked out.
 Per-structure weights (``AtomicData.energy_weight``/``forces_weight``, from
 ``data.energy_weight_key``/``forces_weight_key``) multiply each squared error; the mean is still
-over the entries, so a weight below 1 lowers a structure's share of the loss. A teacher's Hessian rows
-(``loss.hessian``, Hessian distillation) add a term on random rows of each structure's Hessian,
-computed from the forces and the positions they came from (``mlpot.hessian``).
+over the entries, so a weight below 1 lowers a structure's share of the loss. A teacher's
+Hessian rows (``loss.hessian``, Hessian distillation) add a term on random rows of each
+structure's Hessian, computed from the forces and the positions they came from
+(``mlpot.hessian``).
 """
 from __future__ import annotations
 
