@@ -1004,7 +1004,8 @@ def main() -> None:
                    help="fast-student: Hessian distillation: the teacher also labels the "
                         "Hessian rows of K atoms of every frame it labels (hessian.atoms; -1: "
                         "all; 6 teacher calls per atom) and the distilled student learns them "
-                        "with --hessian-weight (default 0: not)")
+                        "with --hessian-weight (default 0: not); with --labels-run, the K of "
+                        "that run's rows (students of other weights on the same labels)")
     p.add_argument("--hessian-weight", type=float, default=1.0, metavar="W",
                    help="fast-student, with --hessian-atoms: student.loss.hessian, (eV/A^2)^-2 "
                         "(default 1)")
@@ -1056,8 +1057,6 @@ def main() -> None:
         fail("--atomic-energies must be >= 0 (a loss weight, e.g. 1)")
     if args.hessian_atoms < -1 or (args.hessian_atoms and not args.hessian_weight > 0):
         fail("--hessian-atoms K takes K >= 1 (or -1: all) with --hessian-weight above 0")
-    if args.hessian_atoms and args.labels_run:
-        fail("--hessian-atoms labels Hessian rows with the teacher: leave out --labels-run")
     if args.student_model not in ENERGY_ONLY_LR and "energy-only" in args.parts:
         fail(f"energy-only with --student-model {args.student_model}: its energy-only learning "
              f"rates were never measured (ENERGY_ONLY_LR has {', '.join(ENERGY_ONLY_LR)})")
@@ -1090,6 +1089,15 @@ def main() -> None:
     if args.labels_run and not labels_done(Path(args.labels_run)):
         fail(f"--labels-run {args.labels_run}: no finished `mlpot distill` labels there "
              "(state.json without the student_data stage); give a student_distilled_* folder")
+    if args.labels_run and args.hessian_atoms:  # students of other weights on the same rows
+        labelled = (json.loads((Path(args.labels_run) / "state.json").read_text())
+                    .get("config", {}).get("hessian") or {}).get("atoms", 0)
+        if not labelled:
+            fail(f"--labels-run {args.labels_run} holds no Hessian rows: leave out "
+                 "--hessian-atoms, or label them in a run without --labels-run")
+        if labelled != args.hessian_atoms:
+            fail(f"--labels-run {args.labels_run} holds Hessian rows of {labelled} atoms per "
+                 f"frame: give --hessian-atoms {labelled} (any --hessian-weight)")
     if args.md_ps <= 0 or args.replicas < 1 or args.md_replicas < 1 or args.threads < 1:
         fail("--md-ps must be > 0 and --replicas, --md-replicas, --threads at least 1")
     args.work = str(Path(args.work).resolve())
